@@ -1,0 +1,35 @@
+"""SchedulerConfig: the limits the scheduler and the KV pager work within."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Sizes and budgets for one worker's scheduler; built by the worker's settings."""
+
+    num_blocks: int  # KV blocks in the pool
+    max_model_len: int  # context limit, prompt and completion together
+    block_size: int = 16  # tokens per KV block
+    max_num_seqs: int = 64  # sequences running at once
+    max_num_batched_tokens: int = 512  # token budget per step
+    enable_prefix_caching: bool = True
+    eos_token_ids: tuple[int, ...] = ()  # end generation unless ignore_eos
+
+    def __post_init__(self) -> None:
+        for name in ("num_blocks", "max_model_len", "block_size", "max_num_seqs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                "max_num_batched_tokens must be at least max_num_seqs so every running "
+                f"sequence can decode each step ({self.max_num_batched_tokens} < {self.max_num_seqs})"
+            )
+        if self.num_blocks < self.max_blocks_per_seq:
+            raise ValueError(
+                f"{self.num_blocks} KV blocks cannot hold one sequence of max_model_len "
+                f"{self.max_model_len} ({self.max_blocks_per_seq} blocks of {self.block_size})"
+            )
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return -(-self.max_model_len // self.block_size)

@@ -1,0 +1,65 @@
+"""Values that leave the scheduler: what to run this step, and what came of it."""
+
+from dataclasses import dataclass
+
+from scheduler.sequence import FinishReason, SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledSeq:
+    """One sequence's share of a step: everything the model runner needs, nothing it may change."""
+
+    request_id: str
+    token_ids: list[int]  # tokens to feed this step (a prefill chunk, or the last sampled token)
+    start_pos: int  # position of token_ids[0] in the sequence
+    block_ids: list[int]  # the block table covering positions [0, start_pos + len(token_ids))
+    needs_sample: bool  # True when this step reaches the end of the sequence
+    sampling: SamplingParams
+    num_output_tokens: int  # index in the completion of the token sampled this step
+    history: list[int] | None  # prompt + output ids, only when sampling applies penalties
+    num_prompt_tokens: int  # to split `history` into prompt and output
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def context_len(self) -> int:
+        return self.start_pos + len(self.token_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerOutput:
+    """One step's batch; `scheduled` is ordered and the runner answers in the same order."""
+
+    scheduled: list[ScheduledSeq]
+    preempted_ids: list[str]
+    num_batched_tokens: int
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass(frozen=True, slots=True)
+class SampledToken:
+    """What the sampler picked for one sequence, with logprobs when they were asked for."""
+
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TokenChunk:
+    """New tokens of one request from one step; `finish_reason` is set on its last chunk."""
+
+    request_id: str
+    index: int  # position in the completion of tokens[0]
+    tokens: tuple[SampledToken, ...]
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [token.token_id for token in self.tokens]

@@ -1,0 +1,207 @@
+"""The continuous-batching scheduler: which tokens of which sequences run in the next step."""
+
+import bisect
+from collections.abc import Iterable
+
+from scheduler.block_manager import BlockManager
+from scheduler.config import SchedulerConfig
+from scheduler.output import SampledToken, ScheduledSeq, SchedulerOutput, TokenChunk
+from scheduler.sequence import FinishReason, Sequence, SequenceStatus
+
+_FINISHED_STATUS = {
+    FinishReason.STOP: SequenceStatus.FINISHED_STOPPED,
+    FinishReason.LENGTH: SequenceStatus.FINISHED_LENGTH,
+    FinishReason.CANCELLED: SequenceStatus.FINISHED_ABORTED,
+    FinishReason.ERROR: SequenceStatus.FINISHED_ABORTED,
+}
+
+
+class Scheduler:
+    """Waiting and running queues over one KV pool; `schedule()` then `update()`, once per step."""
+
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        self.block_manager = BlockManager(
+            config.num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.waiting: list[Sequence] = []  # sorted by Sequence.schedule_key; they hold no blocks
+        self.running: list[Sequence] = []
+        self._live: dict[str, Sequence] = {}
+        self.num_preemptions = 0
+
+    @property
+    def is_idle(self) -> bool:
+        return not self._live
+
+    @property
+    def live_sequences(self) -> Iterable[Sequence]:
+        return self._live.values()
+
+    def has(self, request_id: str) -> bool:
+        return request_id in self._live
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence; its prompt must leave room for at least one generated token."""
+        if seq.request_id in self._live:
+            raise ValueError(f"request {seq.request_id} is already scheduled")
+        if seq.num_tokens >= self.config.max_model_len:
+            raise ValueError(
+                f"{seq.num_tokens} tokens leave no room to generate within the context "
+                f"limit of {self.config.max_model_len}"
+            )
+        seq.status = SequenceStatus.WAITING
+        bisect.insort(self.waiting, seq, key=_schedule_key)
+        self._live[seq.request_id] = seq
+
+    def finish(self, request_id: str, reason: FinishReason) -> Sequence | None:
+        """End a sequence now (cancel, stop string, error) and free its blocks; None if unknown."""
+        seq = self._live.pop(request_id, None)
+        if seq is None:
+            return None
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = _FINISHED_STATUS[reason]
+        seq.finish_reason = reason
+        return seq
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's tokens.
+
+        There is no prefill or decode phase: each sequence has `num_computed_tokens` catching up
+        with `num_tokens`, and a step gives it up to that many tokens within the token budget.
+        Running sequences go first, highest priority and oldest first; a prompt chunk never takes
+        the one token each later running sequence needs to decode, so decodes never stall behind
+        a long prefill. When the pool runs out of blocks, the lowest-priority, newest running
+        sequence is preempted: its blocks are freed and it goes back to waiting, to be recomputed
+        later (cheaply, from whatever the prefix cache still holds). Waiting sequences are
+        admitted by priority and arrival while budget, blocks and `max_num_seqs` allow, and not
+        at all in a step that had to preempt.
+        """
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        preempted: list[str] = []
+        self.running.sort(key=_schedule_key)
+        index = 0
+        while index < len(self.running):
+            seq = self.running[index]
+            num_later = len(self.running) - index - 1
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget - num_later)
+            if num_new <= 0:
+                index += 1  # no budget left for its prefill chunk; later ones still decode
+                continue
+            if not self._make_room(seq, num_new, preempted):
+                break  # seq itself was preempted; it was the last running one
+            scheduled.append(self._schedule_seq(seq, num_new))
+            budget -= num_new
+            index += 1
+        if not preempted:
+            budget = self._admit_waiting(scheduled, budget)
+        return SchedulerOutput(
+            scheduled=scheduled,
+            preempted_ids=preempted,
+            num_batched_tokens=self.config.max_num_batched_tokens - budget,
+        )
+
+    def update(
+        self, output: SchedulerOutput, sampled: list[SampledToken | None]
+    ) -> list[TokenChunk]:
+        """Record what the step computed and sampled; finish sequences that reached a stop."""
+        chunks: list[TokenChunk] = []
+        for item, sample in zip(output.scheduled, sampled, strict=True):
+            seq = self._live.get(item.request_id)
+            if seq is None:
+                continue  # finished while the step ran
+            seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_full_blocks(seq)
+            if not item.needs_sample:
+                continue
+            assert sample is not None, f"no token sampled for {item.request_id}"
+            seq.output_token_ids.append(sample.token_id)
+            reason = self._stop_reason(seq, sample.token_id)
+            if reason is not None:
+                self.finish(seq.request_id, reason)
+            chunks.append(
+                TokenChunk(
+                    request_id=seq.request_id,
+                    index=len(seq.output_token_ids) - 1,
+                    tokens=(sample,),
+                    finish_reason=reason,
+                    num_prompt_tokens=seq.num_prompt_tokens,
+                )
+            )
+        return chunks
+
+    def check_invariants(self) -> None:
+        """Assert queue and pool consistency; tests call it after every step."""
+        assert len(self.running) <= self.config.max_num_seqs
+        assert all(not seq.block_table for seq in self.waiting), "a waiting sequence holds blocks"
+        assert len(self.running) + len(self.waiting) == len(self._live)
+        self.block_manager.check_invariants(self._live.values())
+
+    def _make_room(self, seq: Sequence, num_new: int, preempted: list[str]) -> bool:
+        """Preempt from the tail of `running` until `seq` gets its blocks; False if it went itself."""
+        while not self.block_manager.allocate_slots(seq, num_new):
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        bisect.insort(self.waiting, seq, key=_schedule_key)
+
+    def _admit_waiting(self, scheduled: list[ScheduledSeq], budget: int) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            self.block_manager.match_prefix(seq)
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.block_manager.allocate_slots(seq, num_new):
+                self.block_manager.free(seq)  # waiting sequences hold no blocks
+                seq.num_computed_tokens = 0
+                break
+            self.waiting.pop(0)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(self._schedule_seq(seq, num_new))
+            budget -= num_new
+        return budget
+
+    def _schedule_seq(self, seq: Sequence, num_new: int) -> ScheduledSeq:
+        start = seq.num_computed_tokens
+        penalized = seq.sampling.has_penalties
+        return ScheduledSeq(
+            request_id=seq.request_id,
+            token_ids=seq.token_slice(start, start + num_new),
+            start_pos=start,
+            block_ids=seq.block_table,
+            needs_sample=start + num_new == seq.num_tokens,
+            sampling=seq.sampling,
+            num_output_tokens=len(seq.output_token_ids),
+            history=seq.prompt_token_ids + seq.output_token_ids if penalized else None,
+            num_prompt_tokens=seq.num_prompt_tokens,
+        )
+
+    def _stop_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
+        sampling = seq.sampling
+        num_output = len(seq.output_token_ids)
+        if num_output >= sampling.min_tokens and (
+            token_id in sampling.stop_token_ids
+            or (not sampling.ignore_eos and token_id in self.config.eos_token_ids)
+        ):
+            return FinishReason.STOP
+        if num_output >= sampling.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+
+def _schedule_key(seq: Sequence) -> tuple[int, float, int]:
+    return seq.schedule_key
