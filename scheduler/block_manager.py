@@ -37,6 +37,7 @@ class BlockManager:
         self.blocks = [Block(block_id) for block_id in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._cached: dict[bytes, int] = {}  # block hash -> block id
+        self.num_hit_tokens = 0  # prompt tokens found in the prefix cache, over the pool's life
 
     @property
     def num_blocks(self) -> int:
@@ -78,6 +79,7 @@ class BlockManager:
         num_hits = len(seq.block_table)
         seq.num_cached_blocks = num_hits
         seq.num_computed_tokens = num_hits * self.block_size
+        self.num_hit_tokens += seq.num_computed_tokens
         return seq.num_computed_tokens
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> bool:

@@ -59,6 +59,7 @@ class TokenChunk:
     tokens: tuple[SampledToken, ...]
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
+    stop_string: str | None = None  # the stop string that ended generation, if one did
 
     @property
     def token_ids(self) -> list[int]:

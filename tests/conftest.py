@@ -1,0 +1,22 @@
+"""Shared fixtures: the real default model's path and the standard workload."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_DIR = ROOT / "models" / "smollm2-135m-instruct"
+WORKLOAD = ROOT / "bench" / "standard-workload.jsonl"
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    if not (MODEL_DIR / "config.json").exists():
+        pytest.fail(f"the default model is missing: run `make model` (expected {MODEL_DIR})")
+    return MODEL_DIR
+
+
+@pytest.fixture(scope="session")
+def workload() -> list[dict[str, object]]:
+    return [json.loads(line) for line in WORKLOAD.read_text().splitlines() if line.strip()]

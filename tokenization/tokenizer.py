@@ -1,0 +1,69 @@
+"""Tokenizer: a checkpoint's tokenizer.json and chat template, loaded with `tokenizers` and jinja2."""
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import tokenizers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return str(value.get("content"))
+    return value if isinstance(value, str) else None
+
+
+def _raise(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+class Tokenizer:
+    """Encodes prompts and chats exactly as Hugging Face's tokenizer for the same checkpoint does."""
+
+    def __init__(self, model_dir: Path):
+        self._tokenizer = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        config_path = model_dir / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.eos_token = _token_text(config.get("eos_token"))
+        template = config.get("chat_template")
+        template_path = model_dir / "chat_template.jinja"
+        if template is None and template_path.exists():
+            template = template_path.read_text()
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        self._chat_template = env.from_string(template) if isinstance(template, str) else None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tokenizer.get_vocab_size(with_added_tokens=True))
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._chat_template is not None
+
+    def encode(self, text: str) -> list[int]:
+        """Raw text, with the special tokens the checkpoint's post-processor adds."""
+        return list(self._tokenizer.encode(text, add_special_tokens=True).ids)
+
+    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
+        """The chat template applied, with the assistant turn opened."""
+        if self._chat_template is None:
+            raise ValueError("this model has no chat template; send a raw prompt or token ids")
+        return self._chat_template.render(
+            messages=list(messages),
+            add_generation_prompt=True,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        return list(self._tokenizer.encode(self.render_chat(messages), add_special_tokens=False).ids)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=True))

@@ -1,0 +1,112 @@
+"""Attention over block tables for one step that mixes prefill chunks and decodes.
+
+Tokens of all sequences are packed into one [num_tokens, ...] batch for the linear layers. For
+attention they split in two groups: sequences feeding one token this step (decodes) are batched
+into a single SDPA call over their gathered, padded contexts; sequences feeding a chunk run one
+SDPA call each, causal within the chunk and over everything before it.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillChunk:
+    """One sequence feeding more than one token: rows [row_start, row_start + num_new) of the batch."""
+
+    row_start: int
+    num_new: int
+    start_pos: int  # tokens already in the cache before this chunk
+    context_slots: torch.Tensor | None  # [start_pos + num_new] slots, None when start_pos == 0
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionMetadata:
+    """Where this step's K/V go and which cached K/V each query sees; shared by every layer.
+
+    Decodes occupy rows [0, num_decodes) of the packed batch, prefill chunks follow.
+    """
+
+    slot_mapping: torch.Tensor  # [num_tokens] cache slot of each new token
+    num_decodes: int
+    decode_slots: torch.Tensor | None  # [num_decodes, max_context] slots, padded
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context] True where a key is visible
+    prefills: list[PrefillChunk]
+
+
+def paged_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim], RoPE applied
+    k: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim], RoPE applied
+    v: torch.Tensor,  # [num_tokens, num_kv_heads * head_dim]
+    key_cache: torch.Tensor,  # [num_slots, num_kv_heads * head_dim]
+    value_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    num_kv_heads: int,
+) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
+    """Store this step's K/V in the cache, then attend every query to its sequence's context."""
+    key_cache.index_copy_(0, meta.slot_mapping, k)
+    value_cache.index_copy_(0, meta.slot_mapping, v)
+    num_tokens, num_heads, head_dim = q.shape
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    if meta.num_decodes:
+        out[: meta.num_decodes] = _decode_attention(
+            q[: meta.num_decodes], key_cache, value_cache, meta, num_kv_heads
+        )
+    for chunk in meta.prefills:
+        rows = slice(chunk.row_start, chunk.row_start + chunk.num_new)
+        out[rows] = _prefill_attention(q[rows], k[rows], v[rows], key_cache, value_cache, chunk, num_kv_heads)
+    return out.view(num_tokens, num_heads * head_dim)
+
+
+def _decode_attention(
+    q: torch.Tensor,  # [num_decodes, num_heads, head_dim]
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    num_kv_heads: int,
+) -> torch.Tensor:  # [num_decodes, num_heads, head_dim]
+    assert meta.decode_slots is not None and meta.decode_mask is not None
+    num_decodes, max_context = meta.decode_slots.shape
+    flat = meta.decode_slots.view(-1)
+    head_dim = q.shape[-1]
+    keys = key_cache.index_select(0, flat).view(num_decodes, max_context, num_kv_heads, head_dim)
+    values = value_cache.index_select(0, flat).view(num_decodes, max_context, num_kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2),  # [num_decodes, num_heads, 1, head_dim]
+        keys.transpose(1, 2),  # [num_decodes, num_kv_heads, max_context, head_dim]
+        values.transpose(1, 2),
+        attn_mask=meta.decode_mask,
+        enable_gqa=True,
+    )
+    return out.squeeze(2)
+
+
+def _prefill_attention(
+    q: torch.Tensor,  # [num_new, num_heads, head_dim]
+    k: torch.Tensor,  # [num_new, num_kv_heads * head_dim]
+    v: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    chunk: PrefillChunk,
+    num_kv_heads: int,
+) -> torch.Tensor:  # [num_new, num_heads, head_dim]
+    head_dim = q.shape[-1]
+    if chunk.context_slots is None:  # the whole context is this chunk: plain causal attention
+        keys, values, mask, causal = k, v, None, True
+    else:
+        keys = key_cache.index_select(0, chunk.context_slots)
+        values = value_cache.index_select(0, chunk.context_slots)
+        query_pos = torch.arange(chunk.start_pos, chunk.start_pos + chunk.num_new, device=q.device)
+        key_pos = torch.arange(chunk.start_pos + chunk.num_new, device=q.device)
+        mask, causal = key_pos[None, :] <= query_pos[:, None], False  # [num_new, context]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),  # [1, num_heads, num_new, head_dim]
+        keys.view(1, -1, num_kv_heads, head_dim).transpose(1, 2),  # [1, num_kv_heads, context, head_dim]
+        values.view(1, -1, num_kv_heads, head_dim).transpose(1, 2),
+        attn_mask=mask,
+        is_causal=causal,
+        enable_gqa=True,
+    )
+    return out[0].transpose(0, 1)

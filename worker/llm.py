@@ -1,0 +1,64 @@
+"""LLM: the engine in-process, like vLLM's offline `LLM` — prompts in, completions out."""
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from scheduler import FinishReason, SamplingParams, Sequence
+from tokenization import TextStream
+from worker.engine_core import EngineCore
+from worker.settings import EngineSettings
+
+
+@dataclass(slots=True)
+class Completion:
+    """One finished generation, with per-token arrival times for latency figures."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    submitted_s: float = 0.0  # time.perf_counter() when submitted
+    token_times_s: list[float] = field(default_factory=list)  # perf_counter() when each token arrived
+
+
+class LLM:
+    """Runs the same EngineCore step as a serving worker, without Redis or gRPC."""
+
+    def __init__(self, settings: EngineSettings | None = None, **overrides: Any):
+        self.settings = settings or EngineSettings(**overrides)
+        self.engine = EngineCore.from_settings(self.settings)
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: list[str] | list[list[int]],
+        sampling: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[Completion]:
+        """Submit every prompt at once and step until all finish; raw text prompts get no chat template."""
+        params = sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * len(prompts)
+        completions: dict[str, Completion] = {}
+        streams: dict[str, TextStream] = {}
+        for prompt, sampling_params in zip(prompts, params, strict=True):
+            token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            request_id = f"llm-{next(self._ids)}"
+            self.engine.add(Sequence(request_id, token_ids, sampling_params))
+            completions[request_id] = Completion(request_id, token_ids, submitted_s=time.perf_counter())
+            streams[request_id] = TextStream(self.tokenizer, sampling_params.stop)
+        while not self.engine.scheduler.is_idle:
+            for chunk in self.engine.step():
+                now = time.perf_counter()
+                completion = completions[chunk.request_id]
+                completion.token_ids.extend(chunk.token_ids)
+                completion.token_times_s.extend(now for _ in chunk.tokens)
+                completion.text += streams[chunk.request_id].push(chunk.token_ids)
+                if chunk.finish_reason is not None:
+                    completion.finish_reason = chunk.finish_reason
+                    completion.text += streams[chunk.request_id].flush()
+        return list(completions.values())

@@ -1,0 +1,96 @@
+"""ModelRunner: turn a SchedulerOutput into tensors, run one forward pass, sample."""
+
+import torch
+
+from scheduler import SampledToken, ScheduledSeq, SchedulerOutput
+from worker.attention import AttentionMetadata, PrefillChunk
+from worker.kv_cache import KVCache
+from worker.model import CausalLM
+from worker.sampler import Sampler
+
+
+class ModelRunner:
+    """Executes scheduler steps on one device; the only owner of the model and the KV tensors."""
+
+    def __init__(self, model: CausalLM, kv_cache: KVCache, device: torch.device):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = kv_cache.block_size
+        self.device = device
+        self.sampler = Sampler(device)
+        self._offsets = torch.arange(self.block_size, device=device)
+
+    def execute(self, output: SchedulerOutput) -> list[SampledToken | None]:
+        """One forward pass over every scheduled token; a token for each item that needs one."""
+        items = output.scheduled
+        decodes = [i for i, item in enumerate(items) if item.num_new_tokens == 1]
+        chunks = [i for i, item in enumerate(items) if item.num_new_tokens > 1]
+        order = decodes + chunks  # decodes occupy the first rows of the packed batch
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        logit_rows: list[int] = []
+        sampled_items: list[int] = []
+        for index in order:
+            item = items[index]
+            input_ids.extend(item.token_ids)
+            for pos in range(item.start_pos, item.context_len):
+                positions.append(pos)
+                slot_mapping.append(item.block_ids[pos // self.block_size] * self.block_size + pos % self.block_size)
+            if item.needs_sample:
+                logit_rows.append(len(input_ids) - 1)
+                sampled_items.append(index)
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(slot_mapping),
+            num_decodes=len(decodes),
+            decode_slots=None,
+            decode_mask=None,
+            prefills=self._prefill_chunks(items, chunks, len(decodes)),
+        )
+        if decodes:
+            meta = self._with_decode_context(meta, [items[i] for i in decodes])
+        logits = self.model(
+            self._tensor(input_ids), self._tensor(positions), self.kv_cache, meta, self._tensor(logit_rows)
+        )
+        results: list[SampledToken | None] = [None] * len(items)
+        if sampled_items:
+            tokens = self.sampler(logits, [items[i] for i in sampled_items])
+            for index, token in zip(sampled_items, tokens, strict=True):
+                results[index] = token
+        return results
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _context_slots(self, block_ids: list[int], context_len: int) -> torch.Tensor:
+        blocks = self._tensor(block_ids[: -(-context_len // self.block_size)])
+        return (blocks[:, None] * self.block_size + self._offsets).view(-1)[:context_len]
+
+    def _prefill_chunks(self, items: list[ScheduledSeq], chunks: list[int], row: int) -> list[PrefillChunk]:
+        result = []
+        for index in chunks:
+            item = items[index]
+            slots = self._context_slots(item.block_ids, item.context_len) if item.start_pos else None
+            result.append(PrefillChunk(row, item.num_new_tokens, item.start_pos, slots))
+            row += item.num_new_tokens
+        return result
+
+    def _with_decode_context(self, meta: AttentionMetadata, decodes: list[ScheduledSeq]) -> AttentionMetadata:
+        """Padded slot table and visibility mask over the contexts of all one-token sequences."""
+        context_lens = self._tensor([item.context_len for item in decodes])
+        max_context = max(item.context_len for item in decodes)
+        max_blocks = -(-max_context // self.block_size)
+        rows = []
+        for item in decodes:
+            block_ids = item.block_ids[: -(-item.context_len // self.block_size)]
+            rows.append(block_ids + [0] * (max_blocks - len(block_ids)))  # padding is masked out
+        table = self._tensor(rows)  # [num_decodes, max_blocks]
+        slots = (table[:, :, None] * self.block_size + self._offsets).view(len(decodes), -1)[:, :max_context]
+        visible = torch.arange(max_context, device=self.device)[None, :] < context_lens[:, None]
+        return AttentionMetadata(
+            slot_mapping=meta.slot_mapping,
+            num_decodes=meta.num_decodes,
+            decode_slots=slots.contiguous(),
+            decode_mask=visible[:, None, None, :],
+            prefills=meta.prefills,
+        )

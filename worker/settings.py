@@ -1,0 +1,46 @@
+"""WorkerSettings: everything a worker (or the in-process engine) can be told, from flags and CONVEYOR_* env."""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class EngineSettings(BaseSettings):
+    """The engine's knobs: the model, the KV pool and the scheduler's budgets."""
+
+    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", frozen=True, extra="ignore")
+
+    model: Path = Path("models/smollm2-135m-instruct")  # checkpoint directory or .gguf file
+    model_name: str = ""  # id clients use; empty = the checkpoint's folder name
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    block_size: int = Field(16, ge=1)
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(512, ge=1)  # token budget per step
+    kv_cache_bytes: int | None = None  # default: 2 GiB on CPU, gpu_memory_fraction of free GPU memory
+    gpu_memory_fraction: float = Field(0.8, gt=0, le=1)
+    enable_prefix_caching: bool = True
+    num_threads: int | None = None  # torch CPU threads; default: torch's choice
+
+    @property
+    def served_model_name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        return self.model.stem if self.model.suffix == ".gguf" else self.model.name
+
+
+class WorkerSettings(EngineSettings):
+    """A serving worker: the engine plus Redis, identity and shutdown behaviour."""
+
+    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", frozen=True, extra="ignore", cli_parse_args=False)
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    namespace: str = "conveyor"
+    worker_id: str = ""  # default: hostname-pid
+    heartbeat_interval_s: float = Field(1.0, gt=0)
+    heartbeat_ttl_s: float = Field(5.0, gt=0)
+    drain_timeout_s: float = Field(30.0, ge=0)  # SIGTERM: finish running work for at most this long
+    idle_block_ms: int = Field(100, ge=1)  # how long to block on Redis when there is nothing to run
+    log_level: str = "INFO"
