@@ -21,9 +21,7 @@ class Scheduler:
 
     def __init__(self, config: SchedulerConfig):
         self.config = config
-        self.block_manager = BlockManager(
-            config.num_blocks, config.block_size, config.enable_prefix_caching
-        )
+        self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.waiting: list[Sequence] = []  # sorted by Sequence.schedule_key; they hold no blocks
         self.running: list[Sequence] = []
         self._live: dict[str, Sequence] = {}
@@ -105,9 +103,7 @@ class Scheduler:
             num_batched_tokens=self.config.max_num_batched_tokens - budget,
         )
 
-    def update(
-        self, output: SchedulerOutput, sampled: list[SampledToken | None]
-    ) -> list[TokenChunk]:
+    def update(self, output: SchedulerOutput, sampled: list[SampledToken | None]) -> list[TokenChunk]:
         """Record what the step computed and sampled; finish sequences that reached a stop."""
         chunks: list[TokenChunk] = []
         for item, sample in zip(output.scheduled, sampled, strict=True):

@@ -55,12 +55,15 @@ class Tokenizer:
         """The chat template applied, with the assistant turn opened."""
         if self._chat_template is None:
             raise ValueError("this model has no chat template; send a raw prompt or token ids")
-        return self._chat_template.render(
-            messages=list(messages),
-            add_generation_prompt=True,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-        )
+        try:
+            return self._chat_template.render(
+                messages=list(messages),
+                add_generation_prompt=True,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except jinja2.exceptions.TemplateError as error:
+            raise ValueError(f"the chat template refused these messages: {error}") from error
 
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         return list(self._tokenizer.encode(self.render_chat(messages), add_special_tokens=False).ids)

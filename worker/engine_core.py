@@ -73,7 +73,11 @@ class EngineCore:
         kv_cache = KVCache(config, num_blocks, settings.block_size, device)
         logger.info(
             "engine ready: model=%s device=%s max_model_len=%d kv_blocks=%d (%.0f MiB)",
-            settings.model, device, max_model_len, num_blocks, kv_cache.num_bytes / 2**20,
+            settings.model,
+            device,
+            max_model_len,
+            num_blocks,
+            kv_cache.num_bytes / 2**20,
         )
         tokenizer = Tokenizer(model_dir_of(settings.model))
         return cls(Scheduler(scheduler_config), ModelRunner(model, kv_cache, device), tokenizer)
@@ -118,7 +122,9 @@ class EngineCore:
         if stream.matched_stop is not None:
             if chunk.finish_reason is None:
                 self.scheduler.finish(chunk.request_id, FinishReason.STOP)
-            chunk = dataclasses.replace(chunk, finish_reason=FinishReason.STOP, stop_string=stream.matched_stop)
+            chunk = dataclasses.replace(
+                chunk, finish_reason=FinishReason.STOP, stop_string=stream.matched_stop
+            )
         if chunk.finish_reason is not None:
             del self._stop_streams[chunk.request_id]
         return chunk

@@ -18,7 +18,9 @@ class KVCache:
         self.block_size = block_size
         shape = (num_blocks * block_size, config.num_kv_heads * config.head_dim)
         self.keys = [torch.zeros(shape, dtype=torch.float32, device=device) for _ in range(config.num_layers)]
-        self.values = [torch.zeros(shape, dtype=torch.float32, device=device) for _ in range(config.num_layers)]
+        self.values = [
+            torch.zeros(shape, dtype=torch.float32, device=device) for _ in range(config.num_layers)
+        ]
 
     @property
     def num_bytes(self) -> int:

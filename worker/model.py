@@ -38,7 +38,9 @@ class RotaryTables(nn.Module):
         rope_type = (getattr(hf, "rope_parameters", None) or {}).get("rope_type", "default")
         if rope_type == "default":
             base = hf.rope_parameters["rope_theta"] if getattr(hf, "rope_parameters", None) else hf.rope_theta
-            inv_freq = 1.0 / (base ** (torch.arange(0, config.head_dim, 2, dtype=torch.float) / config.head_dim))
+            inv_freq = 1.0 / (
+                base ** (torch.arange(0, config.head_dim, 2, dtype=torch.float) / config.head_dim)
+            )
             scaling = 1.0
         else:
             inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf)
@@ -89,7 +91,13 @@ class DecoderLayer(nn.Module):
         q = rotary(q.view(num_tokens, self.num_heads, self.head_dim), positions)
         k = rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), positions)
         attn = paged_attention(
-            q, k.reshape(num_tokens, self.kv_size), v.contiguous(), key_cache, value_cache, meta, self.num_kv_heads
+            q,
+            k.reshape(num_tokens, self.kv_size),
+            v.contiguous(),
+            key_cache,
+            value_cache,
+            meta,
+            self.num_kv_heads,
         )
         hidden = hidden + self.o_proj(attn)
         gate, up = self.gate_up_proj(self.post_attention_layernorm(hidden)).chunk(2, dim=-1)

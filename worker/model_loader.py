@@ -33,7 +33,9 @@ def _read_hf_weights(path: Path) -> tuple[object, dict[str, torch.Tensor]]:
         from transformers import AutoModelForCausalLM
 
         logger.info("dequantizing GGUF %s (slow; convert once with worker.fetch_model)", path)
-        hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
         return hf_model.config, hf_model.state_dict()
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -67,7 +69,9 @@ def _fuse(weights: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, to
     return {name: tensor.to(torch.float32).contiguous() for name, tensor in fused.items()}
 
 
-def load_model(path: Path, device: torch.device, max_model_len: int | None = None) -> tuple[CausalLM, ModelConfig, int]:
+def load_model(
+    path: Path, device: torch.device, max_model_len: int | None = None
+) -> tuple[CausalLM, ModelConfig, int]:
     """Build the model on `device`; returns it, its config and the context limit it was built for."""
     hf_config, weights = _read_hf_weights(path)
     config = model_config_from_hf(hf_config, model_dir_of(path))

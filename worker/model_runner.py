@@ -36,7 +36,9 @@ class ModelRunner:
             input_ids.extend(item.token_ids)
             for pos in range(item.start_pos, item.context_len):
                 positions.append(pos)
-                slot_mapping.append(item.block_ids[pos // self.block_size] * self.block_size + pos % self.block_size)
+                slot_mapping.append(
+                    item.block_ids[pos // self.block_size] * self.block_size + pos % self.block_size
+                )
             if item.needs_sample:
                 logit_rows.append(len(input_ids) - 1)
                 sampled_items.append(index)

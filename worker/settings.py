@@ -1,4 +1,4 @@
-"""WorkerSettings: everything a worker (or the in-process engine) can be told, from flags and CONVEYOR_* env."""
+"""WorkerSettings: what a worker (or the in-process engine) can be told, by flags and CONVEYOR_* env."""
 
 from pathlib import Path
 from typing import Literal
@@ -10,7 +10,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class EngineSettings(BaseSettings):
     """The engine's knobs: the model, the KV pool and the scheduler's budgets."""
 
-    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="CONVEYOR_", frozen=True, extra="ignore", cli_kebab_case=True, cli_implicit_flags=True
+    )
 
     model: Path = Path("models/smollm2-135m-instruct")  # checkpoint directory or .gguf file
     model_name: str = ""  # id clients use; empty = the checkpoint's folder name
@@ -33,8 +35,6 @@ class EngineSettings(BaseSettings):
 
 class WorkerSettings(EngineSettings):
     """A serving worker: the engine plus Redis, identity and shutdown behaviour."""
-
-    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", frozen=True, extra="ignore", cli_parse_args=False)
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     namespace: str = "conveyor"

@@ -180,8 +180,11 @@ def test_eos_stops_unless_ignored_or_before_min_tokens() -> None:
         scheduler.add(seq)
     _, chunks = run_step(scheduler, token_id=EOS)
     reasons = {chunk.request_id: chunk.finish_reason for chunk in chunks}
-    assert reasons == {plain.request_id: FinishReason.STOP, ignoring.request_id: None,
-                       patient.request_id: None}
+    assert reasons == {
+        plain.request_id: FinishReason.STOP,
+        ignoring.request_id: None,
+        patient.request_id: None,
+    }
     _, chunks = run_step(scheduler, token_id=EOS)
     assert {c.request_id: c.finish_reason for c in chunks}[patient.request_id] == FinishReason.STOP
 

@@ -1,0 +1,117 @@
+"""The `conveyor` command: serve, gateway, worker, generate, bench."""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from worker.fetch_model import CHECKPOINT_NAME
+
+DEFAULT_MODEL = Path("models") / CHECKPOINT_NAME
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from client.serve import ServeOptions, serve
+
+    if args.model == DEFAULT_MODEL and not (DEFAULT_MODEL / "config.json").exists():
+        from worker.fetch_model import fetch_default_model
+
+        fetch_default_model(DEFAULT_MODEL.parent)
+    return serve(
+        ServeOptions(args.host, args.port, args.workers, args.model, args.redis_url, tuple(args.worker_args))
+    )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToJson
+
+    from client.library import ConveyorClient
+
+    sampling: dict[str, object] = {"max_tokens": args.max_tokens, "ignore_eos": args.ignore_eos}
+    if args.temperature is not None:
+        sampling["temperature"] = args.temperature
+    if args.seed is not None:
+        sampling["seed"] = args.seed
+    inputs: dict[str, object] = (
+        {"prompt": args.prompt} if args.raw else {"messages": [{"role": "user", "content": args.prompt}]}
+    )
+    last = None
+    with ConveyorClient(args.address) as client:
+        try:
+            for response in client.stream(**inputs, timeout_s=args.timeout, **sampling):  # type: ignore[arg-type]
+                last = response
+                if not args.json:
+                    sys.stdout.write(response.text)
+                    sys.stdout.flush()
+        except grpc.RpcError as error:
+            print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    if args.json and last is not None:
+        print(MessageToJson(last))
+    elif not args.json:
+        sys.stdout.write("\n")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from client.bench import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="conveyor", description="LLM serving over gRPC and Redis streams.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="private Redis + gateway + workers, until Ctrl-C")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    serve.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
+    serve.add_argument("--worker-args", nargs=argparse.REMAINDER, default=[], help="passed to every worker")
+    serve.set_defaults(run=_serve)
+
+    commands.add_parser(
+        "gateway", help="the gRPC gateway alone (see `conveyor gateway --help`)", add_help=False
+    )
+    commands.add_parser("worker", help="one worker alone (see `conveyor worker --help`)", add_help=False)
+
+    generate = commands.add_parser("generate", help="stream a completion to stdout")
+    generate.add_argument("prompt")
+    generate.add_argument("--address", default="127.0.0.1:50051")
+    generate.add_argument("--max-tokens", type=int, default=256)
+    generate.add_argument("--temperature", type=float, default=None)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--ignore-eos", action="store_true")
+    generate.add_argument(
+        "--raw", action="store_true", help="send the prompt as is, without the chat template"
+    )
+    generate.add_argument("--json", action="store_true", help="print the final frame as JSON")
+    generate.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    generate.set_defaults(run=_generate)
+
+    bench = commands.add_parser("bench", help="the standard benchmark, printed as a table")
+    bench.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    bench.add_argument(
+        "--workload",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent / "bench" / "standard-workload.jsonl",
+    )
+    bench.add_argument("--num-requests", type=int, default=None, help="only the first N requests")
+    bench.add_argument("--skip-baseline", action="store_true", help="skip the sequential transformers run")
+    bench.add_argument("--json", type=Path, default=None, help="write figures and output token ids here")
+    bench.set_defaults(run=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("gateway", "worker"):
+        module = __import__(f"{argv[0]}.__main__", fromlist=["main"])
+        module.main(argv[1:])
+        return
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s conveyor: %(message)s")
+    sys.exit(args.run(args))

@@ -1,0 +1,124 @@
+"""A small Python client over the generated stubs, for users who would rather not touch protobuf."""
+
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from protos import inference_pb2, inference_pb2_grpc
+
+
+@dataclass(slots=True)
+class Completion:
+    """A finished generation."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    time_to_first_token_s: float = 0.0
+    total_s: float = 0.0
+    last_response: inference_pb2.GenerateResponse | None = None
+
+
+def build_request(
+    prompt: str | None = None,
+    *,
+    messages: list[dict[str, str]] | None = None,
+    token_ids: list[int] | None = None,
+    request_id: str = "",
+    model: str = "",
+    priority: int = 0,
+    **sampling: Any,
+) -> inference_pb2.GenerateRequest:
+    """One GenerateRequest from plain Python values; sampling keywords are SamplingParams fields."""
+    request = inference_pb2.GenerateRequest(
+        request_id=request_id,
+        model=model,
+        priority=priority,
+        sampling=inference_pb2.SamplingParams(**sampling),
+    )
+    if messages is not None:
+        request.chat.messages.extend(inference_pb2.ChatMessage(**m) for m in messages)
+    elif token_ids is not None:
+        request.token_ids.ids.extend(token_ids)
+    elif prompt is not None:
+        request.prompt = prompt
+    return request
+
+
+def _accumulate(completion: Completion, response: inference_pb2.GenerateResponse) -> None:
+    completion.text += response.text
+    completion.token_ids.extend(response.token_ids)
+    if response.finish_reason:
+        completion.finish_reason = inference_pb2.FinishReason.Name(response.finish_reason)
+        completion.prompt_tokens = response.usage.prompt_tokens
+        completion.completion_tokens = response.usage.completion_tokens
+        completion.time_to_first_token_s = response.timings.time_to_first_token_s
+        completion.total_s = response.timings.total_s
+        completion.last_response = response
+
+
+class ConveyorClient:
+    """Blocking client: `stream()` yields responses, `generate()` returns the whole completion."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", channel: grpc.Channel | None = None):
+        self.channel = channel or grpc.insecure_channel(address)
+        self.stub = inference_pb2_grpc.InferenceStub(self.channel)
+
+    def stream(
+        self, prompt: str | None = None, *, timeout_s: float | None = None, **kwargs: Any
+    ) -> Iterator[inference_pb2.GenerateResponse]:
+        yield from self.stub.Generate(build_request(prompt, **kwargs), timeout=timeout_s)
+
+    def generate(self, prompt: str | None = None, **kwargs: Any) -> Completion:
+        completion = Completion()
+        for response in self.stream(prompt, **kwargs):
+            _accumulate(completion, response)
+        return completion
+
+    def list_models(self) -> list[inference_pb2.ModelInfo]:
+        return list(self.stub.ListModels(inference_pb2.ListModelsRequest()).models)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "ConveyorClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncConveyorClient:
+    """asyncio client with the same methods as ConveyorClient."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", channel: grpc.aio.Channel | None = None):
+        self.channel = channel or grpc.aio.insecure_channel(address)
+        self.stub = inference_pb2_grpc.InferenceStub(self.channel)
+
+    async def stream(
+        self, prompt: str | None = None, *, timeout_s: float | None = None, **kwargs: Any
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        async for response in self.stub.Generate(build_request(prompt, **kwargs), timeout=timeout_s):
+            yield response
+
+    async def generate(self, prompt: str | None = None, **kwargs: Any) -> Completion:
+        completion = Completion()
+        async for response in self.stream(prompt, **kwargs):
+            _accumulate(completion, response)
+        return completion
+
+    async def list_models(self) -> list[inference_pb2.ModelInfo]:
+        return list((await self.stub.ListModels(inference_pb2.ListModelsRequest())).models)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> "AsyncConveyorClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

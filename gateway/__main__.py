@@ -1,0 +1,21 @@
+"""`python -m gateway`: serve the public gRPC API until SIGTERM."""
+
+import asyncio
+import logging
+import sys
+
+from gateway.server import serve
+from gateway.settings import GatewaySettings
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = GatewaySettings(_cli_parse_args=sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s gateway %(name)s: %(message)s"
+    )
+    logging.getLogger(__name__).info("settings: %s", settings.model_dump(exclude={"redis_url"}))
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""GatewayError: a failure of one request, carrying the gRPC status it maps to."""
+
+import grpc
+
+
+class GatewayError(Exception):
+    """Base: translated to its status code in one place (service.py / client_stream.py)."""
+
+    code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequest(GatewayError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class Overloaded(GatewayError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(GatewayError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DuplicateRequest(GatewayError):
+    code = grpc.StatusCode.ALREADY_EXISTS

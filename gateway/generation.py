@@ -1,0 +1,104 @@
+"""Generation: one accepted request — its job, its chunk queue and its detokenizer — as response frames."""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import grpc
+
+from gateway.errors import GatewayError
+from gateway.job_queue import JobQueue
+from gateway.response_router import ResponseRouter
+from protos import inference_pb2, jobs_pb2
+from tokenization import TextStream
+
+
+@dataclass(slots=True)
+class Generation:
+    """Streams one job's chunks back as GenerateResponse frames, each token exactly once.
+
+    Leaving before the last chunk (client cancel, disconnect, deadline) publishes a Cancel.
+    """
+
+    client_request_id: str
+    job: jobs_pb2.Job
+    text_stream: TextStream
+    jobs: JobQueue
+    router: ResponseRouter
+    executor: Executor
+    accepted_s: float = field(default_factory=time.time)
+
+    async def run(self) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        request_id = self.job.request_id
+        queue = self.router.register(request_id)
+        finished = False
+        try:
+            await self.jobs.submit(self.job)
+            next_index = 0
+            started_s = first_token_s = 0.0
+            while not finished:
+                chunk = await queue.get()
+                if chunk.finish_reason == inference_pb2.FINISH_REASON_ERROR:
+                    finished = True
+                    raise GatewayError(chunk.error.message, _status(chunk.error.code))
+                if chunk.started_unix_ms:
+                    started_s = chunk.started_unix_ms / 1000
+                skip = next_index - chunk.index  # a chunk resent after a worker handover
+                token_ids = list(chunk.token_ids)[max(skip, 0) :]
+                finished = chunk.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED
+                if not token_ids and not finished:
+                    continue
+                first_token_s = first_token_s or time.time()
+                text = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self._text, token_ids, finished
+                )
+                response = inference_pb2.GenerateResponse(
+                    request_id=self.client_request_id,
+                    text=text,
+                    token_ids=token_ids,
+                    index=max(chunk.index, next_index),
+                    finish_reason=chunk.finish_reason,
+                    logprobs=list(chunk.logprobs)[max(skip, 0) :],
+                )
+                next_index = max(chunk.index, next_index) + len(token_ids)
+                if finished:
+                    self._finish(
+                        response,
+                        chunk.prompt_tokens or len(self.job.prompt_token_ids),
+                        next_index,
+                        started_s,
+                        first_token_s,
+                    )
+                yield response
+        finally:
+            self.router.unregister(request_id)
+            if not finished:
+                await asyncio.shield(self.jobs.cancel(request_id))
+
+    def _text(self, token_ids: list[int], finished: bool) -> str:
+        text = self.text_stream.push(token_ids)
+        return text + self.text_stream.flush() if finished else text
+
+    def _finish(
+        self,
+        response: inference_pb2.GenerateResponse,
+        prompt_tokens: int,
+        completion_tokens: int,
+        started_s: float,
+        first_token_s: float,
+    ) -> None:
+        now = time.time()
+        response.usage.prompt_tokens = prompt_tokens
+        response.usage.completion_tokens = completion_tokens
+        response.timings.queued_s = max(started_s - self.accepted_s, 0.0) if started_s else 0.0
+        response.timings.time_to_first_token_s = first_token_s - self.accepted_s
+        response.timings.total_s = now - self.accepted_s
+
+
+def _status(code: int) -> grpc.StatusCode:
+    for status in grpc.StatusCode:
+        if status.value[0] == code:
+            return status
+    return grpc.StatusCode.INTERNAL

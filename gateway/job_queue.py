@@ -1,0 +1,55 @@
+"""JobQueue: the gateway's writes to Redis — jobs and cancels — and what it reads of the fleet."""
+
+import logging
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gateway.errors import Overloaded, Unavailable
+from protos import jobs_pb2
+from protos.streams import CANCEL_MAXLEN, FIELD, StreamKeys
+
+logger = logging.getLogger(__name__)
+
+
+class JobQueue:
+    """XADDs jobs to the model's request stream (refusing beyond a cap) and cancels to the cancel stream."""
+
+    def __init__(self, client: aioredis.Redis, keys: StreamKeys, model: str, max_queued_jobs: int):
+        self.client = client
+        self.keys = keys
+        self.requests_key = keys.requests(model)
+        self.max_queued_jobs = max_queued_jobs
+        self.num_queued_jobs = 0  # refreshed by the fleet monitor: jobs not yet acknowledged
+
+    async def submit(self, job: jobs_pb2.Job) -> None:
+        if self.num_queued_jobs >= self.max_queued_jobs:
+            raise Overloaded(
+                f"{self.num_queued_jobs} jobs are queued (cap {self.max_queued_jobs}); retry later"
+            )
+        try:
+            await self.client.xadd(self.requests_key, {FIELD: job.SerializeToString()})
+        except RedisError as error:
+            raise Unavailable(f"the job queue is unreachable: {error}") from error
+        self.num_queued_jobs += 1
+
+    async def cancel(self, request_id: str) -> None:
+        """Tell every worker to drop the request; best effort (the job may already be done)."""
+        payload = jobs_pb2.Cancel(request_id=request_id).SerializeToString()
+        try:
+            await self.client.xadd(self.keys.cancel, {FIELD: payload}, maxlen=CANCEL_MAXLEN, approximate=True)
+        except RedisError as error:
+            logger.warning("cancel of request_id=%s not published: %s", request_id, error)
+
+    async def queued_jobs(self) -> int:
+        """Entries in the request stream: workers delete each job when they acknowledge it."""
+        return int(await self.client.xlen(self.requests_key))
+
+    async def worker_statuses(self) -> list[jobs_pb2.WorkerStatus]:
+        """Heartbeats of the workers that are alive now (their keys have not expired)."""
+        statuses = []
+        async for key in self.client.scan_iter(match=self.keys.worker_pattern, count=100):
+            payload = await self.client.hget(key, "status")
+            if payload:
+                statuses.append(jobs_pb2.WorkerStatus.FromString(payload))
+        return statuses

@@ -1,0 +1,70 @@
+"""InferenceService: the public gRPC API; GatewayErrors become status codes here and nowhere else."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterable, AsyncIterator
+
+import grpc
+
+from gateway.admission import Admission
+from gateway.client_stream import ClientStream
+from gateway.errors import GatewayError
+from gateway.validation import check_input
+from protos import inference_pb2, inference_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+
+class InferenceService(inference_pb2_grpc.InferenceServicer):
+    """Short handlers; the work is in Admission, Generation and ClientStream."""
+
+    def __init__(self, admission: Admission, max_open_requests_per_stream: int):
+        self.admission = admission
+        self.max_open_requests_per_stream = max_open_requests_per_stream
+
+    async def Generate(  # noqa: N802 - gRPC method name
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        try:
+            generation = await self.admission.accept(request, context.time_remaining())
+            async for response in generation.run():
+                yield response
+        except GatewayError as error:
+            await context.abort(error.code, error.message)
+
+    async def GenerateStream(  # noqa: N802 - gRPC method name
+        self, request_iterator: AsyncIterable[inference_pb2.ClientFrame], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.ServerFrame]:
+        stream = ClientStream(self.admission, self.max_open_requests_per_stream, context.time_remaining())
+        reader = asyncio.create_task(stream.read_all(request_iterator))
+        try:
+            async for frame in stream.outbox():
+                yield frame
+        finally:
+            reader.cancel()
+            await stream.close()
+
+    async def Tokenize(  # noqa: N802 - gRPC method name
+        self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.TokenizeResponse:
+        try:
+            self.admission.check_model(request.model)
+            check_input(request, self.admission.limits)
+            token_ids = await self.admission.tokenize(request)
+        except GatewayError as error:
+            await context.abort(error.code, error.message)
+        return inference_pb2.TokenizeResponse(
+            token_ids=token_ids, max_context=self.admission.fleet.max_context
+        )
+
+    async def ListModels(  # noqa: N802 - gRPC method name
+        self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.ListModelsResponse:
+        fleet = self.admission.fleet
+        model = inference_pb2.ModelInfo(
+            id=self.admission.model_name,
+            max_context=fleet.max_context,
+            num_workers=fleet.num_workers,
+            is_default=True,
+        )
+        return inference_pb2.ListModelsResponse(models=[model])

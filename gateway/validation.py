@@ -1,0 +1,123 @@
+"""Pure checks of a GenerateRequest: every rule names the field it is about."""
+
+import math
+from dataclasses import dataclass
+
+from gateway.errors import InvalidRequest
+from protos import inference_pb2, jobs_pb2
+
+MAX_REQUEST_ID_LEN = 256
+MAX_STOP_STRINGS = 16
+MAX_STOP_LEN = 256
+MAX_LOGPROBS = 20
+MAX_TEMPERATURE = 100.0
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What a request is checked against: the model's vocabulary and context, the server default."""
+
+    vocab_size: int
+    max_context: int
+    default_max_tokens: int
+
+
+def check_request_id(request_id: str) -> None:
+    if len(request_id) > MAX_REQUEST_ID_LEN:
+        raise InvalidRequest(f"request_id: at most {MAX_REQUEST_ID_LEN} characters, got {len(request_id)}")
+
+
+def check_input(
+    request: inference_pb2.GenerateRequest | inference_pb2.TokenizeRequest, limits: Limits
+) -> None:
+    kind = request.WhichOneof("input")
+    if kind is None:
+        raise InvalidRequest("input: set one of prompt, chat or token_ids")
+    if kind == "prompt" and not request.prompt:
+        raise InvalidRequest("prompt: must not be empty")
+    if kind == "chat":
+        if not request.chat.messages:
+            raise InvalidRequest("chat.messages: must not be empty")
+        for index, message in enumerate(request.chat.messages):
+            if message.role not in CHAT_ROLES:
+                raise InvalidRequest(
+                    f"chat.messages[{index}].role: {message.role!r} is not one of {', '.join(CHAT_ROLES)}"
+                )
+    if kind == "token_ids":
+        ids = request.token_ids.ids  # type: ignore[union-attr]
+        if not ids:
+            raise InvalidRequest("token_ids.ids: must not be empty")
+        check_token_ids("token_ids.ids", ids, limits.vocab_size)
+
+
+def check_token_ids(field: str, ids: list[int], vocab_size: int) -> None:
+    for index, token_id in enumerate(ids):
+        if token_id >= vocab_size:
+            raise InvalidRequest(
+                f"{field}[{index}]: {token_id} is outside the vocabulary (size {vocab_size})"
+            )
+
+
+def check_prompt_length(num_tokens: int, limits: Limits) -> None:
+    if num_tokens >= limits.max_context:
+        raise InvalidRequest(
+            f"prompt: {num_tokens} tokens leave no room in the model's context of {limits.max_context} tokens"
+        )
+
+
+def _range(field: str, value: float, low: float, high: float, *, low_open: bool = False) -> float:
+    if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        raise InvalidRequest(f"sampling.{field}: {value} is outside {bracket}{low}, {high}]")
+    return value
+
+
+def resolve_sampling(sampling: inference_pb2.SamplingParams, limits: Limits) -> jobs_pb2.Sampling:
+    """Check every sampling field and fill in the defaults the proto leaves unset."""
+    max_tokens = sampling.max_tokens or limits.default_max_tokens
+    if max_tokens >= limits.max_context:
+        raise InvalidRequest(
+            f"sampling.max_tokens: {max_tokens} does not fit the model's context of {limits.max_context} tokens"
+        )
+    if sampling.min_tokens > max_tokens:
+        raise InvalidRequest(f"sampling.min_tokens: {sampling.min_tokens} exceeds max_tokens {max_tokens}")
+    if len(sampling.stop) > MAX_STOP_STRINGS:
+        raise InvalidRequest(
+            f"sampling.stop: at most {MAX_STOP_STRINGS} stop strings, got {len(sampling.stop)}"
+        )
+    for index, stop in enumerate(sampling.stop):
+        if not stop or len(stop) > MAX_STOP_LEN:
+            raise InvalidRequest(f"sampling.stop[{index}]: must be 1 to {MAX_STOP_LEN} characters")
+    check_token_ids("sampling.stop_token_ids", list(sampling.stop_token_ids), limits.vocab_size)
+    if sampling.HasField("logprobs") and sampling.logprobs > MAX_LOGPROBS:
+        raise InvalidRequest(f"sampling.logprobs: at most {MAX_LOGPROBS}, got {sampling.logprobs}")
+    resolved = jobs_pb2.Sampling(
+        max_tokens=max_tokens,
+        temperature=_range(
+            "temperature",
+            sampling.temperature if sampling.HasField("temperature") else 1.0,
+            0.0,
+            MAX_TEMPERATURE,
+        ),
+        top_p=_range("top_p", sampling.top_p if sampling.HasField("top_p") else 1.0, 0.0, 1.0, low_open=True),
+        top_k=sampling.top_k,
+        min_p=_range("min_p", sampling.min_p, 0.0, 1.0),
+        repetition_penalty=_range(
+            "repetition_penalty",
+            sampling.repetition_penalty if sampling.HasField("repetition_penalty") else 1.0,
+            0.0,
+            10.0,
+            low_open=True,
+        ),
+        presence_penalty=_range("presence_penalty", sampling.presence_penalty, -2.0, 2.0),
+        frequency_penalty=_range("frequency_penalty", sampling.frequency_penalty, -2.0, 2.0),
+        stop=list(sampling.stop),
+        stop_token_ids=list(sampling.stop_token_ids),
+        ignore_eos=sampling.ignore_eos,
+        min_tokens=sampling.min_tokens,
+        logprobs=sampling.logprobs if sampling.HasField("logprobs") else -1,
+    )
+    if sampling.HasField("seed"):
+        resolved.seed = sampling.seed
+    return resolved

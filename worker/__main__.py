@@ -1,0 +1,35 @@
+"""`python -m worker`: load the model, join the consumer group, serve until SIGTERM."""
+
+import logging
+import os
+import signal
+import socket
+import sys
+
+import redis
+
+from protos.streams import StreamKeys
+from worker.engine import Engine
+from worker.engine_core import EngineCore
+from worker.job_stream import JobStream
+from worker.settings import WorkerSettings
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = WorkerSettings(_cli_parse_args=sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s worker %(name)s: %(message)s"
+    )
+    worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    logging.getLogger(__name__).info("settings: %s", settings.model_dump(exclude={"redis_url"}))
+    core = EngineCore.from_settings(settings)
+    client = redis.Redis.from_url(settings.redis_url)
+    jobs = JobStream(client, StreamKeys(settings.namespace), settings.served_model_name, worker_id)
+    engine = Engine(core, jobs, settings)
+    signal.signal(signal.SIGTERM, lambda *_: engine.drain())
+    signal.signal(signal.SIGINT, lambda *_: engine.drain())
+    engine.run()
+
+
+if __name__ == "__main__":
+    main()

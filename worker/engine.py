@@ -1,0 +1,179 @@
+"""Engine: the worker's serving loop — admit jobs, apply cancels, step the model, publish, ack."""
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from protos import jobs_pb2
+from scheduler import TokenChunk
+from worker.engine_core import EngineCore
+from worker.job_stream import JobStream, ReceivedJob, chunk_to_proto, error_chunk, now_ms, sequence_from_job
+from worker.settings import WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+_STATS_INTERVAL_S = 10.0
+
+
+@dataclass(slots=True)
+class _Running:
+    """What the loop remembers of an admitted job, to route and acknowledge its output."""
+
+    gateway_id: str
+    entry_id: bytes
+    started_unix_ms: int
+    deadline_unix_ms: int
+
+
+class Engine:
+    """One thread owns the model and the scheduler; Redis is polled between steps, blocking only when idle."""
+
+    def __init__(self, core: EngineCore, jobs: JobStream, settings: WorkerSettings):
+        self.core = core
+        self.jobs = jobs
+        self.settings = settings
+        self.model_name = settings.served_model_name
+        self._running: dict[str, _Running] = {}
+        self._draining = threading.Event()
+        self._next_heartbeat = 0.0
+        self._next_stats = time.monotonic() + _STATS_INTERVAL_S
+
+    def drain(self) -> None:
+        """Stop taking jobs; `run` returns once what was taken has finished or the grace period ends."""
+        self._draining.set()
+
+    def run(self) -> None:
+        self.jobs.join_group()
+        logger.info("worker %s serving model %s", self.jobs.worker_id, self.model_name)
+        drain_deadline: float | None = None
+        try:
+            while True:
+                if self._draining.is_set():
+                    drain_deadline = drain_deadline or time.monotonic() + self.settings.drain_timeout_s
+                    if not self._running or time.monotonic() >= drain_deadline:
+                        break
+                self.step()
+        finally:
+            self.jobs.remove_heartbeat()
+        if self._running:
+            logger.warning("drain timed out: %d jobs left pending for other workers", len(self._running))
+        logger.info("worker %s stopped", self.jobs.worker_id)
+
+    def step(self) -> None:
+        self._admit_and_cancel()
+        chunks = self.core.step()
+        self._publish([chunk_to_proto_with_start(c, self._running.get(c.request_id)) for c in chunks])
+        self._expire_deadlines()
+        self._heartbeat()
+
+    def _admit_and_cancel(self) -> None:
+        accepting = not self._draining.is_set()
+        capacity = 2 * self.core.scheduler.config.max_num_seqs - len(self._running)
+        block_ms = self.settings.idle_block_ms if self.core.scheduler.is_idle else None
+        received, cancels = self.jobs.read(capacity if accepting else 0, block_ms)
+        for request_id in cancels:
+            self._finish_early(request_id, grpc.StatusCode.CANCELLED, "cancelled")
+        errors: list[tuple[str, jobs_pb2.TokenChunk, bytes]] = []
+        for item in received:
+            problem = self._admit(item)
+            if problem is not None:
+                errors.append((item.job.gateway_id, problem, item.entry_id))
+        if errors:
+            batches: dict[str, list[jobs_pb2.TokenChunk]] = {}
+            for gateway_id, chunk, _ in errors:
+                batches.setdefault(gateway_id, []).append(chunk)
+            self.jobs.publish(batches, [entry_id for _, _, entry_id in errors])
+
+    def _admit(self, item: ReceivedJob) -> jobs_pb2.TokenChunk | None:
+        """Start a job, or return the chunk that ends it at once."""
+        job = item.job
+        if self.jobs.was_cancelled(job.request_id):
+            return error_chunk(
+                job.request_id, grpc.StatusCode.CANCELLED.value[0], "cancelled before it started"
+            )
+        if job.deadline_unix_ms and job.deadline_unix_ms <= item.received_unix_ms:
+            return error_chunk(
+                job.request_id, grpc.StatusCode.DEADLINE_EXCEEDED.value[0], "deadline passed while queued"
+            )
+        try:
+            self.core.add(sequence_from_job(job))
+        except ValueError as error:
+            return error_chunk(job.request_id, grpc.StatusCode.INVALID_ARGUMENT.value[0], str(error))
+        self._running[job.request_id] = _Running(
+            job.gateway_id, item.entry_id, item.received_unix_ms, job.deadline_unix_ms
+        )
+        return None
+
+    def _finish_early(self, request_id: str, code: grpc.StatusCode, message: str) -> None:
+        """Cancel or expire a running job: free its blocks now, tell its gateway, acknowledge it."""
+        running = self._running.pop(request_id, None)
+        if running is None:
+            return
+        self.core.abort(request_id)
+        chunk = error_chunk(request_id, code.value[0], message)
+        self.jobs.publish({running.gateway_id: [chunk]}, [running.entry_id])
+
+    def _expire_deadlines(self) -> None:
+        now = now_ms()
+        expired = [
+            rid for rid, r in self._running.items() if r.deadline_unix_ms and r.deadline_unix_ms <= now
+        ]
+        for request_id in expired:
+            self._finish_early(request_id, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+
+    def _publish(self, chunks: list[jobs_pb2.TokenChunk]) -> None:
+        batches: dict[str, list[jobs_pb2.TokenChunk]] = {}
+        finished: list[bytes] = []
+        for chunk in chunks:
+            running = self._running[chunk.request_id]
+            batches.setdefault(running.gateway_id, []).append(chunk)
+            if chunk.finish_reason:
+                finished.append(running.entry_id)
+                del self._running[chunk.request_id]
+        self.jobs.publish(batches, finished)
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_stats:
+            self._log_stats()
+            self._next_stats = now + _STATS_INTERVAL_S
+        if now < self._next_heartbeat:
+            return
+        self._next_heartbeat = now + self.settings.heartbeat_interval_s
+        scheduler = self.core.scheduler
+        status = jobs_pb2.WorkerStatus(
+            worker_id=self.jobs.worker_id,
+            model=self.model_name,
+            max_context=self.core.max_model_len,
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            num_used_blocks=scheduler.block_manager.num_used_blocks,
+            num_blocks=scheduler.block_manager.num_blocks,
+            accepting=not self._draining.is_set(),
+            updated_unix_ms=now_ms(),
+        )
+        self.jobs.heartbeat(status, self.settings.heartbeat_ttl_s)
+
+    def _log_stats(self) -> None:
+        scheduler = self.core.scheduler
+        stats = self.core.stats
+        logger.info(
+            "running=%d waiting=%d free_blocks=%d steps=%d tokens=%d preemptions=%d",
+            len(scheduler.running),
+            len(scheduler.waiting),
+            scheduler.block_manager.num_free_blocks,
+            stats.num_steps,
+            stats.num_tokens,
+            scheduler.num_preemptions,
+        )
+
+
+def chunk_to_proto_with_start(chunk: TokenChunk, running: _Running | None) -> jobs_pb2.TokenChunk:
+    """The proto chunk; the first one of a request also says when the worker took it."""
+    message = chunk_to_proto(chunk)
+    if chunk.index == 0 and running is not None:
+        message.started_unix_ms = running.started_unix_ms
+    return message
