@@ -78,7 +78,7 @@ def resolve_sampling(sampling: inference_pb2.SamplingParams, limits: Limits) -> 
     max_tokens = sampling.max_tokens or limits.default_max_tokens
     if max_tokens >= limits.max_context:
         raise InvalidRequest(
-            f"sampling.max_tokens: {max_tokens} does not fit the model's context of {limits.max_context} tokens"
+            f"sampling.max_tokens: {max_tokens} exceeds the context of {limits.max_context} tokens"
         )
     if sampling.min_tokens > max_tokens:
         raise InvalidRequest(f"sampling.min_tokens: {sampling.min_tokens} exceeds max_tokens {max_tokens}")

@@ -116,7 +116,7 @@ class JobStream:
         self._cancel_cursor = last[0][0] if last else b"0-0"
 
     def read(self, max_jobs: int, block_ms: int | None) -> tuple[list[ReceivedJob], list[str]]:
-        """New jobs (at most `max_jobs`, blocking up to `block_ms` if given) and new cancels, one round trip."""
+        """New jobs (at most `max_jobs`, blocking up to `block_ms` if given) and cancels, one round trip."""
         pipe = self.client.pipeline(transaction=False)
         if max_jobs > 0:
             pipe.xreadgroup(GROUP, self.worker_id, {self.requests_key: ">"}, count=max_jobs, block=block_ms)
