@@ -49,7 +49,7 @@ class ClientStream:
             frame = await self._outbox.get()
             if frame is not None:
                 yield frame
-            elif not self._reading and not self._open:
+            elif not self._reading and not self._open and self._outbox.empty():
                 return
 
     async def close(self) -> None:

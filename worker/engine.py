@@ -39,6 +39,7 @@ class Engine:
         self._running: dict[str, _Running] = {}
         self._draining = threading.Event()
         self._next_heartbeat = 0.0
+        self._num_finished = 0
         self._next_stats = time.monotonic() + _STATS_INTERVAL_S
 
     def drain(self) -> None:
@@ -71,7 +72,8 @@ class Engine:
 
     def _admit_and_cancel(self) -> None:
         accepting = not self._draining.is_set()
-        capacity = 2 * self.core.scheduler.config.max_num_seqs - len(self._running)
+        # Take only what can run now, so idle workers in the group get the rest.
+        capacity = self.core.scheduler.config.max_num_seqs - len(self._running)
         block_ms = self.settings.idle_block_ms if self.core.scheduler.is_idle else None
         received, cancels = self.jobs.read(capacity if accepting else 0, block_ms)
         for request_id in cancels:
@@ -133,6 +135,7 @@ class Engine:
             if chunk.finish_reason:
                 finished.append(running.entry_id)
                 del self._running[chunk.request_id]
+                self._num_finished += 1
         self.jobs.publish(batches, finished)
 
     def _heartbeat(self) -> None:
@@ -154,6 +157,7 @@ class Engine:
             num_blocks=scheduler.block_manager.num_blocks,
             accepting=not self._draining.is_set(),
             updated_unix_ms=now_ms(),
+            num_finished=self._num_finished,
         )
         self.jobs.heartbeat(status, self.settings.heartbeat_ttl_s)
 

@@ -1,0 +1,51 @@
+"""One real Redis, one real worker and one real gateway for the whole end-to-end session."""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from client.redis_server import RedisServer
+from protos import inference_pb2_grpc
+from tests.e2e.cluster import start_gateway, start_worker, stop_process, wait_until_serving
+
+
+@dataclass(frozen=True)
+class Cluster:
+    redis_url: str
+    namespace: str
+    address: str
+    model_dir: Path
+    log_dir: Path
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def cluster(redis_server: RedisServer, model_dir: Path, log_dir: Path) -> Iterator[Cluster]:
+    namespace = "e2e"
+    worker = start_worker(redis_server.url, namespace, model_dir, log_dir)
+    gateway, address = start_gateway(redis_server.url, namespace, model_dir, log_dir)
+    try:
+        wait_until_serving(address, [worker, gateway])
+        yield Cluster(redis_server.url, namespace, address, model_dir, log_dir)
+    finally:
+        assert stop_process(gateway) == 0
+        assert stop_process(worker) == 0
+
+
+@pytest.fixture()
+def stub(cluster: Cluster) -> Iterator[inference_pb2_grpc.InferenceStub]:
+    with grpc.insecure_channel(cluster.address) as channel:
+        yield inference_pb2_grpc.InferenceStub(channel)

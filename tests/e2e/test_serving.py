@@ -1,0 +1,243 @@
+"""The public API over real gRPC, a real gateway, a real worker, real Redis and the real model."""
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from client.library import AsyncConveyorClient, ConveyorClient, build_request
+from protos import inference_pb2, inference_pb2_grpc
+from tests.e2e.cluster import wait_for, worker_statuses
+from tests.e2e.conftest import Cluster
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def collect(
+    responses: Iterator[inference_pb2.GenerateResponse],
+) -> tuple[str, list[int], list[inference_pb2.GenerateResponse]]:
+    frames = list(responses)
+    return "".join(f.text for f in frames), [t for f in frames for t in f.token_ids], frames
+
+
+def test_chat_request_answers_with_paris_and_reports_usage(stub: inference_pb2_grpc.InferenceStub) -> None:
+    request = build_request(messages=FRANCE, max_tokens=20, temperature=0.0)
+    text, token_ids, frames = collect(stub.Generate(request))
+    assert "Paris" in text
+    last = frames[-1]
+    assert last.finish_reason == inference_pb2.FINISH_REASON_STOP
+    assert last.usage.completion_tokens == len(token_ids)
+    assert last.usage.prompt_tokens > 20
+    assert 0 < last.timings.time_to_first_token_s <= last.timings.total_s
+    indexes = [f.index for f in frames if f.token_ids]
+    assert indexes == sorted(indexes) and indexes[0] == 0
+
+
+def test_length_limit_and_stop_strings(stub: inference_pb2_grpc.InferenceStub) -> None:
+    _, tokens, frames = collect(
+        stub.Generate(build_request("Once upon a time", max_tokens=7, temperature=0.0, ignore_eos=True))
+    )
+    assert len(tokens) == 7 and frames[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
+    text, _, frames = collect(
+        stub.Generate(build_request(messages=FRANCE, max_tokens=30, temperature=0.0, stop=["Paris"]))
+    )
+    assert frames[-1].finish_reason == inference_pb2.FINISH_REASON_STOP
+    assert "Paris" not in text and text.startswith("The capital of France is")
+
+
+def test_logprobs_and_seeded_sampling(stub: inference_pb2_grpc.InferenceStub) -> None:
+    request = build_request(
+        "The weather today is", max_tokens=6, temperature=0.8, seed=42, logprobs=3, ignore_eos=True
+    )
+    _, first, frames = collect(stub.Generate(request))
+    _, second, _ = collect(stub.Generate(request))
+    assert first == second
+    logprobs = [lp for f in frames for lp in f.logprobs]
+    assert [lp.token_id for lp in logprobs] == first
+    assert all(len(lp.top) == 3 and lp.logprob <= 0 for lp in logprobs)
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "message"),
+    [
+        (build_request("hi", temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature"),
+        (build_request("hi", top_p=2.0), grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p"),
+        (inference_pb2.GenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT, "input: set one of"),
+        (build_request(token_ids=[1, 999999]), grpc.StatusCode.INVALID_ARGUMENT, "token_ids.ids[1]"),
+        (build_request("word " * 2100), grpc.StatusCode.INVALID_ARGUMENT, "context of 2048 tokens"),
+        (build_request("hi", model="gpt-9"), grpc.StatusCode.NOT_FOUND, "model: 'gpt-9'"),
+        (
+            build_request(messages=[{"role": "wizard", "content": "x"}]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "chat.messages[0].role",
+        ),
+    ],
+)
+def test_bad_requests_get_a_clear_status(
+    stub: inference_pb2_grpc.InferenceStub,
+    request_: inference_pb2.GenerateRequest,
+    code: grpc.StatusCode,
+    message: str,
+) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        list(stub.Generate(request_))
+    assert error.value.code() == code
+    assert message in error.value.details()
+
+
+def test_prompt_too_long_names_both_numbers(stub: inference_pb2_grpc.InferenceStub) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        list(stub.Generate(build_request(token_ids=[100] * 3000)))
+    assert "prompt: 3000 tokens" in error.value.details() and "2048" in error.value.details()
+
+
+def test_tokenize_and_list_models(stub: inference_pb2_grpc.InferenceStub) -> None:
+    reply = stub.Tokenize(
+        inference_pb2.TokenizeRequest(
+            chat=inference_pb2.Chat(messages=[inference_pb2.ChatMessage(role="user", content="Hi")])
+        )
+    )
+    assert reply.token_ids[0] == 1 and reply.max_context == 2048
+    models = stub.ListModels(inference_pb2.ListModelsRequest()).models
+    assert [(m.id, m.num_workers, m.is_default) for m in models] == [("smollm2-135m-instruct", 1, True)]
+
+
+def test_health_and_reflection(cluster: Cluster) -> None:
+    with grpc.insecure_channel(cluster.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "conveyor.v1.Inference"):
+            assert (
+                health.Check(health_pb2.HealthCheckRequest(service=service)).status
+                == health_pb2.HealthCheckResponse.SERVING
+            )
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = reflection.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
+        names = {s.name for reply in replies for s in reply.list_services_response.service}
+    assert {"conveyor.v1.Inference", "grpc.health.v1.Health"} <= names
+
+
+class BidiSession:
+    """A GenerateStream call driven from a queue, with frames gathered per request id."""
+
+    def __init__(self, stub: inference_pb2_grpc.InferenceStub):
+        self._outgoing: queue.Queue[inference_pb2.ClientFrame | None] = queue.Queue()
+        self.frames: dict[str, list[inference_pb2.ServerFrame]] = {}
+        self.first_frame = {}  # request id -> threading.Event
+        self._call = stub.GenerateStream(iter(self._outgoing.get, None))
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def send(self, frame: inference_pb2.ClientFrame) -> None:
+        self._outgoing.put(frame)
+
+    def close(self, timeout_s: float = 120.0) -> None:
+        self._outgoing.put(None)
+        self._reader.join(timeout_s)
+        assert not self._reader.is_alive(), "the stream did not end after the client half-closed"
+
+    def _read(self) -> None:
+        for frame in self._call:
+            self.frames.setdefault(frame.request_id, []).append(frame)
+
+
+def test_bidi_stream_multiplexes_requests_errors_and_a_mid_stream_cancel(
+    stub: inference_pb2_grpc.InferenceStub, cluster: Cluster
+) -> None:
+    prompts = {f"q{i}": f"Count from {i} to {i + 10}:" for i in range(5)}
+    expected = {
+        rid: collect(stub.Generate(build_request(p, max_tokens=12, temperature=0.0, ignore_eos=True)))[1]
+        for rid, p in prompts.items()
+    }
+    session = BidiSession(stub)
+    session.send(
+        inference_pb2.ClientFrame(
+            generate=build_request(
+                "Tell me a very long story.",
+                request_id="long",
+                max_tokens=1500,
+                temperature=0.0,
+                ignore_eos=True,
+            )
+        )
+    )
+    for rid, prompt in prompts.items():
+        session.send(
+            inference_pb2.ClientFrame(
+                generate=build_request(
+                    prompt, request_id=rid, max_tokens=12, temperature=0.0, ignore_eos=True
+                )
+            )
+        )
+    session.send(inference_pb2.ClientFrame(generate=build_request("x", request_id="bad", temperature=-3.0)))
+    session.send(inference_pb2.ClientFrame(generate=build_request("x", request_id="q0")))  # q0 is open
+    assert wait_for(lambda: len(session.frames.get("long", [])) >= 3, timeout_s=60)
+    session.send(inference_pb2.ClientFrame(cancel=inference_pb2.CancelRequest(request_id="long")))
+    session.close()
+    for rid, tokens in expected.items():
+        responses = [f.response for f in session.frames[rid] if f.HasField("response")]
+        got = [t for r in responses for t in r.token_ids]
+        assert got == tokens, rid
+        assert responses[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
+    assert session.frames["bad"][0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert any(f.error.code == grpc.StatusCode.ALREADY_EXISTS.value[0] for f in session.frames["q0"])
+    long_frames = session.frames["long"]
+    assert long_frames[-1].response.finish_reason == inference_pb2.FINISH_REASON_CANCELLED
+    assert sum(len(f.response.token_ids) for f in long_frames) < 1500
+    assert wait_for(
+        lambda: all(s.num_running == 0 for s in worker_statuses(cluster.redis_url, cluster.namespace))
+    )
+
+
+def test_client_disconnect_cancels_the_job_on_the_worker(
+    stub: inference_pb2_grpc.InferenceStub, cluster: Cluster
+) -> None:
+    call = stub.Generate(
+        build_request("Write an endless poem.", max_tokens=1500, temperature=0.0, ignore_eos=True)
+    )
+    next(call)
+    next(call)
+    assert wait_for(
+        lambda: any(s.num_running == 1 for s in worker_statuses(cluster.redis_url, cluster.namespace))
+    )
+    call.cancel()
+    assert wait_for(
+        lambda: all(s.num_running == 0 for s in worker_statuses(cluster.redis_url, cluster.namespace))
+    )
+
+
+def test_deadline_ends_the_call_and_the_job(stub: inference_pb2_grpc.InferenceStub, cluster: Cluster) -> None:
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as error:
+        list(
+            stub.Generate(
+                build_request("Write an endless poem.", max_tokens=1500, temperature=0.0, ignore_eos=True),
+                timeout=3,
+            )
+        )
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 30
+    assert wait_for(
+        lambda: all(s.num_running == 0 for s in worker_statuses(cluster.redis_url, cluster.namespace))
+    )
+
+
+def test_client_library_sync_and_async(cluster: Cluster) -> None:
+    import asyncio
+
+    with ConveyorClient(cluster.address) as client:
+        sync = client.generate(messages=FRANCE, max_tokens=12, temperature=0.0)
+        assert [m.id for m in client.list_models()] == ["smollm2-135m-instruct"]
+
+    async def run() -> str:
+        async with AsyncConveyorClient(cluster.address) as client:
+            return (await client.generate(messages=FRANCE, max_tokens=12, temperature=0.0)).text
+
+    assert "Paris" in sync.text and sync.finish_reason in ("FINISH_REASON_STOP", "FINISH_REASON_LENGTH")
+    assert asyncio.run(run()) == sync.text
