@@ -11,7 +11,7 @@ MODEL := $(MODEL_DIR)/config.json
 .PHONY: run test bench protos model lint clean
 
 run: $(STAMP) $(PROTO_OUT) $(MODEL)
-	$(PY) -m client serve --model $(MODEL_DIR)
+	$(PY) -m client serve --model $(MODEL_DIR) $(RUN_ARGS)
 
 test: $(STAMP) $(PROTO_OUT) $(MODEL)
 	$(PY) -m pytest -q
