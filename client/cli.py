@@ -100,7 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path(__file__).resolve().parent.parent / "bench" / "standard-workload.jsonl",
     )
     bench.add_argument("--num-requests", type=int, default=None, help="only the first N requests")
-    bench.add_argument("--skip-baseline", action="store_true", help="skip the sequential transformers run")
+    bench.add_argument(
+        "--baseline-requests",
+        type=int,
+        default=8,
+        help="requests for the sequential transformers row (0 = none)",
+    )
+    bench.add_argument(
+        "--max-num-batched-tokens", type=int, default=None, help="the engine's token budget per step"
+    )
     bench.add_argument("--json", type=Path, default=None, help="write figures and output token ids here")
     bench.set_defaults(run=_bench)
     return parser

@@ -1,5 +1,7 @@
 """ModelRunner: turn a SchedulerOutput into tensors, run one forward pass, sample."""
 
+import time
+
 import torch
 
 from scheduler import SampledToken, ScheduledSeq, SchedulerOutput
@@ -19,6 +21,7 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler(device)
         self._offsets = torch.arange(self.block_size, device=device)
+        self.model_s = 0.0  # time inside the model's forward, over the runner's life
 
     def execute(self, output: SchedulerOutput) -> list[SampledToken | None]:
         """One forward pass over every scheduled token; a token for each item that needs one."""
@@ -51,9 +54,13 @@ class ModelRunner:
         )
         if decodes:
             meta = self._with_decode_context(meta, [items[i] for i in decodes])
+        started = time.perf_counter()
         logits = self.model(
             self._tensor(input_ids), self._tensor(positions), self.kv_cache, meta, self._tensor(logit_rows)
         )
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.model_s += time.perf_counter() - started
         results: list[SampledToken | None] = [None] * len(items)
         if sampled_items:
             tokens = self.sampler(logits, [items[i] for i in sampled_items])

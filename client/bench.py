@@ -1,0 +1,213 @@
+"""`conveyor bench`: the standard workload through our engine and through transformers, side by side.
+
+Rows, all measured in one run on one machine:
+- conveyor: our engine in-process, every request submitted at once;
+- model forward only: the same run's output tokens over the time spent inside the model's forward
+  alone (what the engine would reach with zero overhead around the model);
+- transformers sequential: Hugging Face `generate`, one request at a time, greedy (by default on the
+  first few requests only, as it is slow; latencies are those of a queue served one at a time).
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scheduler import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    name: str
+    num_requests: int
+    output_tokens: int
+    seconds: float
+    ttft_s: list[float]  # per request, from the moment all were submitted
+    itl_s: list[float]  # mean inter-token latency per request
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.seconds if self.seconds else 0.0
+
+    def figures(self) -> dict[str, float | int | str]:
+        return {
+            "name": self.name,
+            "requests": self.num_requests,
+            "output_tokens": self.output_tokens,
+            "seconds": round(self.seconds, 3),
+            "output_tokens_per_s": round(self.tokens_per_s, 2),
+            "ttft_p50_s": round(_percentile(self.ttft_s, 50), 3),
+            "ttft_p99_s": round(_percentile(self.ttft_s, 99), 3),
+            "mean_itl_ms": round(1000 * statistics.fmean(self.itl_s), 1) if self.itl_s else 0.0,
+        }
+
+
+def _percentile(values: list[float], pct: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))
+    return ordered[rank]
+
+
+def _itl(token_times: list[float]) -> float:
+    return (token_times[-1] - token_times[0]) / (len(token_times) - 1) if len(token_times) > 1 else 0.0
+
+
+def load_workload(path: Path, limit: int | None) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows[:limit] if limit else rows
+
+
+def run_conveyor(
+    model: Path, workload: list[dict[str, Any]], engine_args: dict[str, Any]
+) -> tuple[Row, Row, dict[str, Any]]:
+    from worker.llm import LLM
+
+    llm = LLM(model=model, **engine_args)
+    prompts = [row["prompt_token_ids"] for row in workload]
+    params = [
+        SamplingParams(max_tokens=row["max_tokens"], temperature=0.0, ignore_eos=True) for row in workload
+    ]
+    llm.generate([prompts[0]], SamplingParams(max_tokens=2, temperature=0.0))  # warm-up
+    stats_before = (llm.engine.stats.step_s, llm.engine.stats.num_steps, llm.engine.runner.model_s)
+    started = time.perf_counter()
+    completions = llm.generate(prompts, params)
+    seconds = time.perf_counter() - started
+    stats = llm.engine.stats
+    step_s = stats.step_s - stats_before[0]
+    model_s = llm.engine.runner.model_s - stats_before[2]
+    output_tokens = sum(len(c.token_ids) for c in completions)
+    ttft = [c.token_times_s[0] - started for c in completions]
+    itl = [_itl(c.token_times_s) for c in completions]
+    ours = Row("conveyor (in-process)", len(workload), output_tokens, seconds, ttft, itl)
+    ceiling = Row("model forward only", len(workload), output_tokens, model_s, [], [])
+    scheduler = llm.engine.scheduler
+    batch_sizes = stats.batch_sizes
+    details = {
+        "kv_blocks": scheduler.block_manager.num_blocks,
+        "block_size": scheduler.config.block_size,
+        "steps": stats.num_steps - stats_before[1],
+        "engine_overhead_pct": round(100 * (1 - model_s / seconds), 1),
+        "step_overhead_pct": round(100 * (1 - model_s / step_s), 1),
+        "preemptions": scheduler.num_preemptions,
+        "mean_batch_size": round(
+            sum(k * v for k, v in batch_sizes.items()) / max(sum(batch_sizes.values()), 1), 1
+        ),
+        "outputs": {row["id"]: c.token_ids for row, c in zip(workload, completions, strict=True)},
+    }
+    return ours, ceiling, details
+
+
+class _FirstTokenTimer:
+    """A transformers streamer that notes when the first generated token arrives."""
+
+    def __init__(self) -> None:
+        self.num_puts = 0
+        self.first_token_at = 0.0
+
+    def put(self, value: Any) -> None:
+        self.num_puts += 1
+        if self.num_puts == 2:  # the first put is the prompt
+            self.first_token_at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def run_transformers_sequential(
+    model: Path, workload: list[dict[str, Any]]
+) -> tuple[Row, dict[str, list[int]]]:
+    from transformers import AutoModelForCausalLM
+
+    hf_model = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
+    hf_model.generate(torch.tensor([workload[0]["prompt_token_ids"]]), max_new_tokens=2, do_sample=False)
+    ttft, itl, outputs = [], [], {}
+    output_tokens = 0
+    started = time.perf_counter()
+    for row in workload:
+        prompt = torch.tensor([row["prompt_token_ids"]])
+        timer = _FirstTokenTimer()
+        with torch.inference_mode():
+            generated = hf_model.generate(
+                prompt,
+                max_new_tokens=row["max_tokens"],
+                min_new_tokens=row["max_tokens"],
+                do_sample=False,
+                streamer=timer,
+            )
+        finished = time.perf_counter()
+        new_tokens = generated[0, prompt.shape[1] :].tolist()
+        outputs[row["id"]] = new_tokens
+        output_tokens += len(new_tokens)
+        ttft.append(timer.first_token_at - started)
+        itl.append((finished - timer.first_token_at) / max(len(new_tokens) - 1, 1))
+    seconds = time.perf_counter() - started
+    return Row("transformers sequential", len(workload), output_tokens, seconds, ttft, itl), outputs
+
+
+def format_table(rows: list[Row], baseline: Row | None) -> str:
+    header = f"{'':26} {'reqs':>5} {'out tok':>8} {'tok/s':>8} {'vs seq':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL ms':>7}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        ratio = (
+            f"{row.tokens_per_s / baseline.tokens_per_s:6.1f}x"
+            if baseline and baseline.tokens_per_s
+            else "      -"
+        )
+        latency = (
+            f"{_percentile(row.ttft_s, 50):8.2f}s {_percentile(row.ttft_s, 99):8.2f}s {1000 * statistics.fmean(row.itl_s):7.1f}"
+            if row.ttft_s
+            else f"{'-':>9} {'-':>9} {'-':>7}"
+        )
+        lines.append(
+            f"{row.name:26} {row.num_requests:5d} {row.output_tokens:8d} {row.tokens_per_s:8.1f} {ratio} {latency}"
+        )
+    return "\n".join(lines)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    workload = load_workload(args.workload, args.num_requests)
+    engine_args: dict[str, Any] = {}
+    if args.max_num_batched_tokens:
+        engine_args["max_num_batched_tokens"] = args.max_num_batched_tokens
+    ours, ceiling, details = run_conveyor(args.model, workload, engine_args)
+    rows = [ours, ceiling]
+    baseline = None
+    baseline_outputs: dict[str, list[int]] = {}
+    if args.baseline_requests:
+        baseline, baseline_outputs = run_transformers_sequential(
+            args.model, workload[: args.baseline_requests]
+        )
+        rows.append(baseline)
+    print(
+        f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+        f"device {'cuda' if torch.cuda.is_available() else 'cpu'}"
+    )
+    print(
+        f"workload: {args.workload.name}, {len(workload)} requests, all submitted at once, greedy, EOS ignored"
+    )
+    print(format_table(rows, baseline))
+    print(
+        f"kv blocks: {details['kv_blocks']} x {details['block_size']} tokens; steps: {details['steps']}; "
+        f"mean batch: {details['mean_batch_size']} sequences; preemptions: {details['preemptions']}; "
+        f"time outside the model forward: {details['engine_overhead_pct']}% of wall time "
+        f"({details['step_overhead_pct']}% of step time)"
+    )
+    if baseline_outputs:
+        same = sum(details["outputs"][rid] == tokens for rid, tokens in baseline_outputs.items())
+        print(f"greedy outputs identical to transformers: {same}/{len(baseline_outputs)}")
+    if args.json:
+        report = {
+            "rows": [row.figures() for row in rows],
+            **{k: v for k, v in details.items() if k != "outputs"},
+            "outputs": details["outputs"],
+        }
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0
