@@ -152,23 +152,23 @@ def run_transformers_sequential(
     return Row("transformers sequential", len(workload), output_tokens, seconds, ttft, itl), outputs
 
 
+_COLUMNS = ("reqs", "out tok", "tok/s", "vs seq", "TTFT p50", "TTFT p99", "ITL ms")
+
+
 def format_table(rows: list[Row], baseline: Row | None) -> str:
-    header = f"{'':26} {'reqs':>5} {'out tok':>8} {'tok/s':>8} {'vs seq':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL ms':>7}"
+    header = f"{'':26}" + "".join(f"{name:>10}" for name in _COLUMNS)
     lines = [header, "-" * len(header)]
     for row in rows:
-        ratio = (
-            f"{row.tokens_per_s / baseline.tokens_per_s:6.1f}x"
-            if baseline and baseline.tokens_per_s
-            else "      -"
+        cells = [f"{row.num_requests}", f"{row.output_tokens}", f"{row.tokens_per_s:.1f}"]
+        cells.append(
+            f"{row.tokens_per_s / baseline.tokens_per_s:.1f}x" if baseline and baseline.tokens_per_s else "-"
         )
-        latency = (
-            f"{_percentile(row.ttft_s, 50):8.2f}s {_percentile(row.ttft_s, 99):8.2f}s {1000 * statistics.fmean(row.itl_s):7.1f}"
-            if row.ttft_s
-            else f"{'-':>9} {'-':>9} {'-':>7}"
-        )
-        lines.append(
-            f"{row.name:26} {row.num_requests:5d} {row.output_tokens:8d} {row.tokens_per_s:8.1f} {ratio} {latency}"
-        )
+        if row.ttft_s:
+            p50, p99 = _percentile(row.ttft_s, 50), _percentile(row.ttft_s, 99)
+            cells += [f"{p50:.2f}s", f"{p99:.2f}s", f"{1000 * statistics.fmean(row.itl_s):.1f}"]
+        else:
+            cells += ["-", "-", "-"]
+        lines.append(f"{row.name:26}" + "".join(f"{cell:>10}" for cell in cells))
     return "\n".join(lines)
 
 
@@ -187,11 +187,12 @@ def run_bench(args: argparse.Namespace) -> int:
         )
         rows.append(baseline)
     print(
-        f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-        f"device {'cuda' if torch.cuda.is_available() else 'cpu'}"
+        f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, device {'cuda' if torch.cuda.is_available() else 'cpu'}"
     )
     print(
-        f"workload: {args.workload.name}, {len(workload)} requests, all submitted at once, greedy, EOS ignored"
+        f"workload: {args.workload.name}, {len(workload)} requests, "
+        "all submitted at once, greedy, EOS ignored"
     )
     print(format_table(rows, baseline))
     print(

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from worker.kernels import PagedDecodeKernel
+
 
 @dataclass(frozen=True, slots=True)
 class PrefillChunk:
@@ -31,9 +33,16 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [num_tokens] cache slot of each new token
     num_decodes: int
-    decode_slots: torch.Tensor | None  # [num_decodes, max_context] slots, padded
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context] True where a key is visible
     prefills: list[PrefillChunk]
+    # Decodes through the C kernel, reading the cache in place:
+    decode_kernel: PagedDecodeKernel | None = None
+    decode_block_tables: torch.Tensor | None = None  # [num_decodes, max_blocks] int64, padded
+    decode_context_lens: torch.Tensor | None = None  # [num_decodes] int64
+    decode_splits: list[int] | None = None  # sequence boundaries between the kernel's threads
+    block_size: int = 0
+    # Decodes through SDPA, over a gathered copy of their contexts:
+    decode_slots: torch.Tensor | None = None  # [num_decodes, max_context] slots, padded
+    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_context] True where a key is visible
 
 
 def paged_attention(
@@ -50,7 +59,20 @@ def paged_attention(
     value_cache.index_copy_(0, meta.slot_mapping, v)
     num_tokens, num_heads, head_dim = q.shape
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
-    if meta.num_decodes:
+    if meta.num_decodes and meta.decode_kernel is not None:
+        assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
+        assert meta.decode_splits is not None
+        out[: meta.num_decodes] = meta.decode_kernel(
+            q[: meta.num_decodes].contiguous(),
+            key_cache,
+            value_cache,
+            meta.decode_block_tables,
+            meta.decode_context_lens,
+            meta.decode_splits,
+            num_kv_heads,
+            meta.block_size,
+        )
+    elif meta.num_decodes:
         out[: meta.num_decodes] = _decode_attention(
             q[: meta.num_decodes], key_cache, value_cache, meta, num_kv_heads
         )

@@ -13,6 +13,8 @@ import torch
 
 from scheduler import FinishReason, Scheduler, SchedulerConfig, Sequence, TokenChunk
 from tokenization import TextStream, Tokenizer
+from worker.cpu_kernels import keep_freed_memory, pack_linears
+from worker.kernels import PagedDecodeKernel
 from worker.kv_cache import KVCache, num_blocks_for_budget
 from worker.model_loader import load_model, model_dir_of
 from worker.model_runner import ModelRunner
@@ -50,6 +52,9 @@ class EngineCore:
         if settings.num_threads:
             torch.set_num_threads(settings.num_threads)
         model, config, max_model_len = load_model(settings.model, device, settings.max_model_len)
+        if device.type == "cpu":
+            keep_freed_memory()
+            pack_linears(model, settings.max_num_seqs)
         budget = settings.kv_cache_bytes or _default_kv_bytes(device, settings.gpu_memory_fraction)
         num_blocks = num_blocks_for_budget(config, settings.block_size, budget)
         pool_tokens = num_blocks * settings.block_size
@@ -80,7 +85,11 @@ class EngineCore:
             kv_cache.num_bytes / 2**20,
         )
         tokenizer = Tokenizer(model_dir_of(settings.model))
-        return cls(Scheduler(scheduler_config), ModelRunner(model, kv_cache, device), tokenizer)
+        kernel = None
+        if device.type == "cpu" and settings.cpu_decode_kernel:
+            kernel = PagedDecodeKernel.load(torch.get_num_threads())
+        runner = ModelRunner(model, kv_cache, device, kernel)
+        return cls(Scheduler(scheduler_config), runner, tokenizer)
 
     @property
     def max_model_len(self) -> int:

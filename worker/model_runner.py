@@ -1,11 +1,13 @@
 """ModelRunner: turn a SchedulerOutput into tensors, run one forward pass, sample."""
 
+import dataclasses
 import time
 
 import torch
 
 from scheduler import SampledToken, ScheduledSeq, SchedulerOutput
 from worker.attention import AttentionMetadata, PrefillChunk
+from worker.kernels import PagedDecodeKernel
 from worker.kv_cache import KVCache
 from worker.model import CausalLM
 from worker.sampler import Sampler
@@ -14,8 +16,15 @@ from worker.sampler import Sampler
 class ModelRunner:
     """Executes scheduler steps on one device; the only owner of the model and the KV tensors."""
 
-    def __init__(self, model: CausalLM, kv_cache: KVCache, device: torch.device):
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_cache: KVCache,
+        device: torch.device,
+        decode_kernel: PagedDecodeKernel | None = None,
+    ):
         self.model = model
+        self.decode_kernel = decode_kernel
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = device
@@ -48,9 +57,8 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slot_mapping),
             num_decodes=len(decodes),
-            decode_slots=None,
-            decode_mask=None,
             prefills=self._prefill_chunks(items, chunks, len(decodes)),
+            block_size=self.block_size,
         )
         if decodes:
             meta = self._with_decode_context(meta, [items[i] for i in decodes])
@@ -85,21 +93,25 @@ class ModelRunner:
         return result
 
     def _with_decode_context(self, meta: AttentionMetadata, decodes: list[ScheduledSeq]) -> AttentionMetadata:
-        """Padded slot table and visibility mask over the contexts of all one-token sequences."""
-        context_lens = self._tensor([item.context_len for item in decodes])
-        max_context = max(item.context_len for item in decodes)
-        max_blocks = -(-max_context // self.block_size)
+        """Block tables and context lengths of the one-token sequences, for the kernel or for SDPA."""
+        context_lens = [item.context_len for item in decodes]
+        max_blocks = -(-max(context_lens) // self.block_size)
         rows = []
         for item in decodes:
             block_ids = item.block_ids[: -(-item.context_len // self.block_size)]
-            rows.append(block_ids + [0] * (max_blocks - len(block_ids)))  # padding is masked out
+            rows.append(block_ids + [0] * (max_blocks - len(block_ids)))  # padding is never read
         table = self._tensor(rows)  # [num_decodes, max_blocks]
+        if self.decode_kernel is not None:
+            return dataclasses.replace(
+                meta,
+                decode_kernel=self.decode_kernel,
+                decode_block_tables=table,
+                decode_context_lens=self._tensor(context_lens),
+                decode_splits=self.decode_kernel.split(context_lens),
+            )
+        max_context = max(context_lens)
         slots = (table[:, :, None] * self.block_size + self._offsets).view(len(decodes), -1)[:, :max_context]
-        visible = torch.arange(max_context, device=self.device)[None, :] < context_lens[:, None]
-        return AttentionMetadata(
-            slot_mapping=meta.slot_mapping,
-            num_decodes=meta.num_decodes,
-            decode_slots=slots.contiguous(),
-            decode_mask=visible[:, None, None, :],
-            prefills=meta.prefills,
+        visible = torch.arange(max_context, device=self.device)[None, :] < self._tensor(context_lens)[:, None]
+        return dataclasses.replace(
+            meta, decode_slots=slots.contiguous(), decode_mask=visible[:, None, None, :]
         )

@@ -25,6 +25,7 @@ class EngineSettings(BaseSettings):
     gpu_memory_fraction: float = Field(0.8, gt=0, le=1)
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch CPU threads; default: torch's choice
+    cpu_decode_kernel: bool = True  # decode attention in the C kernel (else gather + SDPA)
 
     @property
     def served_model_name(self) -> str:

@@ -1,0 +1,85 @@
+/* Attention of one new token per sequence over its paged K/V cache, read in place.
+ *
+ * Gathering every sequence's context into a padded tensor before SDPA copies the whole KV cache
+ * twice per layer; this reads each cached key and value once, straight from its block.
+ * Layouts (float32, row-major):
+ *   q, out:        [num_seqs, num_heads, head_dim]
+ *   key/value:     [num_slots, num_kv_heads, head_dim], slot = block_id * block_size + offset
+ *   block_tables:  [num_seqs, max_blocks] int64
+ *   context_lens:  [num_seqs] int64, keys [0, context_len) are visible
+ * Sequences [seq_begin, seq_end) are computed, so callers can split the work across threads.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+int paged_decode_attention(const float *q, const float *key_cache, const float *value_cache,
+                           const int64_t *block_tables, const int64_t *context_lens, float *out,
+                           int64_t seq_begin, int64_t seq_end, int64_t num_heads,
+                           int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                           int64_t max_blocks, float scale) {
+    const int64_t group = num_heads / num_kv_heads;
+    const int64_t kv_stride = num_kv_heads * head_dim;
+    int64_t max_len = 0;
+    for (int64_t s = seq_begin; s < seq_end; ++s)
+        if (context_lens[s] > max_len) max_len = context_lens[s];
+    /* scores: [num_heads][max_len], then the output accumulator [num_heads][head_dim] */
+    float *scores = malloc(sizeof(float) * (size_t)(num_heads * (max_len + head_dim)));
+    if (scores == NULL) return 1;
+    float *acc = scores + num_heads * max_len;
+
+    for (int64_t s = seq_begin; s < seq_end; ++s) {
+        const int64_t len = context_lens[s];
+        const int64_t *table = block_tables + s * max_blocks;
+        const float *qs = q + s * num_heads * head_dim;
+        /* Pass 1: every head's score against each key, block by block. */
+        for (int64_t start = 0; start < len; start += block_size) {
+            const int64_t n = len - start < block_size ? len - start : block_size;
+            const float *keys = key_cache + table[start / block_size] * block_size * kv_stride;
+            for (int64_t t = 0; t < n; ++t) {
+                const float *key_row = keys + t * kv_stride;
+                for (int64_t h = 0; h < num_heads; ++h) {
+                    const float *k = key_row + (h / group) * head_dim;
+                    const float *qh = qs + h * head_dim;
+                    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                    for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * k[d];
+                    scores[h * len + start + t] = dot * scale;
+                }
+            }
+        }
+        /* Softmax per head. */
+        for (int64_t h = 0; h < num_heads; ++h) {
+            float *row = scores + h * len;
+            float max = -INFINITY;
+            for (int64_t t = 0; t < len; ++t) max = row[t] > max ? row[t] : max;
+            float sum = 0.0f;
+            for (int64_t t = 0; t < len; ++t) {
+                row[t] = expf(row[t] - max);
+                sum += row[t];
+            }
+            const float inv = 1.0f / sum;
+            for (int64_t t = 0; t < len; ++t) row[t] *= inv;
+        }
+        /* Pass 2: weighted sum of values, block by block. */
+        for (int64_t i = 0; i < num_heads * head_dim; ++i) acc[i] = 0.0f;
+        for (int64_t start = 0; start < len; start += block_size) {
+            const int64_t n = len - start < block_size ? len - start : block_size;
+            const float *values = value_cache + table[start / block_size] * block_size * kv_stride;
+            for (int64_t t = 0; t < n; ++t) {
+                const float *value_row = values + t * kv_stride;
+                for (int64_t h = 0; h < num_heads; ++h) {
+                    const float *v = value_row + (h / group) * head_dim;
+                    const float p = scores[h * len + start + t];
+                    float *a = acc + h * head_dim;
+#pragma omp simd
+                    for (int64_t d = 0; d < head_dim; ++d) a[d] += p * v[d];
+                }
+            }
+        }
+        float *o = out + s * num_heads * head_dim;
+        for (int64_t i = 0; i < num_heads * head_dim; ++i) o[i] = acc[i];
+    }
+    free(scores);
+    return 0;
+}
