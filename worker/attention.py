@@ -38,7 +38,6 @@ class AttentionMetadata:
     decode_kernel: PagedDecodeKernel | None = None
     decode_block_tables: torch.Tensor | None = None  # [num_decodes, max_blocks] int64, padded
     decode_context_lens: torch.Tensor | None = None  # [num_decodes] int64
-    decode_splits: list[int] | None = None  # sequence boundaries between the kernel's threads
     block_size: int = 0
     # Decodes through SDPA, over a gathered copy of their contexts:
     decode_slots: torch.Tensor | None = None  # [num_decodes, max_context] slots, padded
@@ -61,14 +60,12 @@ def paged_attention(
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
     if meta.num_decodes and meta.decode_kernel is not None:
         assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
-        assert meta.decode_splits is not None
         out[: meta.num_decodes] = meta.decode_kernel(
             q[: meta.num_decodes].contiguous(),
             key_cache,
             value_cache,
             meta.decode_block_tables,
             meta.decode_context_lens,
-            meta.decode_splits,
             num_kv_heads,
             meta.block_size,
         )

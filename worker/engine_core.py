@@ -87,7 +87,7 @@ class EngineCore:
         tokenizer = Tokenizer(model_dir_of(settings.model))
         kernel = None
         if device.type == "cpu" and settings.cpu_decode_kernel:
-            kernel = PagedDecodeKernel.load(torch.get_num_threads())
+            kernel = PagedDecodeKernel.load()
         runner = ModelRunner(model, kv_cache, device, kernel)
         return cls(Scheduler(scheduler_config), runner, tokenizer)
 

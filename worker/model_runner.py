@@ -107,7 +107,6 @@ class ModelRunner:
                 decode_kernel=self.decode_kernel,
                 decode_block_tables=table,
                 decode_context_lens=self._tensor(context_lens),
-                decode_splits=self.decode_kernel.split(context_lens),
             )
         max_context = max(context_lens)
         slots = (table[:, :, None] * self.block_size + self._offsets).view(len(decodes), -1)[:, :max_context]

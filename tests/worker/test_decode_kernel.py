@@ -21,12 +21,12 @@ def reference(q, key_cache, value_cache, tables, lens, num_kv_heads, block_size)
 
 
 @pytest.mark.parametrize(
-    ("num_threads", "num_heads", "num_kv_heads"), [(1, 9, 3), (2, 9, 3), (3, 8, 8), (2, 4, 1)]
+    ("num_threads", "num_heads", "num_kv_heads"), [(1, 9, 3), (2, 9, 3), (2, 8, 8), (2, 4, 1)]
 )
 def test_kernel_matches_sdpa_over_gathered_blocks(
     num_threads: int, num_heads: int, num_kv_heads: int
 ) -> None:
-    kernel = PagedDecodeKernel.load(num_threads)
+    kernel = PagedDecodeKernel.load()
     if kernel is None:
         pytest.skip("no C compiler on this machine")
     torch.manual_seed(num_threads)
@@ -36,17 +36,11 @@ def test_kernel_matches_sdpa_over_gathered_blocks(
     lens = torch.tensor([1, 4, 5, 17, 30, 2, 9])  # partial and full last blocks
     tables = torch.stack([torch.randperm(num_blocks)[:8] for _ in lens])
     q = torch.randn(len(lens), num_heads, head_dim)
-    out = kernel(
-        q, key_cache, value_cache, tables, lens, kernel.split(lens.tolist()), num_kv_heads, block_size
-    )
-    torch.testing.assert_close(
-        out, reference(q, key_cache, value_cache, tables, lens, num_kv_heads, block_size)
-    )
-
-
-def test_split_gives_every_thread_a_contiguous_share() -> None:
-    kernel = PagedDecodeKernel.load(3)
-    if kernel is None:
-        pytest.skip("no C compiler on this machine")
-    assert kernel.split([10, 10, 10, 10, 10, 10]) == [0, 2, 4, 6]
-    assert kernel.split([5]) == [0, 1, 1, 1]
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        out = kernel(q, key_cache, value_cache, tables, lens, num_kv_heads, block_size)
+    finally:
+        torch.set_num_threads(threads_before)
+    expected = reference(q, key_cache, value_cache, tables, lens, num_kv_heads, block_size)
+    torch.testing.assert_close(out, expected)

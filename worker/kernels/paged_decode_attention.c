@@ -7,7 +7,8 @@
  *   key/value:     [num_slots, num_kv_heads, head_dim], slot = block_id * block_size + offset
  *   block_tables:  [num_seqs, max_blocks] int64
  *   context_lens:  [num_seqs] int64, keys [0, context_len) are visible
- * Sequences [seq_begin, seq_end) are computed, so callers can split the work across threads.
+ * Sequences are spread over OpenMP threads; inside torch's process the soname libgomp.so.1
+ * resolves to torch's own runtime, so the kernel shares torch's thread pool instead of fighting it.
  */
 #include <math.h>
 #include <stdint.h>
@@ -15,20 +16,27 @@
 
 int paged_decode_attention(const float *q, const float *key_cache, const float *value_cache,
                            const int64_t *block_tables, const int64_t *context_lens, float *out,
-                           int64_t seq_begin, int64_t seq_end, int64_t num_heads,
+                           int64_t num_seqs, int64_t num_heads,
                            int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
                            int64_t max_blocks, float scale) {
     const int64_t group = num_heads / num_kv_heads;
     const int64_t kv_stride = num_kv_heads * head_dim;
     int64_t max_len = 0;
-    for (int64_t s = seq_begin; s < seq_end; ++s)
+    for (int64_t s = 0; s < num_seqs; ++s)
         if (context_lens[s] > max_len) max_len = context_lens[s];
+    int failed = 0;
+#pragma omp parallel
+    {
     /* scores: [num_heads][max_len], then the output accumulator [num_heads][head_dim] */
     float *scores = malloc(sizeof(float) * (size_t)(num_heads * (max_len + head_dim)));
-    if (scores == NULL) return 1;
     float *acc = scores + num_heads * max_len;
-
-    for (int64_t s = seq_begin; s < seq_end; ++s) {
+    if (scores == NULL) {
+#pragma omp atomic write
+        failed = 1;
+    }
+#pragma omp for schedule(dynamic)
+    for (int64_t s = 0; s < num_seqs; ++s) {
+        if (scores == NULL) continue;
         const int64_t len = context_lens[s];
         const int64_t *table = block_tables + s * max_blocks;
         const float *qs = q + s * num_heads * head_dim;
@@ -81,5 +89,6 @@ int paged_decode_attention(const float *q, const float *key_cache, const float *
         for (int64_t i = 0; i < num_heads * head_dim; ++i) o[i] = acc[i];
     }
     free(scores);
-    return 0;
+    }
+    return failed;
 }
