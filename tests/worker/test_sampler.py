@@ -1,0 +1,78 @@
+"""The sampler applies each row's own parameters, whatever the other rows ask for."""
+
+import math
+
+import torch
+
+from scheduler import SamplingParams, ScheduledSeq
+from worker.sampler import Sampler
+
+
+def item(
+    history: list[int] | None = None, num_prompt: int = 0, index: int = 0, **params: object
+) -> ScheduledSeq:
+    sampling = SamplingParams(**params)  # type: ignore[arg-type]
+    return ScheduledSeq(
+        request_id="r",
+        token_ids=[0],
+        start_pos=0,
+        block_ids=[0],
+        needs_sample=True,
+        sampling=sampling,
+        num_output_tokens=index,
+        history=history if sampling.has_penalties else None,
+        num_prompt_tokens=num_prompt,
+    )
+
+
+LOGITS = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]])
+
+
+def draws(params: dict[str, object], num: int = 400) -> set[int]:
+    sampler = Sampler(torch.device("cpu"))
+    return {sampler(LOGITS.clone(), [item(**params)])[0].token_id for _ in range(num)}
+
+
+def test_greedy_rows_take_the_argmax_beside_sampled_rows() -> None:
+    sampler = Sampler(torch.device("cpu"))
+    logits = torch.cat([LOGITS, LOGITS.flip(1)])
+    tokens = sampler(logits, [item(temperature=0.0), item(temperature=1.0, seed=1)])
+    assert tokens[0].token_id == 0
+
+
+def test_top_k_top_p_and_min_p_limit_the_candidates() -> None:
+    assert draws({"temperature": 1.0, "top_k": 2}) == {0, 1}
+    assert draws({"temperature": 1.0, "top_p": 0.5}) == {0}  # token 0 alone holds ~64% of the mass
+    assert draws({"temperature": 1.0, "min_p": 0.3}) == {0, 1}  # e^-1 = 0.37 >= 0.3 > e^-2
+    assert draws({"temperature": 5.0}) == {0, 1, 2, 3, 4, 5}
+
+
+def test_seed_and_index_fix_the_draw() -> None:
+    sampler = Sampler(torch.device("cpu"))
+    flat = torch.zeros(1, 1000)
+    first = [sampler(flat.clone(), [item(temperature=1.0, seed=7, index=i)])[0].token_id for i in range(5)]
+    again = [sampler(flat.clone(), [item(temperature=1.0, seed=7, index=i)])[0].token_id for i in range(5)]
+    other = [sampler(flat.clone(), [item(temperature=1.0, seed=8, index=i)])[0].token_id for i in range(5)]
+    assert first == again and first != other and len(set(first)) > 1
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits() -> None:
+    sampler = Sampler(torch.device("cpu"))
+    penalized = sampler._apply_penalties(LOGITS.clone(), [item(history=[0, 5], repetition_penalty=2.0)])
+    assert penalized[0, 0] == 2.0 and penalized[0, 5] == -2.0 and penalized[0, 1] == 3.0
+
+
+def test_presence_and_frequency_penalties_count_output_tokens_only() -> None:
+    sampler = Sampler(torch.device("cpu"))
+    params = {"presence_penalty": 0.5, "frequency_penalty": 0.25}
+    penalized = sampler._apply_penalties(LOGITS.clone(), [item(history=[3, 1, 1], num_prompt=1, **params)])
+    assert penalized[0, 1] == 3.0 - 0.5 - 2 * 0.25
+    assert penalized[0, 3] == 1.0  # in the prompt only
+
+
+def test_logprobs_report_the_sampled_token_and_the_top_alternatives() -> None:
+    sampler = Sampler(torch.device("cpu"))
+    (token,) = sampler(LOGITS.clone(), [item(temperature=0.0, logprobs=2)])
+    expected = torch.log_softmax(LOGITS[0], dim=-1)
+    assert token.token_id == 0 and math.isclose(token.logprob or 0.0, float(expected[0]), rel_tol=1e-6)
+    assert [t for t, _ in token.top_logprobs] == [0, 1]
