@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterable, AsyncIterator
 
 import grpc
@@ -69,7 +70,7 @@ class ClientStream:
         if len(self._open) >= self.max_open:
             self._error(client_id, Overloaded(f"{self.max_open} requests are already open on this stream"))
             return
-        key = client_id or f"anonymous-{id(request)}"
+        key = client_id or f"anonymous-{uuid.uuid4().hex}"
         self._open[key] = asyncio.create_task(self._run(key, request))
 
     def _cancel(self, client_id: str) -> None:

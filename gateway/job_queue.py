@@ -3,6 +3,7 @@
 import logging
 
 import redis.asyncio as aioredis
+from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError
 
 from gateway.errors import Overloaded, Unavailable
@@ -50,6 +51,8 @@ class JobQueue:
         statuses = []
         async for key in self.client.scan_iter(match=self.keys.worker_pattern, count=100):
             payload = await self.client.hget(key, "status")
-            if payload:
-                statuses.append(jobs_pb2.WorkerStatus.FromString(payload))
+            try:
+                statuses.append(jobs_pb2.WorkerStatus.FromString(payload or b""))
+            except DecodeError:
+                logger.warning("unreadable worker status under %s ignored", key)
         return statuses

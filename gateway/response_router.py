@@ -5,6 +5,7 @@ import contextlib
 import logging
 
 import redis.asyncio as aioredis
+from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError
 
 from protos import jobs_pb2
@@ -57,7 +58,12 @@ class ResponseRouter:
             for _stream, entries in reply or []:
                 for entry_id, fields in entries:
                     cursor = entry_id
-                    self._route(jobs_pb2.TokenBatch.FromString(fields[FIELD]))
+                    try:
+                        batch = jobs_pb2.TokenBatch.FromString(fields.get(FIELD, b""))
+                    except DecodeError:
+                        logger.error("unreadable entry %s on %s skipped", entry_id, self.stream_key)
+                        continue
+                    self._route(batch)
 
     def _route(self, batch: jobs_pb2.TokenBatch) -> None:
         for chunk in batch.chunks:

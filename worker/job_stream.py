@@ -9,6 +9,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import redis
+from google.protobuf.message import DecodeError
 
 from protos import inference_pb2, jobs_pb2
 from protos.streams import DEAD_MAXLEN, FIELD, GROUP, RESPONSES_MAXLEN, StreamKeys
@@ -178,7 +179,7 @@ class JobStream:
                 payload = fields.get(FIELD, b"")
                 try:
                     job = jobs_pb2.Job.FromString(payload)
-                except Exception as error:  # noqa: BLE001 - any decoding failure makes it a poison job
+                except DecodeError as error:
                     logger.warning("unreadable job %s buried: %s", entry_id, error)
                     self.bury(entry_id, payload, f"unreadable Job: {error}")
                     continue
@@ -190,7 +191,11 @@ class JobStream:
         for _stream, entries in reply or []:  # type: ignore[misc]
             for entry_id, fields in entries:
                 self._cancel_cursor = entry_id
-                request_id = jobs_pb2.Cancel.FromString(fields.get(FIELD, b"")).request_id
+                try:
+                    request_id = jobs_pb2.Cancel.FromString(fields.get(FIELD, b"")).request_id
+                except DecodeError:
+                    logger.warning("unreadable cancel %s ignored", entry_id)
+                    continue
                 request_ids.append(request_id)
                 self._recent_cancels[request_id] = None
         while len(self._recent_cancels) > _REMEMBERED_CANCELS:

@@ -241,3 +241,22 @@ def test_client_library_sync_and_async(cluster: Cluster) -> None:
 
     assert "Paris" in sync.text and sync.finish_reason in ("FINISH_REASON_STOP", "FINISH_REASON_LENGTH")
     assert asyncio.run(run()) == sync.text
+
+
+def test_unreadable_job_goes_to_the_dead_stream_and_serving_goes_on(
+    stub: inference_pb2_grpc.InferenceStub, cluster: Cluster
+) -> None:
+    import redis
+
+    from protos.streams import FIELD, StreamKeys
+
+    keys = StreamKeys(cluster.namespace)
+    client = redis.Redis.from_url(cluster.redis_url)
+    client.xadd(keys.requests("smollm2-135m-instruct"), {FIELD: b"\xff\xfe not a Job"})
+    assert wait_for(lambda: client.xlen(keys.dead) == 1)
+    ((_, fields),) = client.xrange(keys.dead)
+    assert fields[b"reason"].startswith(b"unreadable Job")
+    assert wait_for(lambda: client.xlen(keys.requests("smollm2-135m-instruct")) == 0)
+    text, _, _ = collect(stub.Generate(build_request(messages=FRANCE, max_tokens=12, temperature=0.0)))
+    assert "Paris" in text
+    client.close()
