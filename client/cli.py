@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--baseline-requests",
         type=int,
-        default=8,
-        help="requests for the sequential transformers row (0 = none)",
+        default=None,
+        help="run the sequential transformers row on the first N requests only (0 = skip it; default: all)",
     )
     bench.add_argument(
         "--max-num-batched-tokens", type=int, default=None, help="the engine's token budget per step"

@@ -5,6 +5,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from protos.streams import model_id
+
 
 class GatewaySettings(BaseSettings):
     """Where to listen, which Redis, which model's tokenizer, and the request limits."""
@@ -31,6 +33,4 @@ class GatewaySettings(BaseSettings):
 
     @property
     def served_model_name(self) -> str:
-        if self.model_name:
-            return self.model_name
-        return self.model.stem if self.model.suffix == ".gguf" else self.model.name
+        return model_id(self.model, self.model_name)

@@ -1,6 +1,7 @@
 """The Redis layout shared by gateways and workers: key names, the consumer group, entry encoding."""
 
 from dataclasses import dataclass
+from pathlib import Path
 
 GROUP = "workers"  # consumer group on every requests stream
 FIELD = b"m"  # every stream entry carries one serialized protobuf message under this field
@@ -40,3 +41,11 @@ class StreamKeys:
     def dead(self) -> str:
         """Jobs no worker could run, with the reason (stream)."""
         return f"{self.namespace}:dead"
+
+
+def model_id(model: Path, name: str = "") -> str:
+    """The id a model is served under (and its request stream named after): `name`, else the
+    checkpoint folder's name, or a GGUF file's stem."""
+    if name:
+        return name
+    return model.stem if model.suffix == ".gguf" else model.name

@@ -6,6 +6,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from protos.streams import model_id
+
 
 class EngineSettings(BaseSettings):
     """The engine's knobs: the model, the KV pool and the scheduler's budgets."""
@@ -29,9 +31,7 @@ class EngineSettings(BaseSettings):
 
     @property
     def served_model_name(self) -> str:
-        if self.model_name:
-            return self.model_name
-        return self.model.stem if self.model.suffix == ".gguf" else self.model.name
+        return model_id(self.model, self.model_name)
 
 
 class WorkerSettings(EngineSettings):
