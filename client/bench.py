@@ -61,6 +61,11 @@ def _itl(token_times: list[float]) -> float:
     return (token_times[-1] - token_times[0]) / (len(token_times) - 1) if len(token_times) > 1 else 0.0
 
 
+def _first_difference(left: list[int], right: list[int]) -> int:
+    shared = min(len(left), len(right))
+    return next((i for i in range(shared) if left[i] != right[i]), shared)
+
+
 def load_workload(path: Path, limit: int | None) -> list[dict[str, Any]]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return rows[:limit] if limit else rows
@@ -203,13 +208,21 @@ def run_bench(args: argparse.Namespace) -> int:
         f"({details['step_overhead_pct']}% of step time)"
     )
     if baseline_outputs:
-        same = sum(details["outputs"][rid] == tokens for rid, tokens in baseline_outputs.items())
-        print(f"greedy outputs identical to transformers: {same}/{len(baseline_outputs)}")
+        differing = {
+            rid: _first_difference(tokens, details["outputs"][rid])
+            for rid, tokens in baseline_outputs.items()
+            if tokens != details["outputs"][rid]
+        }
+        num_same = len(baseline_outputs) - len(differing)
+        print(f"greedy outputs identical to transformers: {num_same}/{len(baseline_outputs)}")
+        for rid, index in differing.items():
+            print(f"  {rid} first differs at completion token {index}")
     if args.json:
         report = {
             "rows": [row.figures() for row in rows],
             **{k: v for k, v in details.items() if k != "outputs"},
             "outputs": details["outputs"],
+            "transformers_outputs": baseline_outputs,
         }
         args.json.write_text(json.dumps(report, indent=1))
     return 0
