@@ -133,7 +133,12 @@ def run_transformers_sequential(
     from transformers import AutoModelForCausalLM
 
     hf_model = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
-    hf_model.generate(torch.tensor([workload[0]["prompt_token_ids"]]), max_new_tokens=2, do_sample=False)
+    # ignore_eos as vLLM and we mean it: EOS may be generated, it just does not stop generation
+    # (min_new_tokens would mask it instead). The mask is explicit: with no EOS set, transformers
+    # would infer one from pad_token_id and hide the prompt's <|im_end|> tokens.
+    hf_model.generation_config.eos_token_id = None
+    warm_up = torch.tensor([workload[0]["prompt_token_ids"]])
+    hf_model.generate(warm_up, attention_mask=torch.ones_like(warm_up), max_new_tokens=2, do_sample=False)
     ttft, itl, outputs = [], [], {}
     output_tokens = 0
     started = time.perf_counter()
@@ -143,8 +148,8 @@ def run_transformers_sequential(
         with torch.inference_mode():
             generated = hf_model.generate(
                 prompt,
+                attention_mask=torch.ones_like(prompt),
                 max_new_tokens=row["max_tokens"],
-                min_new_tokens=row["max_tokens"],
                 do_sample=False,
                 streamer=timer,
             )

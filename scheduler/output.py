@@ -18,6 +18,7 @@ class ScheduledSeq:
     num_output_tokens: int  # index in the completion of the token sampled this step
     history: list[int] | None  # prompt + output ids, only when sampling applies penalties
     num_prompt_tokens: int  # to split `history` into prompt and output
+    banned_token_ids: tuple[int, ...] = ()  # stop tokens the sampler must not pick (below min_tokens)
 
     @property
     def num_new_tokens(self) -> int:

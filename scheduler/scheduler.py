@@ -184,7 +184,16 @@ class Scheduler:
             num_output_tokens=len(seq.output_token_ids),
             history=seq.prompt_token_ids + seq.output_token_ids if penalized else None,
             num_prompt_tokens=seq.num_prompt_tokens,
+            banned_token_ids=self._banned_token_ids(seq),
         )
+
+    def _banned_token_ids(self, seq: Sequence) -> tuple[int, ...]:
+        """Below min_tokens, stop tokens (and EOS unless ignored) may not be sampled at all."""
+        sampling = seq.sampling
+        if len(seq.output_token_ids) >= sampling.min_tokens:
+            return ()
+        eos = () if sampling.ignore_eos else self.config.eos_token_ids
+        return sampling.stop_token_ids + eos
 
     def _stop_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
         sampling = seq.sampling

@@ -30,6 +30,11 @@ class Sampler:
         """logits: [num_items, vocab_size] float32, row i belonging to items[i]."""
         if any(item.history is not None for item in items):
             logits = self._apply_penalties(logits.clone(), items)
+        if any(item.banned_token_ids for item in items):
+            logits = logits.clone()
+            for row, item in enumerate(items):
+                if item.banned_token_ids:
+                    logits[row, list(item.banned_token_ids)] = _MASK
         want_logprobs = any(item.sampling.logprobs is not None for item in items)
         greedy = [item.sampling.is_greedy for item in items]
         if all(greedy) and not want_logprobs:

@@ -242,3 +242,16 @@ def test_penalized_sequences_carry_their_history() -> None:
     history = {item.request_id: item.history for item in output.scheduled}
     assert history[plain.request_id] is None
     assert history[penalized.request_id] == penalized.prompt_token_ids + [7]
+
+
+def test_stop_tokens_are_banned_from_sampling_below_min_tokens() -> None:
+    scheduler = make_scheduler()
+    plain = make_sequence(3, min_tokens=2, stop_token_ids=(9,))
+    ignoring = make_sequence(3, min_tokens=2, stop_token_ids=(9,), ignore_eos=True)
+    scheduler.add(plain)
+    scheduler.add(ignoring)
+    banned = []
+    for _ in range(3):
+        output, _ = run_step(scheduler)
+        banned.append([item.banned_token_ids for item in output.scheduled])
+    assert banned == [[(9, EOS), (9,)], [(9, EOS), (9,)], [(), ()]]

@@ -16,14 +16,17 @@ SMALL_KV = 64 << 20
 
 @pytest.fixture(scope="module")
 def hf_model(model_dir: Path) -> AutoModelForCausalLM:
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # ignore_eos: EOS may be generated and does not stop
+    return model
 
 
 def hf_greedy(hf_model: AutoModelForCausalLM, prompts: list[list[int]]) -> list[list[int]]:
     outputs = []
     for prompt in prompts:
+        ids = torch.tensor([prompt])
         generated = hf_model.generate(
-            torch.tensor([prompt]), max_new_tokens=NUM_TOKENS, min_new_tokens=NUM_TOKENS, do_sample=False
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=NUM_TOKENS, do_sample=False
         )
         outputs.append(generated[0, len(prompt) :].tolist())
     return outputs

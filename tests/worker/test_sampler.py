@@ -76,3 +76,11 @@ def test_logprobs_report_the_sampled_token_and_the_top_alternatives() -> None:
     expected = torch.log_softmax(LOGITS[0], dim=-1)
     assert token.token_id == 0 and math.isclose(token.logprob or 0.0, float(expected[0]), rel_tol=1e-6)
     assert [t for t, _ in token.top_logprobs] == [0, 1]
+
+
+def test_banned_tokens_are_never_picked() -> None:
+    sampler = Sampler(torch.device("cpu"))
+    greedy = item(temperature=0.0)
+    banned = ScheduledSeq(**{**{f: getattr(greedy, f) for f in greedy.__slots__}, "banned_token_ids": (0, 1)})  # type: ignore[arg-type]
+    tokens = sampler(torch.cat([LOGITS, LOGITS]), [greedy, banned])
+    assert [t.token_id for t in tokens] == [0, 2]
