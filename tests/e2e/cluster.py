@@ -26,19 +26,14 @@ def start_process(module: str, args: list[str], log_path: Path) -> subprocess.Po
     )
 
 
+def _common_args(redis_url: str, namespace: str, model_dir: Path) -> list[str]:
+    return ["--model", str(model_dir), "--redis-url", redis_url, "--namespace", namespace]
+
+
 def start_worker(
     redis_url: str, namespace: str, model_dir: Path, log_dir: Path, *extra: str
 ) -> subprocess.Popen[bytes]:
-    args = [
-        "--model",
-        str(model_dir),
-        "--redis-url",
-        redis_url,
-        "--namespace",
-        namespace,
-        *TEST_WORKER_ARGS,
-        *extra,
-    ]
+    args = [*_common_args(redis_url, namespace, model_dir), *TEST_WORKER_ARGS, *extra]
     return start_process("worker", args, log_dir / f"worker-{namespace}-{time.monotonic_ns()}.log")
 
 
@@ -46,16 +41,7 @@ def start_gateway(
     redis_url: str, namespace: str, model_dir: Path, log_dir: Path
 ) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    args = [
-        "--model",
-        str(model_dir),
-        "--redis-url",
-        redis_url,
-        "--namespace",
-        namespace,
-        "--port",
-        str(port),
-    ]
+    args = [*_common_args(redis_url, namespace, model_dir), "--port", str(port)]
     process = start_process("gateway", args, log_dir / f"gateway-{namespace}-{port}.log")
     return process, f"127.0.0.1:{port}"
 
