@@ -1,7 +1,6 @@
 """The continuous-batching scheduler: which tokens of which sequences run in the next step."""
 
 import bisect
-from collections.abc import Iterable
 
 from scheduler.block_manager import BlockManager
 from scheduler.config import SchedulerConfig
@@ -30,13 +29,6 @@ class Scheduler:
     @property
     def is_idle(self) -> bool:
         return not self._live
-
-    @property
-    def live_sequences(self) -> Iterable[Sequence]:
-        return self._live.values()
-
-    def has(self, request_id: str) -> bool:
-        return request_id in self._live
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence; its prompt must leave room for at least one generated token."""

@@ -7,17 +7,13 @@ from dataclasses import dataclass, field
 
 
 class SequenceStatus(enum.IntEnum):
-    """Where a sequence is; everything from FINISHED_STOPPED on counts as finished."""
+    """Where a sequence is."""
 
     WAITING = enum.auto()
     RUNNING = enum.auto()
     FINISHED_STOPPED = enum.auto()
     FINISHED_LENGTH = enum.auto()
     FINISHED_ABORTED = enum.auto()
-
-    @property
-    def is_finished(self) -> bool:
-        return self >= SequenceStatus.FINISHED_STOPPED
 
 
 class FinishReason(enum.Enum):

@@ -43,10 +43,6 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return int(self._tokenizer.get_vocab_size(with_added_tokens=True))
 
-    @property
-    def has_chat_template(self) -> bool:
-        return self._chat_template is not None
-
     def encode(self, text: str) -> list[int]:
         """Raw text, with the special tokens the checkpoint's post-processor adds."""
         return list(self._tokenizer.encode(text, add_special_tokens=True).ids)

@@ -64,13 +64,16 @@ class Engine:
         logger.info("worker %s stopped", self.jobs.worker_id)
 
     def step(self) -> None:
-        self._admit_and_cancel()
+        rejected = self._admit_and_cancel()
         chunks = self.core.step()
-        self._publish([chunk_to_proto_with_start(c, self._running.get(c.request_id)) for c in chunks])
+        self._publish(
+            rejected, [chunk_to_proto_with_start(c, self._running.get(c.request_id)) for c in chunks]
+        )
         self._expire_deadlines()
         self._heartbeat()
 
-    def _admit_and_cancel(self) -> None:
+    def _admit_and_cancel(self) -> list[tuple[str, jobs_pb2.TokenChunk, bytes]]:
+        """Read jobs and cancels; returns the jobs refused at once as (gateway, last chunk, entry)."""
         accepting = not self._draining.is_set()
         # Take only what can run now, so idle workers in the group get the rest.
         capacity = self.core.scheduler.config.max_num_seqs - len(self._running)
@@ -78,16 +81,12 @@ class Engine:
         received, cancels = self.jobs.read(capacity if accepting else 0, block_ms)
         for request_id in cancels:
             self._finish_early(request_id, grpc.StatusCode.CANCELLED, "cancelled")
-        errors: list[tuple[str, jobs_pb2.TokenChunk, bytes]] = []
+        rejected: list[tuple[str, jobs_pb2.TokenChunk, bytes]] = []
         for item in received:
             problem = self._admit(item)
             if problem is not None:
-                errors.append((item.job.gateway_id, problem, item.entry_id))
-        if errors:
-            batches: dict[str, list[jobs_pb2.TokenChunk]] = {}
-            for gateway_id, chunk, _ in errors:
-                batches.setdefault(gateway_id, []).append(chunk)
-            self.jobs.publish(batches, [entry_id for _, _, entry_id in errors])
+                rejected.append((item.job.gateway_id, problem, item.entry_id))
+        return rejected
 
     def _admit(self, item: ReceivedJob) -> jobs_pb2.TokenChunk | None:
         """Start a job, or return the chunk that ends it at once."""
@@ -126,9 +125,15 @@ class Engine:
         for request_id in expired:
             self._finish_early(request_id, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
 
-    def _publish(self, chunks: list[jobs_pb2.TokenChunk]) -> None:
+    def _publish(
+        self, rejected: list[tuple[str, jobs_pb2.TokenChunk, bytes]], chunks: list[jobs_pb2.TokenChunk]
+    ) -> None:
+        """One round trip: every gateway's chunks of this step, and the acks of what finished."""
         batches: dict[str, list[jobs_pb2.TokenChunk]] = {}
         finished: list[bytes] = []
+        for gateway_id, chunk, entry_id in rejected:
+            batches.setdefault(gateway_id, []).append(chunk)
+            finished.append(entry_id)
         for chunk in chunks:
             running = self._running[chunk.request_id]
             batches.setdefault(running.gateway_id, []).append(chunk)

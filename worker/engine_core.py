@@ -31,7 +31,6 @@ class StepStats:
 
     num_steps: int = 0
     step_s: float = 0.0  # whole steps: scheduling, tensor building, forward, sampling, bookkeeping
-    execute_s: float = 0.0  # inside the model runner: inputs, forward, sampling
     num_tokens: int = 0  # tokens fed to the model
     batch_sizes: Counter[int] = field(default_factory=Counter)  # sequences per step -> steps
 
@@ -111,13 +110,10 @@ class EngineCore:
         output = self.scheduler.schedule()
         if output.is_empty:
             return []
-        execute_started = time.perf_counter()
         sampled = self.runner.execute(output)
-        execute_s = time.perf_counter() - execute_started
         chunks = [self._apply_stop_strings(c) for c in self.scheduler.update(output, sampled)]
         stats = self.stats
         stats.num_steps += 1
-        stats.execute_s += execute_s
         stats.step_s += time.perf_counter() - started
         stats.num_tokens += output.num_batched_tokens
         stats.batch_sizes[len(output.scheduled)] += 1

@@ -260,3 +260,32 @@ def test_unreadable_job_goes_to_the_dead_stream_and_serving_goes_on(
     text, _, _ = collect(stub.Generate(build_request(messages=FRANCE, max_tokens=12, temperature=0.0)))
     assert "Paris" in text
     client.close()
+
+
+def test_worker_refuses_a_job_it_cannot_run_in_band_and_acknowledges_it(cluster: Cluster) -> None:
+    import redis
+
+    from protos import jobs_pb2
+    from protos.streams import FIELD, StreamKeys
+
+    keys = StreamKeys(cluster.namespace)
+    client = redis.Redis.from_url(cluster.redis_url)
+    job = jobs_pb2.Job(
+        request_id="too-long",
+        gateway_id="probe",
+        prompt_token_ids=[100] * 2048,  # the worker's context is 2048: nothing left to generate
+        sampling=jobs_pb2.Sampling(
+            max_tokens=4, temperature=0.0, top_p=1.0, repetition_penalty=1.0, logprobs=-1
+        ),
+    )
+    client.xadd(keys.requests("smollm2-135m-instruct"), {FIELD: job.SerializeToString()})
+    assert wait_for(lambda: client.xlen(keys.responses("probe")) > 0)
+    ((_, fields),) = client.xrange(keys.responses("probe"))
+    (chunk,) = jobs_pb2.TokenBatch.FromString(fields[FIELD]).chunks
+    assert chunk.finish_reason == inference_pb2.FINISH_REASON_ERROR
+    assert (
+        chunk.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        and "context limit of 2048" in chunk.error.message
+    )
+    assert wait_for(lambda: client.xlen(keys.requests("smollm2-135m-instruct")) == 0)
+    client.close()

@@ -33,11 +33,15 @@ def draws(params: dict[str, object], num: int = 400) -> set[int]:
     return {sampler(LOGITS.clone(), [item(**params)])[0].token_id for _ in range(num)}
 
 
-def test_greedy_rows_take_the_argmax_beside_sampled_rows() -> None:
+def test_greedy_and_seeded_rows_do_not_depend_on_their_neighbours() -> None:
     sampler = Sampler(torch.device("cpu"))
-    logits = torch.cat([LOGITS, LOGITS.flip(1)])
-    tokens = sampler(logits, [item(temperature=0.0), item(temperature=1.0, seed=1)])
-    assert tokens[0].token_id == 0
+    flat = torch.zeros(1, 1000)
+    seeded = item(temperature=1.0, seed=5, index=3)
+    alone = sampler(flat.clone(), [seeded])[0].token_id
+    tokens = sampler(torch.cat([LOGITS.flip(1), LOGITS]), [item(temperature=0.0), item(temperature=0.0)])
+    assert [t.token_id for t in tokens] == [5, 0]
+    batch = sampler(torch.cat([torch.zeros(1, 1000), flat]), [item(temperature=1.0), seeded])
+    assert batch[1].token_id == alone
 
 
 def test_top_k_top_p_and_min_p_limit_the_candidates() -> None:
