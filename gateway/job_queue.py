@@ -42,6 +42,13 @@ class JobQueue:
         except RedisError as error:
             logger.warning("cancel of request_id=%s not published: %s", request_id, error)
 
+    async def heartbeat(self, gateway_id: str, ttl_s: float) -> None:
+        """Workers drop the jobs of a gateway whose heartbeat expired: nobody would hear the answer."""
+        await self.client.set(self.keys.gateway(gateway_id), b"1", px=int(ttl_s * 1000))
+
+    async def remove_heartbeat(self, gateway_id: str) -> None:
+        await self.client.delete(self.keys.gateway(gateway_id))
+
     async def queued_jobs(self) -> int:
         """Entries in the request stream: workers delete each job when they acknowledge it."""
         return int(await self.client.xlen(self.requests_key))

@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import socket
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,9 @@ logger = logging.getLogger(__name__)
 
 async def serve(settings: GatewaySettings) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting and give open calls `grace_s` to finish."""
-    gateway_id = settings.gateway_id or f"{socket.gethostname()}-{os.getpid()}"
+    # A random incarnation: a restarted gateway never receives the chunks meant for the one before.
+    name = settings.gateway_id or f"{socket.gethostname()}-{os.getpid()}"
+    gateway_id = f"{name}-{secrets.token_hex(3)}"
     keys = StreamKeys(settings.namespace)
     client = aioredis.Redis.from_url(settings.redis_url)
     executor = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenizer")
@@ -41,7 +44,9 @@ async def serve(settings: GatewaySettings) -> None:
         health_servicer,
         model_name,
         configured_max_context(settings.model, settings.max_model_len),
+        gateway_id,
         settings.health_interval_s,
+        settings.heartbeat_ttl_s,
     )
     admission = Admission(
         tokenizer, executor, jobs, router, fleet, gateway_id, model_name, settings.default_max_tokens

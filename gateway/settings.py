@@ -19,7 +19,7 @@ class GatewaySettings(BaseSettings):
     port: int = Field(50051, ge=0, le=65535)  # 0 = any free port
     redis_url: str = "redis://127.0.0.1:6379/0"
     namespace: str = "conveyor"
-    gateway_id: str = ""  # default: hostname-pid
+    gateway_id: str = ""  # default: hostname-pid; a random incarnation suffix is always added
     model: Path = Path("models/smollm2-135m-instruct")  # checkpoint directory (tokenizer, config)
     model_name: str = ""  # id clients use; empty = the checkpoint's folder name
     max_model_len: int | None = None  # default: the model's max_position_embeddings
@@ -27,7 +27,8 @@ class GatewaySettings(BaseSettings):
     max_open_requests_per_stream: int = Field(1024, ge=1)
     max_queued_jobs: int = Field(10_000, ge=1)  # RESOURCE_EXHAUSTED beyond this many unread jobs
     tokenizer_threads: int = Field(4, ge=1)
-    health_interval_s: float = Field(1.0, gt=0)
+    health_interval_s: float = Field(1.0, gt=0)  # also how often the heartbeat is renewed
+    heartbeat_ttl_s: float = Field(5.0, gt=0)  # silent this long: workers drop this gateway's jobs
     grace_s: float = Field(5.0, ge=0)  # SIGTERM: let open calls finish this long
     log_level: str = "INFO"
 

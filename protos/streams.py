@@ -1,5 +1,6 @@
 """The Redis layout shared by gateways and workers: key names, the consumer group, entry encoding."""
 
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,10 +38,29 @@ class StreamKeys:
     def worker_pattern(self) -> str:
         return f"{self.namespace}:worker:*"
 
+    def gateway(self, gateway_id: str) -> str:
+        """One gateway's heartbeat (string with a TTL): workers drop the work of a gateway without one."""
+        return f"{self.namespace}:gateway:{gateway_id}"
+
+    def progress(self, request_id: str) -> str:
+        """Token ids already delivered for a running job (packed, see `pack_tokens`), to resume it."""
+        return f"{self.namespace}:progress:{request_id}"
+
     @property
     def dead(self) -> str:
         """Jobs no worker could run, with the reason (stream)."""
         return f"{self.namespace}:dead"
+
+
+def pack_tokens(token_ids: list[int]) -> bytes:
+    """Token ids as little-endian uint32s, so progress grows by APPEND."""
+    return struct.pack(f"<{len(token_ids)}I", *token_ids)
+
+
+def unpack_tokens(packed: bytes | None) -> list[int]:
+    if not packed:
+        return []
+    return list(struct.unpack(f"<{len(packed) // 4}I", packed[: len(packed) // 4 * 4]))
 
 
 def model_id(model: Path, name: str = "") -> str:

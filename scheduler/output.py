@@ -28,6 +28,11 @@ class ScheduledSeq:
     def context_len(self) -> int:
         return self.start_pos + len(self.token_ids)
 
+    @property
+    def is_decode(self) -> bool:
+        """One generated token fed back; anything else (a prompt chunk, a recompute) is prefill."""
+        return len(self.token_ids) == 1 and self.start_pos >= self.num_prompt_tokens
+
 
 @dataclass(frozen=True, slots=True)
 class SchedulerOutput:

@@ -1,9 +1,12 @@
-"""Shared fixtures: the real default model's path and the standard workload."""
+"""Shared fixtures: one real Redis, the real default model's path and the standard workload."""
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from client.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "models" / "smollm2-135m-instruct"
@@ -20,3 +23,9 @@ def model_dir() -> Path:
 @pytest.fixture(scope="session")
 def workload() -> list[dict[str, object]]:
     return [json.loads(line) for line in WORKLOAD.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server

@@ -24,7 +24,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger(__name__).info("settings: %s", settings.model_dump(exclude={"redis_url"}))
     core = EngineCore.from_settings(settings)
     client = redis.Redis.from_url(settings.redis_url)
-    jobs = JobStream(client, StreamKeys(settings.namespace), settings.served_model_name, worker_id)
+    jobs = JobStream(
+        client, StreamKeys(settings.namespace), settings.served_model_name, worker_id, settings.progress_ttl_s
+    )
     engine = Engine(core, jobs, settings)
     signal.signal(signal.SIGTERM, lambda *_: engine.drain())
     signal.signal(signal.SIGINT, lambda *_: engine.drain())

@@ -10,7 +10,9 @@ import grpc
 from protos import jobs_pb2
 from scheduler import TokenChunk
 from worker.engine_core import EngineCore
-from worker.job_stream import JobStream, ReceivedJob, chunk_to_proto, error_chunk, now_ms, sequence_from_job
+from worker.job_codec import chunk_to_proto, error_chunk, sequence_from_job
+from worker.job_stream import FencedOut, JobStream, ReceivedJob, now_ms
+from worker.orphan_claimer import OrphanClaimer
 from worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ class Engine:
     def __init__(self, core: EngineCore, jobs: JobStream, settings: WorkerSettings):
         self.core = core
         self.jobs = jobs
+        self.claimer = OrphanClaimer(jobs, settings.claim_min_idle_ms, settings.max_job_attempts)
         self.settings = settings
         self.model_name = settings.served_model_name
         self._running: dict[str, _Running] = {}
@@ -48,6 +51,7 @@ class Engine:
 
     def run(self) -> None:
         self.jobs.join_group()
+        self._send_heartbeat()  # before the first read: a consumer without a heartbeat is an orphan
         logger.info("worker %s serving model %s", self.jobs.worker_id, self.model_name)
         drain_deadline: float | None = None
         try:
@@ -64,13 +68,25 @@ class Engine:
         logger.info("worker %s stopped", self.jobs.worker_id)
 
     def step(self) -> None:
-        rejected = self._admit_and_cancel()
-        chunks = self.core.step()
-        self._publish(
-            rejected, [chunk_to_proto_with_start(c, self._running.get(c.request_id)) for c in chunks]
-        )
-        self._expire_deadlines()
-        self._heartbeat()
+        try:
+            rejected = self._admit_and_cancel()
+            chunks = self.core.step()
+            self._publish(
+                rejected, [chunk_to_proto_with_start(c, self._running.get(c.request_id)) for c in chunks]
+            )
+            self._expire_deadlines()
+            self._tick()
+        except FencedOut as error:
+            self._abandon(error)
+
+    def _abandon(self, error: FencedOut) -> None:
+        """Presumed dead: others may be resuming our jobs, so drop them all and rejoin as a new consumer."""
+        logger.error("%s: dropping %d jobs for other workers to resume", error, len(self._running))
+        for request_id in self._running:
+            self.core.abort(request_id)
+        self._running.clear()
+        self.jobs.new_incarnation()
+        self._send_heartbeat()
 
     def _admit_and_cancel(self) -> list[tuple[str, jobs_pb2.TokenChunk, bytes]]:
         """Read jobs and cancels; returns the jobs refused at once as (gateway, last chunk, entry)."""
@@ -81,6 +97,9 @@ class Engine:
         received, cancels = self.jobs.read(capacity if accepting else 0, block_ms)
         for request_id in cancels:
             self._finish_early(request_id, grpc.StatusCode.CANCELLED, "cancelled")
+        return self._admit_all(received)
+
+    def _admit_all(self, received: list[ReceivedJob]) -> list[tuple[str, jobs_pb2.TokenChunk, bytes]]:
         rejected: list[tuple[str, jobs_pb2.TokenChunk, bytes]] = []
         for item in received:
             problem = self._admit(item)
@@ -100,7 +119,7 @@ class Engine:
                 job.request_id, grpc.StatusCode.DEADLINE_EXCEEDED.value[0], "deadline passed while queued"
             )
         try:
-            self.core.add(sequence_from_job(job))
+            self.core.add(sequence_from_job(job, item.delivered_token_ids))
         except ValueError as error:
             return error_chunk(job.request_id, grpc.StatusCode.INVALID_ARGUMENT.value[0], str(error))
         self._running[job.request_id] = _Running(
@@ -115,7 +134,7 @@ class Engine:
             return
         self.core.abort(request_id)
         chunk = error_chunk(request_id, code.value[0], message)
-        self.jobs.publish({running.gateway_id: [chunk]}, [running.entry_id])
+        self.jobs.publish({running.gateway_id: [chunk]}, [(request_id, running.entry_id)])
 
     def _expire_deadlines(self) -> None:
         now = now_ms()
@@ -130,27 +149,48 @@ class Engine:
     ) -> None:
         """One round trip: every gateway's chunks of this step, and the acks of what finished."""
         batches: dict[str, list[jobs_pb2.TokenChunk]] = {}
-        finished: list[bytes] = []
+        finished: list[tuple[str, bytes]] = []
         for gateway_id, chunk, entry_id in rejected:
             batches.setdefault(gateway_id, []).append(chunk)
-            finished.append(entry_id)
+            finished.append((chunk.request_id, entry_id))
         for chunk in chunks:
             running = self._running[chunk.request_id]
             batches.setdefault(running.gateway_id, []).append(chunk)
             if chunk.finish_reason:
-                finished.append(running.entry_id)
+                finished.append((chunk.request_id, running.entry_id))
                 del self._running[chunk.request_id]
                 self._num_finished += 1
         self.jobs.publish(batches, finished)
 
-    def _heartbeat(self) -> None:
+    def _tick(self) -> None:
+        """Once per heartbeat interval: heartbeat, drop the work of lost gateways, claim orphans."""
         now = time.monotonic()
         if now >= self._next_stats:
             self._log_stats()
             self._next_stats = now + _STATS_INTERVAL_S
         if now < self._next_heartbeat:
             return
-        self._next_heartbeat = now + self.settings.heartbeat_interval_s
+        self._send_heartbeat()
+        self._drop_work_of_lost_gateways()
+        capacity = self.core.scheduler.config.max_num_seqs - len(self._running)
+        if capacity > 0 and not self._draining.is_set():
+            claimed = self.claimer.claim(capacity)
+            self._publish(self._admit_all(claimed), [])
+
+    def _drop_work_of_lost_gateways(self) -> None:
+        """No one would hear the answer: cancel and acknowledge without publishing."""
+        lost = self.jobs.missing_gateways({r.gateway_id for r in self._running.values()})
+        if not lost:
+            return
+        finished = [(rid, r.entry_id) for rid, r in self._running.items() if r.gateway_id in lost]
+        logger.warning("gateways %s are gone: cancelling their %d jobs", sorted(lost), len(finished))
+        for request_id, _ in finished:
+            self.core.abort(request_id)
+            del self._running[request_id]
+        self.jobs.publish({}, finished)
+
+    def _send_heartbeat(self) -> None:
+        self._next_heartbeat = time.monotonic() + self.settings.heartbeat_interval_s
         scheduler = self.core.scheduler
         status = jobs_pb2.WorkerStatus(
             worker_id=self.jobs.worker_id,

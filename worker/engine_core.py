@@ -31,6 +31,8 @@ class StepStats:
 
     num_steps: int = 0
     step_s: float = 0.0  # whole steps: scheduling, tensor building, forward, sampling, bookkeeping
+    num_prefill_steps: int = 0  # steps that carried prompt (or recomputed) tokens
+    prefill_step_s: float = 0.0
     num_tokens: int = 0  # tokens fed to the model
     batch_sizes: Counter[int] = field(default_factory=Counter)  # sequences per step -> steps
 
@@ -97,7 +99,9 @@ class EngineCore:
     def add(self, seq: Sequence) -> None:
         self.scheduler.add(seq)
         if seq.sampling.stop:
-            self._stop_streams[seq.request_id] = TextStream(self.tokenizer, seq.sampling.stop)
+            stream = TextStream(self.tokenizer, seq.sampling.stop)
+            stream.push(seq.output_token_ids)  # a resumed sequence's text so far
+            self._stop_streams[seq.request_id] = stream
 
     def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> bool:
         """Stop a sequence and free its blocks now; False if it is not here."""
@@ -113,8 +117,12 @@ class EngineCore:
         sampled = self.runner.execute(output)
         chunks = [self._apply_stop_strings(c) for c in self.scheduler.update(output, sampled)]
         stats = self.stats
+        seconds = time.perf_counter() - started
         stats.num_steps += 1
-        stats.step_s += time.perf_counter() - started
+        stats.step_s += seconds
+        if not all(item.is_decode for item in output.scheduled):
+            stats.num_prefill_steps += 1
+            stats.prefill_step_s += seconds
         stats.num_tokens += output.num_batched_tokens
         stats.batch_sizes[len(output.scheduled)] += 1
         return chunks

@@ -1,30 +1,30 @@
 """JobStream: the worker's side of Redis — jobs in, cancels in, token batches out, heartbeats.
 
-Protobuf stops here: jobs become `Sequence`s and scheduler `TokenChunk`s become proto chunks.
+Every write for a job is fenced by the worker's heartbeat (see `fenced_scripts`): a worker whose
+heartbeat expired gets `FencedOut` and must drop what it holds, because others may resume it.
 """
 
 import logging
+import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import redis
 from google.protobuf.message import DecodeError
 
-from protos import inference_pb2, jobs_pb2
-from protos.streams import DEAD_MAXLEN, FIELD, GROUP, RESPONSES_MAXLEN, StreamKeys
-from scheduler import FinishReason, SamplingParams, Sequence, TokenChunk
+from protos import jobs_pb2
+from protos.streams import DEAD_MAXLEN, FIELD, GROUP, RESPONSES_MAXLEN, StreamKeys, pack_tokens
+from worker import fenced_scripts
 
 logger = logging.getLogger(__name__)
 
-_FINISH_TO_PROTO = {
-    None: inference_pb2.FINISH_REASON_UNSPECIFIED,
-    FinishReason.STOP: inference_pb2.FINISH_REASON_STOP,
-    FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
-    FinishReason.CANCELLED: inference_pb2.FINISH_REASON_CANCELLED,
-    FinishReason.ERROR: inference_pb2.FINISH_REASON_ERROR,
-}
 _REMEMBERED_CANCELS = 10_000
+
+
+class FencedOut(Exception):
+    """This worker's heartbeat expired: it was presumed dead and its jobs may be running elsewhere."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,77 +34,50 @@ class ReceivedJob:
     entry_id: bytes
     job: jobs_pb2.Job
     received_unix_ms: int
+    delivered_token_ids: tuple[int, ...] = ()  # tokens a previous worker already streamed back
+
+
+@dataclass(frozen=True, slots=True)
+class Burial:
+    """A job that goes to the dead stream instead of running, and why."""
+
+    entry_id: bytes
+    payload: bytes
+    reason: str
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def sampling_from_proto(sampling: jobs_pb2.Sampling) -> SamplingParams:
-    return SamplingParams(
-        max_tokens=sampling.max_tokens,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        top_k=sampling.top_k,
-        min_p=sampling.min_p,
-        repetition_penalty=sampling.repetition_penalty,
-        presence_penalty=sampling.presence_penalty,
-        frequency_penalty=sampling.frequency_penalty,
-        seed=sampling.seed if sampling.HasField("seed") else None,
-        stop=tuple(sampling.stop),
-        stop_token_ids=tuple(sampling.stop_token_ids),
-        ignore_eos=sampling.ignore_eos,
-        min_tokens=sampling.min_tokens,
-        logprobs=sampling.logprobs if sampling.logprobs >= 0 else None,
-    )
-
-
-def sequence_from_job(job: jobs_pb2.Job) -> Sequence:
-    return Sequence(
-        request_id=job.request_id,
-        prompt_token_ids=list(job.prompt_token_ids),
-        sampling=sampling_from_proto(job.sampling),
-        priority=job.priority,
-    )
-
-
-def chunk_to_proto(chunk: TokenChunk) -> jobs_pb2.TokenChunk:
-    message = jobs_pb2.TokenChunk(
-        request_id=chunk.request_id,
-        index=chunk.index,
-        token_ids=chunk.token_ids,
-        finish_reason=_FINISH_TO_PROTO[chunk.finish_reason],
-        stop_string=chunk.stop_string or "",
-        prompt_tokens=chunk.num_prompt_tokens,
-    )
-    for token in chunk.tokens:
-        if token.logprob is not None:
-            message.logprobs.add(
-                token_id=token.token_id,
-                logprob=token.logprob,
-                top=[inference_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in token.top_logprobs],
-            )
-    return message
-
-
-def error_chunk(request_id: str, code: int, message: str) -> jobs_pb2.TokenChunk:
-    return jobs_pb2.TokenChunk(
-        request_id=request_id,
-        finish_reason=inference_pb2.FINISH_REASON_ERROR,
-        error=inference_pb2.Error(code=code, message=message),
-    )
-
-
 class JobStream:
-    """Reads jobs through consumer group `workers`, reads every cancel, publishes one XADD per gateway."""
+    """Reads jobs through consumer group `workers`, reads every cancel, publishes one XADD per gateway.
 
-    def __init__(self, client: redis.Redis, keys: StreamKeys, model: str, worker_id: str):
+    The consumer name is the worker's name plus a random incarnation, so a restarted process (same
+    host and pid in a container) never inherits the pending jobs of the one before it.
+    """
+
+    def __init__(
+        self, client: redis.Redis, keys: StreamKeys, model: str, worker_name: str, progress_ttl_s: float
+    ):
         self.client = client
         self.keys = keys
         self.requests_key = keys.requests(model)
-        self.worker_id = worker_id
+        self.worker_name = worker_name
+        self.worker_id = ""
+        self.progress_ttl_ms = int(progress_ttl_s * 1000)
+        self._registered = False
         self._cancel_cursor = b"$"
         self._recent_cancels: OrderedDict[str, None] = OrderedDict()
+        self._heartbeat_script = client.register_script(fenced_scripts.HEARTBEAT)
+        self._publish_script = client.register_script(fenced_scripts.PUBLISH)
+        self._forget_script = client.register_script(fenced_scripts.FORGET_CONSUMER)
+        self.new_incarnation()
+
+    def new_incarnation(self) -> None:
+        """A fresh consumer name; the next heartbeat registers it."""
+        self.worker_id = f"{self.worker_name}-{secrets.token_hex(3)}"
+        self._registered = False
 
     def join_group(self) -> None:
         """Create the group if missing (from the stream's start, so no early job is skipped)."""
@@ -124,66 +97,105 @@ class JobStream:
         pipe.xread({self.keys.cancel: self._cancel_cursor}, count=1000)
         results = pipe.execute()
         cancels = self._take_cancels(results[-1])
-        jobs = self._parse_jobs(results[0]) if max_jobs > 0 else []
+        jobs = self.parse_jobs(results[0][0][1] if max_jobs > 0 and results[0] else [])
         return jobs, cancels
 
     def was_cancelled(self, request_id: str) -> bool:
         """True if a cancel for this id arrived before its job did."""
         return request_id in self._recent_cancels
 
-    def publish(self, batches: dict[str, list[jobs_pb2.TokenChunk]], finished_entry_ids: list[bytes]) -> None:
-        """One XADD per gateway, then acknowledge finished jobs, in one pipelined round trip."""
-        if not batches and not finished_entry_ids:
+    def publish(
+        self,
+        batches: dict[str, list[jobs_pb2.TokenChunk]],
+        finished: Iterable[tuple[str, bytes]] = (),
+        buried: Iterable[Burial] = (),
+    ) -> None:
+        """One atomic script: each gateway's chunks, the progress they make, the acks of finished
+        `(request_id, entry_id)` jobs and the burial of dead ones. Raises FencedOut, writing nothing,
+        once this worker's heartbeat has expired."""
+        finished, buried = list(finished), list(buried)
+        if not batches and not finished and not buried:
             return
-        pipe = self.client.pipeline(transaction=False)
+        response_keys, payloads = [], []
+        appends: dict[str, list[int]] = {}
         for gateway_id, chunks in batches.items():
-            payload = jobs_pb2.TokenBatch(chunks=chunks).SerializeToString()
-            pipe.xadd(
-                self.keys.responses(gateway_id), {FIELD: payload}, maxlen=RESPONSES_MAXLEN, approximate=True
-            )
-        if finished_entry_ids:
-            self._acknowledge(pipe, finished_entry_ids)
-        pipe.execute()
-
-    def bury(self, entry_id: bytes, payload: bytes, reason: str) -> None:
-        """Move an unreadable job to the dead stream, with why, and acknowledge it."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xadd(
+            response_keys.append(self.keys.responses(gateway_id))
+            payloads.append(jobs_pb2.TokenBatch(chunks=chunks).SerializeToString())
+            for chunk in chunks:
+                if chunk.token_ids and not chunk.finish_reason:
+                    appends.setdefault(chunk.request_id, []).extend(chunk.token_ids)
+        done = [request_id for request_id, _ in finished]
+        keys = [
+            self.keys.worker(self.worker_id),
+            self.requests_key,
             self.keys.dead,
-            {b"job": payload, b"reason": reason, b"worker": self.worker_id},
-            maxlen=DEAD_MAXLEN,
-            approximate=True,
-        )
-        self._acknowledge(pipe, [entry_id])
-        pipe.execute()
-
-    def _acknowledge(self, pipe: redis.client.Pipeline, entry_ids: list[bytes]) -> None:
-        """XACK, then XDEL: the stream holds only unfinished jobs, so its length is the queue depth."""
-        pipe.xack(self.requests_key, GROUP, *entry_ids)
-        pipe.xdel(self.requests_key, *entry_ids)
+            *response_keys,
+            *(self.keys.progress(r) for r in appends),
+            *(self.keys.progress(r) for r in done),
+        ]
+        args: list[bytes | str | int] = [
+            GROUP,
+            RESPONSES_MAXLEN,
+            DEAD_MAXLEN,
+            self.progress_ttl_ms,
+            FIELD,
+            self.worker_id,
+            len(response_keys),
+            len(appends),
+            len(done),
+            len(buried),
+            *payloads,
+            *(pack_tokens(t) for t in appends.values()),
+        ]
+        for burial in buried:
+            args += [burial.payload, burial.reason]
+        args += list(dict.fromkeys([entry_id for _, entry_id in finished] + [b.entry_id for b in buried]))
+        if not self._publish_script(keys=keys, args=args):
+            raise FencedOut(f"heartbeat of {self.worker_id} expired")
 
     def heartbeat(self, status: jobs_pb2.WorkerStatus, ttl_s: float) -> None:
+        """Refresh the heartbeat; FencedOut if it expired since the last one (it is not re-created)."""
         key = self.keys.worker(self.worker_id)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hset(key, mapping={"status": status.SerializeToString(), "model": status.model})
-        pipe.pexpire(key, int(ttl_s * 1000))
-        pipe.execute()
+        args = [status.SerializeToString(), status.model, int(ttl_s * 1000), "0" if self._registered else "1"]
+        if not self._heartbeat_script(keys=[key], args=args):
+            raise FencedOut(f"heartbeat of {self.worker_id} expired")
+        self._registered = True
 
     def remove_heartbeat(self) -> None:
+        """Leave the fleet: whatever this worker still holds becomes claimable at once."""
         self.client.delete(self.keys.worker(self.worker_id))
 
-    def _parse_jobs(self, reply: list[object] | None) -> list[ReceivedJob]:
+    def missing_gateways(self, gateway_ids: set[str]) -> set[str]:
+        """The gateways among these whose heartbeat has expired."""
+        ordered = sorted(gateway_ids)
+        if not ordered:
+            return set()
+        pipe = self.client.pipeline(transaction=False)
+        for gateway_id in ordered:
+            pipe.exists(self.keys.gateway(gateway_id))
+        return {g for g, exists in zip(ordered, pipe.execute(), strict=True) if not exists}
+
+    def forget_consumer(self, consumer: str) -> bool:
+        """Delete a dead consumer that holds nothing from the group."""
+        reply = self._forget_script(
+            keys=[self.requests_key, self.keys.worker(consumer)], args=[GROUP, consumer]
+        )
+        return int(reply) >= 0
+
+    def parse_jobs(self, entries: list[tuple[bytes, dict[bytes, bytes] | None]]) -> list[ReceivedJob]:
+        """Decode stream entries; unreadable ones are buried."""
         jobs: list[ReceivedJob] = []
-        for _stream, entries in reply or []:  # type: ignore[misc]
-            for entry_id, fields in entries:
-                payload = fields.get(FIELD, b"")
-                try:
-                    job = jobs_pb2.Job.FromString(payload)
-                except DecodeError as error:
-                    logger.warning("unreadable job %s buried: %s", entry_id, error)
-                    self.bury(entry_id, payload, f"unreadable Job: {error}")
-                    continue
-                jobs.append(ReceivedJob(entry_id, job, now_ms()))
+        burials: list[Burial] = []
+        for entry_id, fields in entries:
+            payload = (fields or {}).get(FIELD, b"")
+            try:
+                job = jobs_pb2.Job.FromString(payload)
+            except DecodeError as error:
+                logger.warning("unreadable job %s buried: %s", entry_id, error)
+                burials.append(Burial(entry_id, payload, f"unreadable Job: {error}"))
+                continue
+            jobs.append(ReceivedJob(entry_id, job, now_ms()))
+        self.publish({}, buried=burials)
         return jobs
 
     def _take_cancels(self, reply: list[object] | None) -> list[str]:

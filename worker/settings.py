@@ -39,9 +39,12 @@ class WorkerSettings(EngineSettings):
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     namespace: str = "conveyor"
-    worker_id: str = ""  # default: hostname-pid
+    worker_id: str = ""  # default: hostname-pid; a random incarnation suffix is always added
     heartbeat_interval_s: float = Field(1.0, gt=0)
-    heartbeat_ttl_s: float = Field(5.0, gt=0)
+    heartbeat_ttl_s: float = Field(5.0, gt=0)  # silent this long: presumed dead, its jobs claimed
+    claim_min_idle_ms: int = Field(1000, ge=1)  # a claimed job is not claimed again within this
+    max_job_attempts: int = Field(3, ge=1)  # workers that may die holding a job before it is buried
+    progress_ttl_s: float = Field(3600.0, gt=0)  # how long delivered tokens are kept for a resume
     drain_timeout_s: float = Field(30.0, ge=0)  # SIGTERM: finish running work for at most this long
     idle_block_ms: int = Field(100, ge=1)  # how long to block on Redis when there is nothing to run
     log_level: str = "INFO"

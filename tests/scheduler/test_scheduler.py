@@ -255,3 +255,26 @@ def test_stop_tokens_are_banned_from_sampling_below_min_tokens() -> None:
         output, _ = run_step(scheduler)
         banned.append([item.banned_token_ids for item in output.scheduled])
     assert banned == [[(9, EOS), (9,)], [(9, EOS), (9,)], [(), ()]]
+
+
+def test_is_decode_marks_generated_tokens_not_prompt_chunks_or_recomputes() -> None:
+    scheduler = make_scheduler(max_num_batched_tokens=4, max_num_seqs=1)
+    seq = make_sequence(5)
+    scheduler.add(seq)
+    kinds = [run_step(scheduler)[0].scheduled[0].is_decode for _ in range(3)]
+    assert kinds == [False, False, True]  # 4 prompt tokens, the 1-token prompt tail, a decode
+
+
+def test_recompute_after_preemption_is_not_a_decode() -> None:
+    scheduler = make_scheduler(num_blocks=8, max_num_seqs=2)
+    seqs = [make_sequence(8, max_tokens=12), make_sequence(8, max_tokens=12)]
+    for seq in seqs:
+        scheduler.add(seq)
+    preempted: set[str] = set()
+    recomputes = []
+    while not scheduler.is_idle:
+        output, _ = run_step(scheduler)
+        recomputes += [item for item in output.scheduled if item.request_id in preempted]
+        preempted.update(output.preempted_ids)
+        preempted -= {item.request_id for item in recomputes}
+    assert recomputes and all(not item.is_decode and item.num_new_tokens > 1 for item in recomputes)

@@ -1,0 +1,183 @@
+"""JobStream and OrphanClaimer against a real redis-server: fenced writes, progress, claims, poison."""
+
+import itertools
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import redis
+
+from client.redis_server import RedisServer
+from protos import inference_pb2, jobs_pb2
+from protos.streams import FIELD, GROUP, StreamKeys, unpack_tokens
+from worker.job_stream import FencedOut, JobStream
+from worker.orphan_claimer import OrphanClaimer
+
+MODEL = "m"
+TTL_S = 30.0
+_namespaces = itertools.count()
+
+
+@pytest.fixture()
+def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture()
+def keys() -> StreamKeys:
+    return StreamKeys(f"js{next(_namespaces)}")
+
+
+def worker(client: redis.Redis, keys: StreamKeys, name: str) -> JobStream:
+    """A joined, registered worker."""
+    stream = JobStream(client, keys, MODEL, name, progress_ttl_s=60)
+    stream.join_group()
+    stream.heartbeat(jobs_pb2.WorkerStatus(model=MODEL), TTL_S)
+    return stream
+
+
+def submit(client: redis.Redis, keys: StreamKeys, request_id: str, gateway: str = "gw") -> None:
+    job = jobs_pb2.Job(request_id=request_id, gateway_id=gateway, prompt_token_ids=[1, 2, 3])
+    client.xadd(keys.requests(MODEL), {FIELD: job.SerializeToString()})
+
+
+def chunk(request_id: str, index: int, token_ids: list[int], finish: int = 0) -> jobs_pb2.TokenChunk:
+    return jobs_pb2.TokenChunk(request_id=request_id, index=index, token_ids=token_ids, finish_reason=finish)
+
+
+def die(client: redis.Redis, keys: StreamKeys, stream: JobStream) -> None:
+    """What a SIGKILL leaves behind: the heartbeat expires, the pending entries stay."""
+    client.delete(keys.worker(stream.worker_id))
+
+
+def responses(client: redis.Redis, keys: StreamKeys, gateway: str = "gw") -> list[jobs_pb2.TokenChunk]:
+    return [
+        c
+        for _, f in client.xrange(keys.responses(gateway))
+        for c in jobs_pb2.TokenBatch.FromString(f[FIELD]).chunks
+    ]
+
+
+def test_progress_follows_what_is_published_and_goes_with_the_ack(
+    client: redis.Redis, keys: StreamKeys
+) -> None:
+    stream = worker(client, keys, "a")
+    submit(client, keys, "r1")
+    ((job,), _) = stream.read(4, None)
+    stream.publish({"gw": [chunk("r1", 0, [7])]})
+    stream.publish({"gw": [chunk("r1", 1, [8, 9])]})
+    assert unpack_tokens(client.get(keys.progress("r1"))) == [7, 8, 9]
+    assert 0 < client.pttl(keys.progress("r1")) <= 60_000
+    stream.publish({"gw": [chunk("r1", 3, [10], inference_pb2.FINISH_REASON_LENGTH)]}, [("r1", job.entry_id)])
+    assert client.get(keys.progress("r1")) is None
+    assert (
+        client.xlen(keys.requests(MODEL)) == 0
+        and client.xpending(keys.requests(MODEL), GROUP)["pending"] == 0
+    )
+    assert [c.index for c in responses(client, keys)] == [0, 1, 3]
+
+
+def test_a_worker_whose_heartbeat_expired_writes_nothing_and_is_not_revived(
+    client: redis.Redis, keys: StreamKeys
+) -> None:
+    stream = worker(client, keys, "a")
+    submit(client, keys, "r1")
+    ((job,), _) = stream.read(4, None)
+    die(client, keys, stream)
+    with pytest.raises(FencedOut):
+        stream.publish({"gw": [chunk("r1", 0, [7])]}, [("r1", job.entry_id)])
+    assert responses(client, keys) == [] and client.get(keys.progress("r1")) is None
+    assert client.xpending(keys.requests(MODEL), GROUP)["pending"] == 1
+    with pytest.raises(FencedOut):
+        stream.heartbeat(jobs_pb2.WorkerStatus(model=MODEL), TTL_S)
+    assert not client.exists(keys.worker(stream.worker_id))
+    old_id = stream.worker_id
+    stream.new_incarnation()
+    stream.heartbeat(jobs_pb2.WorkerStatus(model=MODEL), TTL_S)
+    assert stream.worker_id != old_id and client.exists(keys.worker(stream.worker_id))
+
+
+def test_orphans_of_a_dead_worker_are_resumed_from_their_progress(
+    client: redis.Redis, keys: StreamKeys
+) -> None:
+    dead, alive = worker(client, keys, "dead"), worker(client, keys, "alive")
+    for request_id in ("r1", "r2"):
+        submit(client, keys, request_id)
+    dead.read(2, None)
+    submit(client, keys, "r3")
+    alive.read(1, None)
+    dead.publish({"gw": [chunk("r1", 0, [5]), chunk("r1", 1, [6])]})
+    die(client, keys, dead)
+    claimer_stream = worker(client, keys, "claimer")
+    time.sleep(0.02)
+    claimed = OrphanClaimer(claimer_stream, min_idle_ms=10, max_attempts=3).claim(8)
+    assert sorted((j.job.request_id, j.delivered_token_ids) for j in claimed) == [("r1", (5, 6)), ("r2", ())]
+    owners = {
+        p["consumer"].decode() for p in client.xpending_range(keys.requests(MODEL), GROUP, "-", "+", 10)
+    }
+    assert owners == {claimer_stream.worker_id, alive.worker_id}, "the live worker keeps its job"
+    rival = OrphanClaimer(worker(client, keys, "rival"), min_idle_ms=10_000, max_attempts=3)
+    assert rival.claim(8) == [], "a job just claimed is not claimed again"
+
+
+def test_a_dead_consumer_with_nothing_pending_is_forgotten(client: redis.Redis, keys: StreamKeys) -> None:
+    dead, live = worker(client, keys, "dead"), worker(client, keys, "live")
+    submit(client, keys, "done")
+    ((job,), _) = dead.read(1, None)
+    dead.publish({}, [("done", job.entry_id)])
+    die(client, keys, dead)
+    submit(client, keys, "running")
+    live.read(1, None)
+    assert OrphanClaimer(live, min_idle_ms=10, max_attempts=3).claim(8) == []
+    names = {c["name"].decode() for c in client.xinfo_consumers(keys.requests(MODEL), GROUP)}
+    assert names == {live.worker_id}
+
+
+def test_a_job_that_outlived_its_workers_is_buried_and_its_client_told(
+    client: redis.Redis, keys: StreamKeys
+) -> None:
+    submit(client, keys, "poison")
+    holder = worker(client, keys, "w0")
+    holder.read(1, None)
+    holder.publish({"gw": [chunk("poison", 0, [5])]})
+    for attempt in range(1, 3):  # two more workers claim it and die too
+        die(client, keys, holder)
+        holder = worker(client, keys, f"w{attempt}")
+        time.sleep(0.02)
+        assert len(OrphanClaimer(holder, min_idle_ms=10, max_attempts=3).claim(8)) == 1
+    die(client, keys, holder)
+    survivor = worker(client, keys, "survivor")
+    time.sleep(0.02)
+    assert OrphanClaimer(survivor, min_idle_ms=10, max_attempts=3).claim(8) == []
+    ((_, fields),) = client.xrange(keys.dead)
+    assert (
+        fields[b"reason"] == b"3 workers died running it" and fields[b"worker"] == survivor.worker_id.encode()
+    )
+    last = responses(client, keys)[-1]
+    assert last.finish_reason == inference_pb2.FINISH_REASON_ERROR
+    assert last.error.code == grpc.StatusCode.INTERNAL.value[0] and "3 workers died" in last.error.message
+    assert client.xlen(keys.requests(MODEL)) == 0 and client.get(keys.progress("poison")) is None
+
+
+def test_a_claimed_entry_deleted_from_the_stream_is_acknowledged(
+    client: redis.Redis, keys: StreamKeys
+) -> None:
+    dead = worker(client, keys, "dead")
+    submit(client, keys, "gone")
+    ((job,), _) = dead.read(1, None)
+    client.xdel(keys.requests(MODEL), job.entry_id)
+    die(client, keys, dead)
+    live = worker(client, keys, "live")
+    time.sleep(0.02)
+    assert OrphanClaimer(live, min_idle_ms=10, max_attempts=3).claim(8) == []
+    assert client.xpending(keys.requests(MODEL), GROUP)["pending"] == 0
+
+
+def test_lost_gateways_are_named(client: redis.Redis, keys: StreamKeys) -> None:
+    stream = worker(client, keys, "a")
+    client.set(keys.gateway("up"), 1, px=10_000)
+    assert stream.missing_gateways({"up", "down"}) == {"down"}
+    assert stream.missing_gateways(set()) == set()
