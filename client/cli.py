@@ -26,7 +26,7 @@ def _generate(args: argparse.Namespace) -> int:
     import grpc
     from google.protobuf.json_format import MessageToJson
 
-    from client.library import ConveyorClient
+    from client.library import ConveyorClient, Security
 
     sampling: dict[str, object] = {"max_tokens": args.max_tokens, "ignore_eos": args.ignore_eos}
     if args.temperature is not None:
@@ -37,7 +37,8 @@ def _generate(args: argparse.Namespace) -> int:
         {"prompt": args.prompt} if args.raw else {"messages": [{"role": "user", "content": args.prompt}]}
     )
     last = None
-    with ConveyorClient(args.address) as client:
+    security = Security(args.api_key, args.tls_ca, args.tls_cert, args.tls_key)
+    with ConveyorClient(args.address, security=security) as client:
         try:
             for response in client.stream(**inputs, timeout_s=args.timeout, **sampling):  # type: ignore[arg-type]
                 last = response
@@ -90,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--json", action="store_true", help="print the final frame as JSON")
     generate.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    generate.add_argument("--api-key", default=None, help="bearer token (default: $CONVEYOR_API_KEY)")
+    generate.add_argument("--tls-ca", type=Path, default=None, help="PEM CA: connect with TLS, trusting it")
+    generate.add_argument("--tls-cert", type=Path, default=None, help="PEM client certificate (mutual TLS)")
+    generate.add_argument("--tls-key", type=Path, default=None, help="PEM client key (mutual TLS)")
     generate.set_defaults(run=_generate)
 
     bench = commands.add_parser("bench", help="the standard benchmark, printed as a table")

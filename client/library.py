@@ -1,12 +1,39 @@
 """A small Python client over the generated stubs, for users who would rather not touch protobuf."""
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from protos import inference_pb2, inference_pb2_grpc
+
+
+@dataclass(frozen=True, slots=True)
+class Security:
+    """How a client proves itself: an API key (default: $CONVEYOR_API_KEY), and TLS — a CA to trust
+    the gateway by, plus a certificate and key where the gateway wants mutual TLS."""
+
+    api_key: str | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        key = self.api_key or os.environ.get("CONVEYOR_API_KEY")
+        return (("authorization", f"Bearer {key}"),) if key else ()
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        if self.ca_file is None:
+            return None
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca_file.read_bytes(),
+            private_key=self.key_file.read_bytes() if self.key_file else None,
+            certificate_chain=self.cert_file.read_bytes() if self.cert_file else None,
+        )
 
 
 @dataclass(slots=True)
@@ -64,14 +91,28 @@ def _accumulate(completion: Completion, response: inference_pb2.GenerateResponse
 class ConveyorClient:
     """Blocking client: `stream()` yields responses, `generate()` returns the whole completion."""
 
-    def __init__(self, address: str = "127.0.0.1:50051", channel: grpc.Channel | None = None):
-        self.channel = channel or grpc.insecure_channel(address)
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        channel: grpc.Channel | None = None,
+        security: Security = Security(),
+    ):
+        credentials = security.channel_credentials()
+        if channel is None:
+            channel = (
+                grpc.insecure_channel(address)
+                if credentials is None
+                else grpc.secure_channel(address, credentials)
+            )
+        self.channel = channel
+        self.metadata = security.metadata
         self.stub = inference_pb2_grpc.InferenceStub(self.channel)
 
     def stream(
         self, prompt: str | None = None, *, timeout_s: float | None = None, **kwargs: Any
     ) -> Iterator[inference_pb2.GenerateResponse]:
-        yield from self.stub.Generate(build_request(prompt, **kwargs), timeout=timeout_s)
+        request = build_request(prompt, **kwargs)
+        yield from self.stub.Generate(request, timeout=timeout_s, metadata=self.metadata)
 
     def generate(self, prompt: str | None = None, **kwargs: Any) -> Completion:
         completion = Completion()
@@ -80,7 +121,7 @@ class ConveyorClient:
         return completion
 
     def list_models(self) -> list[inference_pb2.ModelInfo]:
-        return list(self.stub.ListModels(inference_pb2.ListModelsRequest()).models)
+        return list(self.stub.ListModels(inference_pb2.ListModelsRequest(), metadata=self.metadata).models)
 
     def close(self) -> None:
         self.channel.close()
@@ -95,14 +136,28 @@ class ConveyorClient:
 class AsyncConveyorClient:
     """asyncio client with the same methods as ConveyorClient."""
 
-    def __init__(self, address: str = "127.0.0.1:50051", channel: grpc.aio.Channel | None = None):
-        self.channel = channel or grpc.aio.insecure_channel(address)
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        channel: grpc.aio.Channel | None = None,
+        security: Security = Security(),
+    ):
+        credentials = security.channel_credentials()
+        if channel is None:
+            channel = (
+                grpc.aio.insecure_channel(address)
+                if credentials is None
+                else grpc.aio.secure_channel(address, credentials)
+            )
+        self.channel = channel
+        self.metadata = security.metadata
         self.stub = inference_pb2_grpc.InferenceStub(self.channel)
 
     async def stream(
         self, prompt: str | None = None, *, timeout_s: float | None = None, **kwargs: Any
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        async for response in self.stub.Generate(build_request(prompt, **kwargs), timeout=timeout_s):
+        request = build_request(prompt, **kwargs)
+        async for response in self.stub.Generate(request, timeout=timeout_s, metadata=self.metadata):
             yield response
 
     async def generate(self, prompt: str | None = None, **kwargs: Any) -> Completion:
@@ -112,7 +167,8 @@ class AsyncConveyorClient:
         return completion
 
     async def list_models(self) -> list[inference_pb2.ModelInfo]:
-        return list((await self.stub.ListModels(inference_pb2.ListModelsRequest())).models)
+        reply = await self.stub.ListModels(inference_pb2.ListModelsRequest(), metadata=self.metadata)
+        return list(reply.models)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -26,10 +26,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class RedisServer:
-    """Starts redis-server on loopback, in-memory only; `stop()` (or the context exit) ends it."""
+    """Starts redis-server on loopback; `close()` (or the context exit) ends it and removes its data.
 
-    def __init__(self, port: int | None = None):
+    In memory only, unless `appendonly`: then every write is fsynced to an AOF in its own folder,
+    and `start()` after `stop()` or `kill()` comes back with the data, as a persistent Redis does.
+    """
+
+    def __init__(self, port: int | None = None, appendonly: bool = False, extra_args: tuple[str, ...] = ()):
         self.port = port or free_port()
+        self.appendonly = appendonly
+        self.extra_args = extra_args  # e.g. an ACL user: ("--user", "alice", "on", ">secret", "~*", "+@all")
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._dir = tempfile.TemporaryDirectory(prefix="conveyor-redis-")
         self.process: subprocess.Popen[bytes] | None = None
@@ -45,11 +51,14 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.appendonly else "no",
+                "--appendfsync",
+                "always",
                 "--dir",
                 self._dir.name,
                 "--logfile",
                 str(Path(self._dir.name) / "redis.log"),
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -60,15 +69,18 @@ class RedisServer:
             try:
                 client.ping()
                 break
+            except redis.AuthenticationError:
+                break  # it answers; it wants a user (see extra_args)
             except redis.ConnectionError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
+                    self.close()
                     raise RuntimeError(f"redis-server did not start on port {self.port}") from None
                 time.sleep(0.05)
         client.close()
         return self
 
     def stop(self) -> None:
+        """Shut the server down, keeping its folder for a restart."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -76,10 +88,19 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, not a shutdown."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def close(self) -> None:
+        self.stop()
         self._dir.cleanup()
 
     def __enter__(self) -> "RedisServer":
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.close()

@@ -76,5 +76,5 @@ def serve(options: ServeOptions) -> int:
     finally:
         _stop_all(processes)
         if redis_server is not None:
-            redis_server.stop()
+            redis_server.close()
         logger.info("stopped")

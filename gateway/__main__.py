@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s gateway %(name)s: %(message)s"
     )
-    logging.getLogger(__name__).info("settings: %s", settings.model_dump(exclude={"redis_url"}))
+    logging.getLogger(__name__).info("settings: %s", settings.model_dump(exclude={"redis_url", "api_keys"}))
     asyncio.run(serve(settings))
 
 

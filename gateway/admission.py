@@ -5,14 +5,18 @@ import json
 import time
 import uuid
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+from gateway.auth import Principal
 from gateway.errors import GatewayError
 from gateway.fleet import FleetMonitor
 from gateway.generation import Generation
 from gateway.job_queue import JobQueue
+from gateway.job_watch import WatchPolicy
+from gateway.load_limits import LoadLimits
 from gateway.response_router import ResponseRouter
 from gateway.validation import Limits, check_input, check_prompt_length, check_request_id, resolve_sampling
 from protos import inference_pb2, jobs_pb2
@@ -24,6 +28,14 @@ def configured_max_context(model_dir: Path, override: int | None) -> int:
     config = json.loads((model_dir / "config.json").read_text())
     limit = int(config.get("max_position_embeddings", 2048))
     return min(limit, override) if override else limit
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sent a request: a name for limits and logs, and the API key's grants if keys are on."""
+
+    name: str
+    principal: Principal | None
 
 
 class Admission:
@@ -39,6 +51,8 @@ class Admission:
         gateway_id: str,
         model_name: str,
         default_max_tokens: int,
+        watch_policy: WatchPolicy,
+        load_limits: LoadLimits,
     ):
         self.tokenizer = tokenizer
         self.executor = executor
@@ -48,27 +62,40 @@ class Admission:
         self.gateway_id = gateway_id
         self.model_name = model_name
         self.default_max_tokens = default_max_tokens
+        self.watch_policy = watch_policy
+        self.load_limits = load_limits
 
     @property
     def limits(self) -> Limits:
         return Limits(self.tokenizer.vocab_size, self.fleet.max_context, self.default_max_tokens)
 
-    def check_model(self, model: str) -> None:
+    def check_model(self, model: str, caller: Caller) -> None:
         if model and model != self.model_name:
             raise GatewayError(
                 f"model: {model!r} is not served here (served: {self.model_name!r})",
                 grpc.StatusCode.NOT_FOUND,
             )
+        if caller.principal is not None:
+            caller.principal.check_model(model or self.model_name)
 
-    async def accept(self, request: inference_pb2.GenerateRequest, timeout_s: float | None) -> Generation:
-        """Validate and tokenize; raises GatewayError with the status to answer."""
+    async def accept(
+        self, request: inference_pb2.GenerateRequest, timeout_s: float | None, caller: Caller
+    ) -> Generation:
+        """Validate, tokenize and take a lease within the load limits; raises GatewayError with the
+        status to answer."""
         limits = self.limits
         check_request_id(request.request_id)
-        self.check_model(request.model)
+        self.check_model(request.model, caller)
         check_input(request, limits)
         sampling = resolve_sampling(request.sampling, limits)
-        token_ids = await self.tokenize(request)
-        check_prompt_length(len(token_ids), limits)
+        # Before tokenizing: under a flood, refusing must cost nothing.
+        lease = self.load_limits.admit(caller.name, self.jobs.num_queued_jobs)
+        try:
+            token_ids = await self.tokenize(request)
+            check_prompt_length(len(token_ids), limits)
+        except BaseException:
+            lease.release()
+            raise
         now_ms = int(time.time() * 1000)
         job = jobs_pb2.Job(
             request_id=uuid.uuid4().hex,
@@ -86,6 +113,8 @@ class Admission:
             jobs=self.jobs,
             router=self.router,
             executor=self.executor,
+            watch_policy=self.watch_policy,
+            lease=lease,
         )
 
     async def tokenize(

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 
 import grpc
 
-from gateway.admission import Admission
+from gateway.admission import Admission, Caller
 from gateway.errors import DuplicateRequest, GatewayError, Overloaded
 from protos import inference_pb2
 
@@ -19,10 +19,11 @@ _WAKE = None  # put on the outbox when a generation or the reader ends, to re-ch
 class ClientStream:
     """Runs each generation of the stream as its own task; a failure of one is an in-band Error frame."""
 
-    def __init__(self, admission: Admission, max_open: int, timeout_s: float | None):
+    def __init__(self, admission: Admission, max_open: int, timeout_s: float | None, caller: Caller):
         self.admission = admission
         self.max_open = max_open
         self.timeout_s = timeout_s
+        self.caller = caller
         self._outbox: asyncio.Queue[inference_pb2.ServerFrame | None] = asyncio.Queue()
         self._open: dict[str, asyncio.Task[None]] = {}
         self._reading = True
@@ -68,7 +69,7 @@ class ClientStream:
             )
             return
         if len(self._open) >= self.max_open:
-            self._error(client_id, Overloaded(f"{self.max_open} requests are already open on this stream"))
+            self._error(client_id, Overloaded(f"{self.max_open} requests are already open on this stream", 0))
             return
         key = client_id or f"anonymous-{uuid.uuid4().hex}"
         self._open[key] = asyncio.create_task(self._run(key, request))
@@ -86,7 +87,7 @@ class ClientStream:
     async def _run(self, key: str, request: inference_pb2.GenerateRequest) -> None:
         client_id = request.request_id
         try:
-            generation = await self.admission.accept(request, self.timeout_s)
+            generation = await self.admission.accept(request, self.timeout_s, self.caller)
             client_id = generation.client_request_id
             async for response in generation.run():
                 self._outbox.put_nowait(inference_pb2.ServerFrame(request_id=client_id, response=response))
@@ -110,6 +111,9 @@ class ClientStream:
 
     def _error(self, client_id: str, error: GatewayError) -> None:
         frame = inference_pb2.ServerFrame(
-            request_id=client_id, error=inference_pb2.Error(code=error.code.value[0], message=error.message)
+            request_id=client_id,
+            error=inference_pb2.Error(
+                code=error.code.value[0], message=error.message, retry_after_ms=error.retry_after_ms
+            ),
         )
         self._outbox.put_nowait(frame)

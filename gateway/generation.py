@@ -10,6 +10,8 @@ import grpc
 
 from gateway.errors import GatewayError
 from gateway.job_queue import JobQueue
+from gateway.job_watch import JobWatch, WatchPolicy
+from gateway.load_limits import Lease
 from gateway.response_router import ResponseRouter
 from protos import inference_pb2, jobs_pb2
 from tokenization import TextStream
@@ -28,6 +30,8 @@ class Generation:
     jobs: JobQueue
     router: ResponseRouter
     executor: Executor
+    watch_policy: WatchPolicy
+    lease: Lease  # this generation's place within the load limits, released when it ends
     accepted_s: float = field(default_factory=time.time)
 
     async def run(self) -> AsyncIterator[inference_pb2.GenerateResponse]:
@@ -35,11 +39,15 @@ class Generation:
         queue = self.router.register(request_id)
         finished = False
         try:
-            await self.jobs.submit(self.job)
+            watch = JobWatch(self.jobs, await self.jobs.submit(self.job), self.watch_policy)
             next_index = 0
             started_s = first_token_s = 0.0
             while not finished:
-                chunk = await queue.get()
+                try:
+                    chunk = await asyncio.wait_for(queue.get(), self.watch_policy.interval_s)
+                except TimeoutError:
+                    await watch.check()
+                    continue
                 if chunk.finish_reason == inference_pb2.FINISH_REASON_ERROR:
                     finished = True
                     raise GatewayError(chunk.error.message, _status(chunk.error.code))
@@ -73,6 +81,7 @@ class Generation:
                     )
                 yield response
         finally:
+            self.lease.release()
             self.router.unregister(request_id)
             if not finished:
                 await asyncio.shield(self.jobs.cancel(request_id))

@@ -6,7 +6,7 @@ import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError
 
-from gateway.errors import Overloaded, Unavailable
+from gateway.errors import Unavailable
 from protos import jobs_pb2
 from protos.streams import CANCEL_MAXLEN, FIELD, StreamKeys
 
@@ -14,25 +14,26 @@ logger = logging.getLogger(__name__)
 
 
 class JobQueue:
-    """XADDs jobs to the model's request stream (refusing beyond a cap) and cancels to the cancel stream."""
+    """XADDs jobs to the model's request stream and cancels to the cancel stream."""
 
-    def __init__(self, client: aioredis.Redis, keys: StreamKeys, model: str, max_queued_jobs: int):
+    def __init__(self, client: aioredis.Redis, keys: StreamKeys, model: str):
         self.client = client
         self.keys = keys
         self.requests_key = keys.requests(model)
-        self.max_queued_jobs = max_queued_jobs
         self.num_queued_jobs = 0  # refreshed by the fleet monitor: jobs not yet acknowledged
 
-    async def submit(self, job: jobs_pb2.Job) -> None:
-        if self.num_queued_jobs >= self.max_queued_jobs:
-            raise Overloaded(
-                f"{self.num_queued_jobs} jobs are queued (cap {self.max_queued_jobs}); retry later"
-            )
+    async def submit(self, job: jobs_pb2.Job) -> bytes:
+        """Queue the job; returns its entry id."""
         try:
-            await self.client.xadd(self.requests_key, {FIELD: job.SerializeToString()})
+            entry_id: bytes = await self.client.xadd(self.requests_key, {FIELD: job.SerializeToString()})
         except RedisError as error:
             raise Unavailable(f"the job queue is unreachable: {error}") from error
         self.num_queued_jobs += 1
+        return entry_id
+
+    async def is_pending(self, entry_id: bytes) -> bool:
+        """Whether the job is still queued or running: workers delete it when they acknowledge it."""
+        return bool(await self.client.xrange(self.requests_key, entry_id, entry_id, count=1))
 
     async def cancel(self, request_id: str) -> None:
         """Tell every worker to drop the request; best effort (the job may already be done)."""

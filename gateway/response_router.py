@@ -27,7 +27,6 @@ class ResponseRouter:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        await self.client.delete(self.stream_key)  # a new gateway id: nothing there is ours
         self._task = asyncio.create_task(self._run(), name="response-router")
 
     async def stop(self) -> None:

@@ -12,14 +12,21 @@ import grpc
 import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.admission import Admission, configured_max_context
+from gateway.auth import ApiKeys
 from gateway.fleet import SERVICE_NAME, FleetMonitor
 from gateway.job_queue import JobQueue
+from gateway.job_watch import WatchPolicy
+from gateway.load_limits import LimitSettings, LoadLimits
 from gateway.response_router import ResponseRouter
 from gateway.service import InferenceService
 from gateway.settings import GatewaySettings
 from protos import inference_pb2, inference_pb2_grpc
+from protos.redis_options import redis_options
 from protos.streams import StreamKeys
 from tokenization import Tokenizer
 
@@ -32,11 +39,20 @@ async def serve(settings: GatewaySettings) -> None:
     name = settings.gateway_id or f"{socket.gethostname()}-{os.getpid()}"
     gateway_id = f"{name}-{secrets.token_hex(3)}"
     keys = StreamKeys(settings.namespace)
-    client = aioredis.Redis.from_url(settings.redis_url)
+    api_keys = ApiKeys.load(settings.api_keys_file, settings.api_keys.get_secret_value())
+    client = aioredis.Redis.from_url(
+        settings.redis_url,
+        # A pooled connection that died (Redis restarted) fails its next command: retry that once on a
+        # fresh one. (A retried XADD whose reply was lost may queue a job twice; workers drop the
+        # second copy. Workers do not retry this way: their loop recovers from errors itself.)
+        retry_on_error=[RedisConnectionError],
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=1),
+        **redis_options(settings.redis_url, settings.redis_timeout_s, settings.redis_ca_file),
+    )
     executor = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenizer")
     tokenizer = Tokenizer(settings.model)
     model_name = settings.served_model_name
-    jobs = JobQueue(client, keys, model_name, settings.max_queued_jobs)
+    jobs = JobQueue(client, keys, model_name)
     router = ResponseRouter(client, keys.responses(gateway_id))
     health_servicer = health.aio.HealthServicer()
     fleet = FleetMonitor(
@@ -48,12 +64,30 @@ async def serve(settings: GatewaySettings) -> None:
         settings.health_interval_s,
         settings.heartbeat_ttl_s,
     )
+    load_limits = LoadLimits(
+        LimitSettings(
+            max_queued_jobs=settings.max_queued_jobs,
+            max_in_flight=settings.max_in_flight,
+            max_in_flight_per_caller=settings.max_in_flight_per_caller,
+            requests_per_s_per_caller=settings.requests_per_s_per_caller,
+            retry_after_ms=settings.retry_after_ms,
+        )
+    )
     admission = Admission(
-        tokenizer, executor, jobs, router, fleet, gateway_id, model_name, settings.default_max_tokens
+        tokenizer,
+        executor,
+        jobs,
+        router,
+        fleet,
+        gateway_id,
+        model_name,
+        settings.default_max_tokens,
+        WatchPolicy(settings.job_watch_interval_s, settings.max_redis_outage_s),
+        load_limits,
     )
     server = grpc.aio.server()
     inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceService(admission, settings.max_open_requests_per_stream), server
+        InferenceService(admission, settings.max_open_requests_per_stream, api_keys), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -64,21 +98,55 @@ async def serve(settings: GatewaySettings) -> None:
         ),
         server,
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    credentials = server_credentials(settings)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     await router.start()
     await fleet.start()
     await server.start()
-    logger.info("gateway %s serving %s on %s:%d", gateway_id, model_name, settings.host, port)
+    logger.info(
+        "gateway %s serving %s on %s:%d (%s, %s)",
+        gateway_id,
+        model_name,
+        settings.host,
+        port,
+        "plaintext" if credentials is None else "mutual TLS" if settings.tls_client_ca_file else "TLS",
+        f"{len(api_keys)} API keys" if api_keys else "no API keys: open to every caller",
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    logger.info("gateway %s stopping", gateway_id)
+    logger.info("gateway %s stopping: %d generations open", gateway_id, load_limits.in_flight)
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.stop(settings.grace_s)
+    load_limits.closed = True  # new generations get UNAVAILABLE; open ones may finish
+    deadline = loop.time() + settings.grace_s
+    while load_limits.in_flight and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if load_limits.in_flight:
+        logger.warning("grace period over: cancelling %d open generations", load_limits.in_flight)
+    await server.stop(0)
     await fleet.stop()
     await router.stop()
     await client.aclose()
     executor.shutdown(wait=False, cancel_futures=True)
+
+
+def server_credentials(settings: GatewaySettings) -> grpc.ServerCredentials | None:
+    """TLS when a certificate is configured; mutual TLS (client certificates required and checked
+    against that CA) when a client CA is too."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        if settings.tls_cert_file or settings.tls_key_file or settings.tls_client_ca_file:
+            raise ValueError("TLS needs both tls_cert_file and tls_key_file")
+        return None
+    client_ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )

@@ -6,7 +6,8 @@ from collections.abc import AsyncIterable, AsyncIterator
 
 import grpc
 
-from gateway.admission import Admission
+from gateway.admission import Admission, Caller
+from gateway.auth import ApiKeys
 from gateway.client_stream import ClientStream
 from gateway.errors import GatewayError
 from gateway.validation import check_input
@@ -18,24 +19,43 @@ logger = logging.getLogger(__name__)
 class InferenceService(inference_pb2_grpc.InferenceServicer):
     """Short handlers; the work is in Admission, Generation and ClientStream."""
 
-    def __init__(self, admission: Admission, max_open_requests_per_stream: int):
+    def __init__(self, admission: Admission, max_open_requests_per_stream: int, api_keys: ApiKeys | None):
         self.admission = admission
         self.max_open_requests_per_stream = max_open_requests_per_stream
+        self.api_keys = api_keys
+
+    def identify(self, context: grpc.aio.ServicerContext) -> Caller:
+        """Who calls: the API key's principal when keys are configured (else UNAUTHENTICATED),
+        otherwise the peer's address."""
+        if self.api_keys is None:
+            return Caller(caller_of(context), None)
+        principal = self.api_keys.authenticate(context.invocation_metadata())
+        return Caller(principal.name, principal)
 
     async def Generate(  # noqa: N802 - gRPC method name
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         try:
-            generation = await self.admission.accept(request, context.time_remaining())
+            generation = await self.admission.accept(
+                request, context.time_remaining(), self.identify(context)
+            )
             async for response in generation.run():
                 yield response
         except GatewayError as error:
+            if error.retry_after_ms:
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(error.retry_after_ms)),))
             await context.abort(error.code, error.message)
 
     async def GenerateStream(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterable[inference_pb2.ClientFrame], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.ServerFrame]:
-        stream = ClientStream(self.admission, self.max_open_requests_per_stream, context.time_remaining())
+        try:
+            caller = self.identify(context)
+        except GatewayError as error:
+            await context.abort(error.code, error.message)
+        stream = ClientStream(
+            self.admission, self.max_open_requests_per_stream, context.time_remaining(), caller
+        )
         reader = asyncio.create_task(stream.read_all(request_iterator))
         try:
             async for frame in stream.outbox():
@@ -48,7 +68,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.TokenizeResponse:
         try:
-            self.admission.check_model(request.model)
+            self.admission.check_model(request.model, self.identify(context))
             check_input(request, self.admission.limits)
             token_ids = await self.admission.tokenize(request)
         except GatewayError as error:
@@ -60,7 +80,13 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     async def ListModels(  # noqa: N802 - gRPC method name
         self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.ListModelsResponse:
+        try:
+            caller = self.identify(context)
+        except GatewayError as error:
+            await context.abort(error.code, error.message)
         fleet = self.admission.fleet
+        if caller.principal is not None and not caller.principal.may_use(self.admission.model_name):
+            return inference_pb2.ListModelsResponse()
         model = inference_pb2.ModelInfo(
             id=self.admission.model_name,
             max_context=fleet.max_context,
@@ -68,3 +94,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             is_default=True,
         )
         return inference_pb2.ListModelsResponse(models=[model])
+
+
+def caller_of(context: grpc.aio.ServicerContext) -> str:
+    """Who is calling, for per-caller limits: the peer's address without its port."""
+    peer: str = context.peer()  # "ipv4:127.0.0.1:5555", "ipv6:[::1]:5555", "unix:/path"
+    return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer

@@ -60,6 +60,8 @@ def check_token_ids(field: str, ids: list[int], vocab_size: int) -> None:
 
 
 def check_prompt_length(num_tokens: int, limits: Limits) -> None:
+    if num_tokens == 0:
+        raise InvalidRequest("prompt: it encodes to no tokens")
     if num_tokens >= limits.max_context:
         raise InvalidRequest(
             f"prompt: {num_tokens} tokens leave no room in the model's context of {limits.max_context} tokens"

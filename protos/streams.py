@@ -53,7 +53,7 @@ class StreamKeys:
 
 
 def pack_tokens(token_ids: list[int]) -> bytes:
-    """Token ids as little-endian uint32s, so progress grows by APPEND."""
+    """Token ids as little-endian uint32s: token i of a completion is at byte 4 * i."""
     return struct.pack(f"<{len(token_ids)}I", *token_ids)
 
 

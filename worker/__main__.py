@@ -8,6 +8,7 @@ import sys
 
 import redis
 
+from protos.redis_options import redis_options
 from protos.streams import StreamKeys
 from worker.engine import Engine
 from worker.engine_core import EngineCore
@@ -23,7 +24,10 @@ def main(argv: list[str] | None = None) -> None:
     worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     logging.getLogger(__name__).info("settings: %s", settings.model_dump(exclude={"redis_url"}))
     core = EngineCore.from_settings(settings)
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis.Redis.from_url(
+        settings.redis_url,
+        **redis_options(settings.redis_url, settings.redis_timeout_s, settings.redis_ca_file),
+    )
     jobs = JobStream(
         client, StreamKeys(settings.namespace), settings.served_model_name, worker_id, settings.progress_ttl_s
     )

@@ -1,23 +1,28 @@
 """Engine: the worker's serving loop — admit jobs, apply cancels, step the model, publish, ack."""
 
+import contextlib
 import logging
 import threading
 import time
 from dataclasses import dataclass
 
 import grpc
+from redis.exceptions import RedisError
 
 from protos import jobs_pb2
 from scheduler import TokenChunk
 from worker.engine_core import EngineCore
-from worker.job_codec import chunk_to_proto, error_chunk, sequence_from_job
-from worker.job_stream import FencedOut, JobStream, ReceivedJob, now_ms
+from worker.job_codec import chunk_to_proto, error_chunk, job_problem, sequence_from_job
+from worker.job_stream import Burial, FencedOut, JobStream, ReceivedJob, now_ms
 from worker.orphan_claimer import OrphanClaimer
+from worker.outbox import Outbox
 from worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
 
 _STATS_INTERVAL_S = 10.0
+_FIRST_RETRY_S = 0.1
+_MAX_RETRY_S = 5.0
 
 
 @dataclass(slots=True)
@@ -40,6 +45,8 @@ class Engine:
         self.settings = settings
         self.model_name = settings.served_model_name
         self._running: dict[str, _Running] = {}
+        self._outbox = Outbox()
+        self._retry_s = 0.0  # > 0 while Redis is failing: the next wait before trying again
         self._draining = threading.Event()
         self._next_heartbeat = 0.0
         self._num_finished = 0
@@ -50,8 +57,14 @@ class Engine:
         self._draining.set()
 
     def run(self) -> None:
-        self.jobs.join_group()
-        self._send_heartbeat()  # before the first read: a consumer without a heartbeat is an orphan
+        while not self._draining.is_set():
+            try:
+                self.jobs.join_group()
+                self._send_heartbeat()  # before the first read: a consumer without one is an orphan
+                break
+            except RedisError as error:
+                self._wait_for_redis(error)
+        self._retry_s = 0.0
         logger.info("worker %s serving model %s", self.jobs.worker_id, self.model_name)
         drain_deadline: float | None = None
         try:
@@ -62,22 +75,45 @@ class Engine:
                         break
                 self.step()
         finally:
-            self.jobs.remove_heartbeat()
+            with contextlib.suppress(RedisError):
+                self.jobs.remove_heartbeat()
         if self._running:
             logger.warning("drain timed out: %d jobs left pending for other workers", len(self._running))
         logger.info("worker %s stopped", self.jobs.worker_id)
 
     def step(self) -> None:
+        """One turn of the loop. While Redis fails, nothing is computed: output waits in the outbox
+        and the loop retries with backoff; once back, jobs Redis handed over unseen are adopted."""
         try:
-            rejected = self._admit_and_cancel()
-            chunks = self.core.step()
-            self._publish(
-                rejected, [chunk_to_proto_with_start(c, self._running.get(c.request_id)) for c in chunks]
-            )
+            self._outbox.flush(self.jobs)
+            if self._retry_s:
+                self._recover()
+            self._admit_and_cancel()
+            for chunk in self.core.step():
+                self._queue_chunk(chunk)
             self._expire_deadlines()
+            self._outbox.flush(self.jobs)
             self._tick()
         except FencedOut as error:
             self._abandon(error)
+        except RedisError as error:
+            self._wait_for_redis(error)
+
+    def _wait_for_redis(self, error: RedisError) -> None:
+        if not self._retry_s:
+            logger.error("Redis failed (%s); retrying with backoff, %d jobs held", error, len(self._running))
+        self._retry_s = min(max(self._retry_s * 2, _FIRST_RETRY_S), _MAX_RETRY_S)
+        time.sleep(self._retry_s)
+
+    def _recover(self) -> None:
+        """Redis answers again. A lost reply may have left jobs handed to us that we never saw (or
+        claimed and not admitted): adopt every pending entry of ours that we do not hold."""
+        known = {r.entry_id for r in self._running.values()} | self._outbox.entry_ids
+        adopted = [job for job in self.jobs.own_pending() if job.entry_id not in known]
+        self._admit_all(adopted)
+        logger.warning("Redis is back; adopted %d jobs handed over unseen", len(adopted))
+        self._retry_s = 0.0
+        self._send_heartbeat()
 
     def _abandon(self, error: FencedOut) -> None:
         """Presumed dead: others may be resuming our jobs, so drop them all and rejoin as a new consumer."""
@@ -85,11 +121,13 @@ class Engine:
         for request_id in self._running:
             self.core.abort(request_id)
         self._running.clear()
+        self._outbox.clear()
         self.jobs.new_incarnation()
         self._send_heartbeat()
+        self._retry_s = 0.0
 
-    def _admit_and_cancel(self) -> list[tuple[str, jobs_pb2.TokenChunk, bytes]]:
-        """Read jobs and cancels; returns the jobs refused at once as (gateway, last chunk, entry)."""
+    def _admit_and_cancel(self) -> None:
+        """Read jobs and cancels; jobs refused at once get their last chunk in the outbox."""
         accepting = not self._draining.is_set()
         # Take only what can run now, so idle workers in the group get the rest.
         capacity = self.core.scheduler.config.max_num_seqs - len(self._running)
@@ -97,19 +135,26 @@ class Engine:
         received, cancels = self.jobs.read(capacity if accepting else 0, block_ms)
         for request_id in cancels:
             self._finish_early(request_id, grpc.StatusCode.CANCELLED, "cancelled")
-        return self._admit_all(received)
+        self._admit_all(received)
 
-    def _admit_all(self, received: list[ReceivedJob]) -> list[tuple[str, jobs_pb2.TokenChunk, bytes]]:
-        rejected: list[tuple[str, jobs_pb2.TokenChunk, bytes]] = []
+    def _admit_all(self, received: list[ReceivedJob]) -> None:
         for item in received:
+            if item.job.request_id in self._running:  # queued twice (an XADD retried after a lost reply)
+                logger.warning("duplicate job for request_id=%s dropped", item.job.request_id)
+                self._outbox.acknowledge("", item.entry_id)
+                continue
             problem = self._admit(item)
             if problem is not None:
-                rejected.append((item.job.gateway_id, problem, item.entry_id))
-        return rejected
+                self._outbox.add(item.job.gateway_id, problem, item.entry_id)
 
     def _admit(self, item: ReceivedJob) -> jobs_pb2.TokenChunk | None:
         """Start a job, or return the chunk that ends it at once."""
         job = item.job
+        problem = job_problem(job, self.core.vocab_size)
+        if problem is not None:
+            logger.warning("job %s request_id=%s buried: %s", item.entry_id, job.request_id, problem)
+            self._outbox.bury(Burial(item.entry_id, job.SerializeToString(), problem))
+            return error_chunk(job.request_id, grpc.StatusCode.INVALID_ARGUMENT.value[0], problem)
         if self.jobs.was_cancelled(job.request_id):
             return error_chunk(
                 job.request_id, grpc.StatusCode.CANCELLED.value[0], "cancelled before it started"
@@ -133,8 +178,9 @@ class Engine:
         if running is None:
             return
         self.core.abort(request_id)
-        chunk = error_chunk(request_id, code.value[0], message)
-        self.jobs.publish({running.gateway_id: [chunk]}, [(request_id, running.entry_id)])
+        self._outbox.add(
+            running.gateway_id, error_chunk(request_id, code.value[0], message), running.entry_id
+        )
 
     def _expire_deadlines(self) -> None:
         now = now_ms()
@@ -144,23 +190,17 @@ class Engine:
         for request_id in expired:
             self._finish_early(request_id, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
 
-    def _publish(
-        self, rejected: list[tuple[str, jobs_pb2.TokenChunk, bytes]], chunks: list[jobs_pb2.TokenChunk]
-    ) -> None:
-        """One round trip: every gateway's chunks of this step, and the acks of what finished."""
-        batches: dict[str, list[jobs_pb2.TokenChunk]] = {}
-        finished: list[tuple[str, bytes]] = []
-        for gateway_id, chunk, entry_id in rejected:
-            batches.setdefault(gateway_id, []).append(chunk)
-            finished.append((chunk.request_id, entry_id))
-        for chunk in chunks:
-            running = self._running[chunk.request_id]
-            batches.setdefault(running.gateway_id, []).append(chunk)
-            if chunk.finish_reason:
-                finished.append((chunk.request_id, running.entry_id))
-                del self._running[chunk.request_id]
-                self._num_finished += 1
-        self.jobs.publish(batches, finished)
+    def _queue_chunk(self, chunk: TokenChunk) -> None:
+        running = self._running[chunk.request_id]
+        message = chunk_to_proto(chunk)
+        if chunk.index == 0:
+            message.started_unix_ms = running.started_unix_ms  # the first chunk says when the job began
+        if chunk.finish_reason is None:
+            self._outbox.add(running.gateway_id, message)
+            return
+        self._outbox.add(running.gateway_id, message, running.entry_id)
+        del self._running[chunk.request_id]
+        self._num_finished += 1
 
     def _tick(self) -> None:
         """Once per heartbeat interval: heartbeat, drop the work of lost gateways, claim orphans."""
@@ -174,20 +214,18 @@ class Engine:
         self._drop_work_of_lost_gateways()
         capacity = self.core.scheduler.config.max_num_seqs - len(self._running)
         if capacity > 0 and not self._draining.is_set():
-            claimed = self.claimer.claim(capacity)
-            self._publish(self._admit_all(claimed), [])
+            self._admit_all(self.claimer.claim(capacity))
 
     def _drop_work_of_lost_gateways(self) -> None:
         """No one would hear the answer: cancel and acknowledge without publishing."""
         lost = self.jobs.missing_gateways({r.gateway_id for r in self._running.values()})
         if not lost:
             return
-        finished = [(rid, r.entry_id) for rid, r in self._running.items() if r.gateway_id in lost]
-        logger.warning("gateways %s are gone: cancelling their %d jobs", sorted(lost), len(finished))
-        for request_id, _ in finished:
+        dropped = [rid for rid, r in self._running.items() if r.gateway_id in lost]
+        logger.warning("gateways %s are gone: cancelling their %d jobs", sorted(lost), len(dropped))
+        for request_id in dropped:
             self.core.abort(request_id)
-            del self._running[request_id]
-        self.jobs.publish({}, finished)
+            self._outbox.acknowledge(request_id, self._running.pop(request_id).entry_id)
 
     def _send_heartbeat(self) -> None:
         self._next_heartbeat = time.monotonic() + self.settings.heartbeat_interval_s
@@ -218,11 +256,3 @@ class Engine:
             stats.num_tokens,
             scheduler.num_preemptions,
         )
-
-
-def chunk_to_proto_with_start(chunk: TokenChunk, running: _Running | None) -> jobs_pb2.TokenChunk:
-    """The proto chunk; the first one of a request also says when the worker took it."""
-    message = chunk_to_proto(chunk)
-    if chunk.index == 0 and running is not None:
-        message.started_unix_ms = running.started_unix_ms
-    return message

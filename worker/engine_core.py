@@ -93,6 +93,10 @@ class EngineCore:
         return cls(Scheduler(scheduler_config), runner, tokenizer)
 
     @property
+    def vocab_size(self) -> int:
+        return self.runner.model.config.vocab_size
+
+    @property
     def max_model_len(self) -> int:
         return self.scheduler.config.max_model_len
 

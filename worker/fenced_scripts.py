@@ -15,9 +15,11 @@ return 1
 """
 
 # KEYS: heartbeat, requests stream, dead stream, then n_resp response streams, n_app progress keys
-# to append to, n_del progress keys to delete.
+# to write to, n_del progress keys to delete.
 # ARGV: group, responses maxlen, dead maxlen, progress ttl ms, field, worker, n_resp, n_app, n_del,
-# n_dead, then n_resp payloads, n_app packed token runs, n_dead (job, reason) pairs, entry ids to ack.
+# n_dead, then n_resp payloads, n_app (byte offset, packed tokens) pairs, n_dead (job, reason) pairs,
+# entry ids to ack. Progress is written at its offset, not appended, so a publish retried after a
+# lost reply leaves it the same (and the gateway drops the chunks it already has, by index).
 PUBLISH = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local n_resp, n_app = tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -28,9 +30,9 @@ for _ = 1, n_resp do
   k, a = k + 1, a + 1
 end
 for _ = 1, n_app do
-  redis.call('APPEND', KEYS[k], ARGV[a])
+  redis.call('SETRANGE', KEYS[k], ARGV[a], ARGV[a + 1])
   redis.call('PEXPIRE', KEYS[k], ARGV[4])
-  k, a = k + 1, a + 1
+  k, a = k + 1, a + 2
 end
 for _ = 1, n_del do
   redis.call('DEL', KEYS[k])

@@ -1,5 +1,7 @@
 """Protobuf stops here: jobs become scheduler `Sequence`s and scheduler `TokenChunk`s become proto chunks."""
 
+import math
+
 from protos import inference_pb2, jobs_pb2
 from scheduler import FinishReason, SamplingParams, Sequence, TokenChunk
 
@@ -67,3 +69,29 @@ def error_chunk(request_id: str, code: int, message: str) -> jobs_pb2.TokenChunk
         finish_reason=inference_pb2.FINISH_REASON_ERROR,
         error=inference_pb2.Error(code=code, message=message),
     )
+
+
+def job_problem(job: jobs_pb2.Job, vocab_size: int) -> str | None:
+    """Why a job cannot run at all, or None. Gateways validate requests, but anything can write to
+    the stream: a job that would crash the model (an id outside the embedding, a NaN temperature)
+    is caught here and buried instead."""
+    if not job.prompt_token_ids:
+        return "empty prompt"
+    ids = [*job.prompt_token_ids, *job.sampling.stop_token_ids]
+    if max(ids) >= vocab_size:
+        return f"token id {max(ids)} outside the vocabulary (size {vocab_size})"
+    sampling = job.sampling
+    checks = {
+        "max_tokens >= 1": sampling.max_tokens >= 1,
+        "temperature finite and >= 0": math.isfinite(sampling.temperature) and sampling.temperature >= 0,
+        "top_p in (0, 1]": 0 < sampling.top_p <= 1,
+        "min_p in [0, 1]": 0 <= sampling.min_p <= 1,
+        "repetition_penalty finite and > 0": math.isfinite(sampling.repetition_penalty)
+        and sampling.repetition_penalty > 0,
+        "presence_penalty finite": math.isfinite(sampling.presence_penalty),
+        "frequency_penalty finite": math.isfinite(sampling.frequency_penalty),
+        "top_k <= vocabulary size": sampling.top_k <= vocab_size,
+        "logprobs <= 20": sampling.logprobs <= 20,
+    }
+    broken = [rule for rule, ok in checks.items() if not ok]
+    return f"malformed sampling: {', '.join(broken)}" if broken else None

@@ -4,6 +4,7 @@ Every write for a job is fenced by the worker's heartbeat (see `fenced_scripts`)
 heartbeat expired gets `FencedOut` and must drop what it holds, because others may resume it.
 """
 
+import dataclasses
 import logging
 import secrets
 import time
@@ -15,7 +16,7 @@ import redis
 from google.protobuf.message import DecodeError
 
 from protos import jobs_pb2
-from protos.streams import DEAD_MAXLEN, FIELD, GROUP, RESPONSES_MAXLEN, StreamKeys, pack_tokens
+from protos.streams import DEAD_MAXLEN, FIELD, GROUP, RESPONSES_MAXLEN, StreamKeys, pack_tokens, unpack_tokens
 from worker import fenced_scripts
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,22 @@ class JobStream:
         jobs = self.parse_jobs(results[0][0][1] if max_jobs > 0 and results[0] else [])
         return jobs, cancels
 
+    def own_pending(self) -> list[ReceivedJob]:
+        """Every job this consumer was handed and has not acknowledged, with its progress: after a
+        Redis error, a reply may have been lost between Redis handing jobs over and us reading them."""
+        reply = self.client.xreadgroup(GROUP, self.worker_id, {self.requests_key: "0"}, count=10_000)
+        return self.with_progress(self.parse_jobs(reply[0][1] if reply else []))
+
+    def with_progress(self, received: list[ReceivedJob]) -> list[ReceivedJob]:
+        """The jobs with the tokens already delivered for them, to resume where they stopped."""
+        if not received:
+            return []
+        progress = self.client.mget([self.keys.progress(r.job.request_id) for r in received])
+        return [
+            dataclasses.replace(r, delivered_token_ids=tuple(unpack_tokens(p)))
+            for r, p in zip(received, progress, strict=True)
+        ]
+
     def was_cancelled(self, request_id: str) -> bool:
         """True if a cancel for this id arrived before its job did."""
         return request_id in self._recent_cancels
@@ -117,20 +134,20 @@ class JobStream:
         if not batches and not finished and not buried:
             return
         response_keys, payloads = [], []
-        appends: dict[str, list[int]] = {}
+        progress: dict[str, tuple[int, list[int]]] = {}  # request -> (first index, tokens from it)
         for gateway_id, chunks in batches.items():
             response_keys.append(self.keys.responses(gateway_id))
             payloads.append(jobs_pb2.TokenBatch(chunks=chunks).SerializeToString())
             for chunk in chunks:
                 if chunk.token_ids and not chunk.finish_reason:
-                    appends.setdefault(chunk.request_id, []).extend(chunk.token_ids)
-        done = [request_id for request_id, _ in finished]
+                    progress.setdefault(chunk.request_id, (chunk.index, []))[1].extend(chunk.token_ids)
+        done = [request_id for request_id, _ in finished if request_id]
         keys = [
             self.keys.worker(self.worker_id),
             self.requests_key,
             self.keys.dead,
             *response_keys,
-            *(self.keys.progress(r) for r in appends),
+            *(self.keys.progress(r) for r in progress),
             *(self.keys.progress(r) for r in done),
         ]
         args: list[bytes | str | int] = [
@@ -141,12 +158,13 @@ class JobStream:
             FIELD,
             self.worker_id,
             len(response_keys),
-            len(appends),
+            len(progress),
             len(done),
             len(buried),
             *payloads,
-            *(pack_tokens(t) for t in appends.values()),
         ]
+        for first_index, token_ids in progress.values():
+            args += [first_index * 4, pack_tokens(token_ids)]
         for burial in buried:
             args += [burial.payload, burial.reason]
         args += list(dict.fromkeys([entry_id for _, entry_id in finished] + [b.entry_id for b in buried]))
@@ -183,19 +201,32 @@ class JobStream:
         return int(reply) >= 0
 
     def parse_jobs(self, entries: list[tuple[bytes, dict[bytes, bytes] | None]]) -> list[ReceivedJob]:
-        """Decode stream entries; unreadable ones are buried."""
+        """Decode stream entries. Malformed ones are buried with the reason; entries deleted from the
+        stream (no fields) are acknowledged, as there is nothing left to run."""
         jobs: list[ReceivedJob] = []
         burials: list[Burial] = []
+        vanished: list[tuple[str, bytes]] = []
         for entry_id, fields in entries:
-            payload = (fields or {}).get(FIELD, b"")
+            if not fields:
+                vanished.append(("", entry_id))
+                continue
+            payload = fields.get(FIELD, b"")
+            problem = ""
             try:
                 job = jobs_pb2.Job.FromString(payload)
             except DecodeError as error:
-                logger.warning("unreadable job %s buried: %s", entry_id, error)
-                burials.append(Burial(entry_id, payload, f"unreadable Job: {error}"))
-                continue
-            jobs.append(ReceivedJob(entry_id, job, now_ms()))
-        self.publish({}, buried=burials)
+                problem = f"unreadable Job: {error}"
+            else:
+                if FIELD not in fields:
+                    problem = f"no {FIELD.decode()!r} field in the entry"
+                elif not job.request_id or not job.gateway_id:
+                    problem = "malformed Job: no request_id or gateway_id"
+            if problem:
+                logger.warning("job %s buried: %s", entry_id, problem)
+                burials.append(Burial(entry_id, payload, problem))
+            else:
+                jobs.append(ReceivedJob(entry_id, job, now_ms()))
+        self.publish({}, vanished, burials)
         return jobs
 
     def _take_cancels(self, reply: list[object] | None) -> list[str]:

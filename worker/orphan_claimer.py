@@ -14,7 +14,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from protos import jobs_pb2
-from protos.streams import FIELD, GROUP, unpack_tokens
+from protos.streams import FIELD, GROUP
 from worker.job_codec import error_chunk
 from worker.job_stream import Burial, JobStream, ReceivedJob
 
@@ -26,8 +26,12 @@ _MAX_OWNED_LISTED = 10_000
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Claimed:
     entry_id: bytes
-    payload: bytes
+    fields: dict[bytes, bytes]
     attempts: int  # workers that were handed it before this one
+
+    @property
+    def payload(self) -> bytes:
+        return self.fields.get(FIELD, b"")
 
 
 class OrphanClaimer:
@@ -47,16 +51,9 @@ class OrphanClaimer:
         poison = [c for c in claimed if c.attempts >= self.max_attempts]
         if poison:
             self._bury_poison(poison)
-        received = self.jobs.parse_jobs(
-            [(c.entry_id, {FIELD: c.payload}) for c in claimed if c.attempts < self.max_attempts]
+        resumed = self.jobs.with_progress(
+            self.jobs.parse_jobs([(c.entry_id, c.fields) for c in claimed if c.attempts < self.max_attempts])
         )
-        if not received:
-            return []
-        progress = self.jobs.client.mget([self.jobs.keys.progress(r.job.request_id) for r in received])
-        resumed = [
-            dataclasses.replace(r, delivered_token_ids=tuple(unpack_tokens(p)))
-            for r, p in zip(received, progress, strict=True)
-        ]
         for job in resumed:
             logger.warning(
                 "resuming orphaned request_id=%s after %d delivered tokens",
@@ -87,7 +84,7 @@ class OrphanClaimer:
         if not attempts:
             return []
         reply = client.xclaim(key, GROUP, self.jobs.worker_id, self.min_idle_ms, list(attempts))
-        claimed = [_Claimed(e, f.get(FIELD, b""), attempts[e]) for e, f in reply if e is not None]
+        claimed = [_Claimed(e, f, attempts[e]) for e, f in reply if e is not None]
         if len(claimed) < len(reply):
             self._ack_vanished(set(attempts) - {c.entry_id for c in claimed})
         return claimed

@@ -37,9 +37,11 @@ class EngineSettings(BaseSettings):
 class WorkerSettings(EngineSettings):
     """A serving worker: the engine plus Redis, identity and shutdown behaviour."""
 
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = "redis://127.0.0.1:6379/0"  # redis://user:password@host:port/db; rediss:// for TLS
+    redis_ca_file: Path | None = None  # PEM; verifies a rediss:// server
     namespace: str = "conveyor"
     worker_id: str = ""  # default: hostname-pid; a random incarnation suffix is always added
+    redis_timeout_s: float = Field(5.0, gt=0.5)  # bound on every Redis call (idle reads block 0.1 s)
     heartbeat_interval_s: float = Field(1.0, gt=0)
     heartbeat_ttl_s: float = Field(5.0, gt=0)  # silent this long: presumed dead, its jobs claimed
     claim_min_idle_ms: int = Field(1000, ge=1)  # a claimed job is not claimed again within this

@@ -17,6 +17,8 @@ from protos.streams import StreamKeys
 
 # A small KV pool and context keep worker start-up and memory low on CI's two cores.
 TEST_WORKER_ARGS = ("--kv-cache-bytes", str(256 << 20), "--max-model-len", "2048")
+# Fault tests: a death is noticed in about two seconds; one thread each, as two workers share two cores.
+FAST_FAILOVER_ARGS = ("--heartbeat-ttl-s", "2", "--heartbeat-interval-s", "0.5", "--num-threads", "1")
 
 
 def start_process(module: str, args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -38,10 +40,10 @@ def start_worker(
 
 
 def start_gateway(
-    redis_url: str, namespace: str, model_dir: Path, log_dir: Path
+    redis_url: str, namespace: str, model_dir: Path, log_dir: Path, *extra: str
 ) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    args = [*_common_args(redis_url, namespace, model_dir), "--port", str(port)]
+    args = [*_common_args(redis_url, namespace, model_dir), "--port", str(port), *extra]
     process = start_process("gateway", args, log_dir / f"gateway-{namespace}-{port}.log")
     return process, f"127.0.0.1:{port}"
 

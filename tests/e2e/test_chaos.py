@@ -3,19 +3,19 @@
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import redis
 
-from client.library import ConveyorClient
 from client.redis_server import RedisServer
 from protos import inference_pb2
 from protos.streams import GROUP, StreamKeys
 from tests.e2e.cluster import (
+    FAST_FAILOVER_ARGS,
     start_gateway,
     start_worker,
     stop_process,
@@ -24,42 +24,15 @@ from tests.e2e.cluster import (
     worker_statuses,
 )
 from tests.e2e.conftest import Cluster
+from tests.e2e.recording import RecordedStream
 
 MODEL = "smollm2-135m-instruct"
 NUM_STREAMS = 16
 MAX_TOKENS = 48
-# Short heartbeats so a death is noticed in about two seconds; one thread each, two share two cores.
-CHAOS_WORKER_ARGS = ("--heartbeat-ttl-s", "2", "--heartbeat-interval-s", "0.5", "--num-threads", "1")
 
 
-@dataclass
-class Stream:
-    """One client's view of its stream: every frame, and when each arrived."""
-
-    prompt: str
-    max_tokens: int = MAX_TOKENS
-    frames: list[inference_pb2.GenerateResponse] = field(default_factory=list)
-    arrivals: list[float] = field(default_factory=list)
-    error: grpc.RpcError | None = None
-
-    @property
-    def token_ids(self) -> list[int]:
-        return [t for f in self.frames for t in f.token_ids]
-
-    def run(self, address: str) -> None:
-        try:
-            with ConveyorClient(address) as client:
-                for frame in client.stream(
-                    self.prompt, max_tokens=self.max_tokens, temperature=0.0, ignore_eos=True, timeout_s=300
-                ):
-                    self.frames.append(frame)
-                    self.arrivals.append(time.monotonic())
-        except grpc.RpcError as error:
-            self.error = error
-
-
-def run_streams(address: str, prompts: list[str], while_running: object = None) -> list[Stream]:
-    streams = [Stream(p) for p in prompts]
+def run_streams(address: str, prompts: list[str], while_running: object = None) -> list[RecordedStream]:
+    streams = [RecordedStream(p, MAX_TOKENS) for p in prompts]
     threads = [threading.Thread(target=s.run, args=(address,)) for s in streams]
     for thread in threads:
         thread.start()
@@ -68,6 +41,18 @@ def run_streams(address: str, prompts: list[str], while_running: object = None) 
     for thread in threads:
         thread.join(timeout=300)
     return streams
+
+
+def two_workers_and_a_gateway(
+    redis_url: str, namespace: str, model_dir: Path, log_dir: Path, *worker_args: str
+) -> tuple[list[subprocess.Popen[bytes]], subprocess.Popen[bytes], str]:
+    """Started, not yet serving: the caller waits, inside its own try/finally."""
+    workers = [
+        start_worker(redis_url, namespace, model_dir, log_dir, *FAST_FAILOVER_ARGS, *worker_args)
+        for _ in range(2)
+    ]
+    gateway, address = start_gateway(redis_url, namespace, model_dir, log_dir)
+    return workers, gateway, address
 
 
 def pending_by_consumer(client: redis.Redis, namespace: str) -> dict[str, int]:
@@ -80,13 +65,9 @@ def test_a_worker_killed_mid_generation_loses_and_repeats_nothing(
 ) -> None:
     namespace = "chaos"
     client = redis.Redis.from_url(redis_server.url)
-    workers = [
-        start_worker(
-            redis_server.url, namespace, model_dir, log_dir, *CHAOS_WORKER_ARGS, "--max-num-seqs", "16"
-        )
-        for _ in range(2)
-    ]
-    gateway, address = start_gateway(redis_server.url, namespace, model_dir, log_dir)
+    workers, gateway, address = two_workers_and_a_gateway(
+        redis_server.url, namespace, model_dir, log_dir, "--max-num-seqs", "16"
+    )
     prompts = [f"Write a short story about a {n}-legged robot." for n in range(NUM_STREAMS)]
     report: dict[str, object] = {}
     try:
@@ -95,7 +76,7 @@ def test_a_worker_killed_mid_generation_loses_and_repeats_nothing(
         undisturbed = run_streams(address, prompts)
         assert all(s.error is None and len(s.token_ids) == MAX_TOKENS for s in undisturbed)
 
-        def kill_the_busier_worker(streams: list[Stream]) -> None:
+        def kill_the_busier_worker(streams: list[RecordedStream]) -> None:
             assert wait_for(lambda: all(len(s.token_ids) >= 2 for s in streams), timeout_s=120)
             pending = pending_by_consumer(client, namespace)
             victim = max(workers, key=lambda w: _pending_of(pending, w.pid))
@@ -113,8 +94,7 @@ def test_a_worker_killed_mid_generation_loses_and_repeats_nothing(
     assert isinstance(report["in_flight_on_victim"], int) and report["in_flight_on_victim"] > 0
     for before, after in zip(undisturbed, disturbed, strict=True):
         assert after.error is None, after.error
-        indexes = [i for f in after.frames for i in range(f.index, f.index + len(f.token_ids))]
-        assert indexes == list(range(MAX_TOKENS)), "an index twice or missing"
+        assert after.indexes == list(range(MAX_TOKENS)), "an index twice or missing"
         assert after.token_ids == before.token_ids, "greedy text differs from the undisturbed run"
         assert after.frames[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
     killed_at = report["killed_at"]
@@ -145,7 +125,7 @@ def test_workers_drop_the_jobs_of_a_gateway_that_died(cluster: Cluster) -> None:
     keys = StreamKeys(cluster.namespace)
     try:
         wait_until_serving(address, [gateway])
-        stream = Stream("Count from one to a thousand in words:", max_tokens=1500)
+        stream = RecordedStream("Count from one to a thousand in words:", 1500)
         thread = threading.Thread(target=stream.run, args=(address,))
         thread.start()
         assert wait_for(lambda: len(stream.token_ids) >= 2, timeout_s=60)
@@ -164,3 +144,65 @@ def test_workers_drop_the_jobs_of_a_gateway_that_died(cluster: Cluster) -> None:
     assert stream.error is not None and stream.error.code() == grpc.StatusCode.UNAVAILABLE
     print(f"\njob of a killed gateway dropped {dropped_after_s:.1f} s after the kill")
     client.close()
+
+
+def test_sigterm_past_the_grace_period_hands_the_job_to_another_worker(
+    redis_server: RedisServer, model_dir: Path, log_dir: Path
+) -> None:
+    namespace = "handback"
+    client = redis.Redis.from_url(redis_server.url)
+    workers, gateway, address = two_workers_and_a_gateway(
+        redis_server.url, namespace, model_dir, log_dir, "--drain-timeout-s", "1"
+    )
+    try:
+        wait_until_serving(address, [*workers, gateway])
+        assert wait_for(lambda: len(worker_statuses(redis_server.url, namespace)) == 2, timeout_s=120)
+        long = RecordedStream("Tell me everything about the history of bread.", 160)
+        thread = threading.Thread(target=long.run, args=(address,))
+        thread.start()
+        assert wait_for(lambda: len(long.token_ids) >= 2, timeout_s=60)
+        pending = pending_by_consumer(client, namespace)
+        (leaving,) = [w for w in workers if _pending_of(pending, w.pid)]
+        handed_at_token = len(long.token_ids)
+        leaving.send_signal(signal.SIGTERM)
+        assert leaving.wait(timeout=30) == 0
+        thread.join(timeout=300)
+        again = RecordedStream(long.prompt, long.max_tokens)
+        again.run(address)  # undisturbed, on the worker that stayed
+    finally:
+        stop_process(gateway)
+        for worker in workers:
+            stop_process(worker)
+        client.close()
+    assert handed_at_token < long.max_tokens, "the job should still have been running at SIGTERM"
+    assert long.error is None and again.error is None
+    assert long.indexes == list(range(long.max_tokens)) and long.token_ids == again.token_ids
+
+
+def test_sigterm_on_a_gateway_refuses_new_calls_and_lets_open_streams_finish(cluster: Cluster) -> None:
+    gateway, address = start_gateway(
+        cluster.redis_url, cluster.namespace, cluster.model_dir, cluster.log_dir, "--grace-s", "30"
+    )
+    try:
+        wait_until_serving(address, [gateway])
+        open_stream = RecordedStream("Name the planets of the solar system, one per line.", 60)
+        thread = threading.Thread(target=open_stream.run, args=(address,))
+        thread.start()
+        assert wait_for(lambda: len(open_stream.token_ids) >= 2, timeout_s=60)
+        gateway.send_signal(signal.SIGTERM)
+        probes: list[RecordedStream] = []
+
+        def new_call_refused() -> bool:
+            probes.append(RecordedStream("Hello", 4))
+            probes[-1].run(address)
+            return probes[-1].error is not None
+
+        assert wait_for(new_call_refused, timeout_s=10)
+        refused = probes[-1].error
+        assert refused is not None and refused.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in refused.details()
+        thread.join(timeout=60)
+        assert gateway.wait(timeout=30) == 0
+    finally:
+        stop_process(gateway)
+    assert open_stream.error is None and open_stream.indexes == list(range(60))

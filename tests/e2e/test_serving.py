@@ -224,8 +224,38 @@ def test_deadline_ends_the_call_and_the_job(stub: inference_pb2_grpc.InferenceSt
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 30
     assert wait_for(
-        lambda: all(s.num_running == 0 for s in worker_statuses(cluster.redis_url, cluster.namespace))
+        lambda: all(
+            s.num_running == 0 and s.num_used_blocks == 0
+            for s in worker_statuses(cluster.redis_url, cluster.namespace)
+        )
+    ), "the job is cancelled and its KV blocks freed"
+
+
+def test_a_job_whose_deadline_passed_in_the_queue_is_never_started(cluster: Cluster) -> None:
+    import redis
+
+    from protos import jobs_pb2
+    from protos.streams import FIELD, StreamKeys
+
+    keys = StreamKeys(cluster.namespace)
+    client = redis.Redis.from_url(cluster.redis_url)
+    finished_before = sum(s.num_finished for s in worker_statuses(cluster.redis_url, cluster.namespace))
+    job = jobs_pb2.Job(
+        request_id="late",
+        gateway_id="late-gateway",
+        prompt_token_ids=[1, 2, 3],
+        sampling=jobs_pb2.Sampling(max_tokens=4, temperature=0.0, top_p=1.0, repetition_penalty=1.0),
+        deadline_unix_ms=int(time.time() * 1000) - 1,
     )
+    client.xadd(keys.requests("smollm2-135m-instruct"), {FIELD: job.SerializeToString()})
+    assert wait_for(lambda: client.xlen(keys.responses("late-gateway")) > 0)
+    ((_, fields),) = client.xrange(keys.responses("late-gateway"))
+    (chunk,) = jobs_pb2.TokenBatch.FromString(fields[FIELD]).chunks
+    assert chunk.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and not chunk.token_ids
+    assert "deadline passed while queued" in chunk.error.message
+    finished_after = sum(s.num_finished for s in worker_statuses(cluster.redis_url, cluster.namespace))
+    assert finished_after == finished_before, "it never ran"
+    client.close()
 
 
 def test_client_library_sync_and_async(cluster: Cluster) -> None:
@@ -252,9 +282,10 @@ def test_unreadable_job_goes_to_the_dead_stream_and_serving_goes_on(
 
     keys = StreamKeys(cluster.namespace)
     client = redis.Redis.from_url(cluster.redis_url)
+    dead_before = client.xlen(keys.dead)
     client.xadd(keys.requests("smollm2-135m-instruct"), {FIELD: b"\xff\xfe not a Job"})
-    assert wait_for(lambda: client.xlen(keys.dead) == 1)
-    ((_, fields),) = client.xrange(keys.dead)
+    assert wait_for(lambda: client.xlen(keys.dead) == dead_before + 1)
+    ((_, fields),) = client.xrevrange(keys.dead, count=1)
     assert fields[b"reason"].startswith(b"unreadable Job")
     assert wait_for(lambda: client.xlen(keys.requests("smollm2-135m-instruct")) == 0)
     text, _, _ = collect(stub.Generate(build_request(messages=FRANCE, max_tokens=12, temperature=0.0)))
@@ -288,4 +319,35 @@ def test_worker_refuses_a_job_it_cannot_run_in_band_and_acknowledges_it(cluster:
         and "context limit of 2048" in chunk.error.message
     )
     assert wait_for(lambda: client.xlen(keys.requests("smollm2-135m-instruct")) == 0)
+    client.close()
+
+
+def test_a_job_that_would_crash_the_model_is_buried_and_its_gateway_told(
+    stub: inference_pb2_grpc.InferenceStub, cluster: Cluster
+) -> None:
+    import redis
+
+    from protos import jobs_pb2
+    from protos.streams import FIELD, StreamKeys
+
+    keys = StreamKeys(cluster.namespace)
+    client = redis.Redis.from_url(cluster.redis_url)
+    dead_before = client.xlen(keys.dead)
+    job = jobs_pb2.Job(
+        request_id="crasher",
+        gateway_id="crash-probe",
+        prompt_token_ids=[1, 999_999],
+        sampling=jobs_pb2.Sampling(max_tokens=4, temperature=float("nan"), top_p=1.0, repetition_penalty=1.0),
+    )
+    client.xadd(keys.requests("smollm2-135m-instruct"), {FIELD: job.SerializeToString()})
+    assert wait_for(lambda: client.xlen(keys.responses("crash-probe")) > 0)
+    ((_, fields),) = client.xrange(keys.responses("crash-probe"))
+    (chunk,) = jobs_pb2.TokenBatch.FromString(fields[FIELD]).chunks
+    assert chunk.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "token id 999999 outside the vocabulary" in chunk.error.message
+    assert client.xlen(keys.dead) == dead_before + 1
+    assert client.xrevrange(keys.dead, count=1)[0][1][b"reason"].startswith(b"token id 999999")
+    assert wait_for(lambda: client.xlen(keys.requests("smollm2-135m-instruct")) == 0)
+    text, _, _ = collect(stub.Generate(build_request(messages=FRANCE, max_tokens=12, temperature=0.0)))
+    assert "Paris" in text, "the worker still serves"
     client.close()

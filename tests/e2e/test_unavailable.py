@@ -37,4 +37,4 @@ def test_no_worker_then_no_redis(model_dir: Path, log_dir: Path) -> None:
             assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         assert stop_process(gateway) == 0
-        redis_server.stop()
+        redis_server.close()

@@ -79,3 +79,8 @@ def test_prompt_filling_the_context_is_rejected_with_both_numbers() -> None:
 def test_overlong_request_id_is_rejected() -> None:
     with pytest.raises(InvalidRequest, match="request_id: at most 256"):
         check_request_id("x" * 257)
+
+
+def test_a_prompt_that_encodes_to_nothing_is_rejected() -> None:
+    with pytest.raises(InvalidRequest, match="prompt: it encodes to no tokens"):
+        check_prompt_length(0, LIMITS)

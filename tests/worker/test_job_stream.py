@@ -69,6 +69,7 @@ def test_progress_follows_what_is_published_and_goes_with_the_ack(
     ((job,), _) = stream.read(4, None)
     stream.publish({"gw": [chunk("r1", 0, [7])]})
     stream.publish({"gw": [chunk("r1", 1, [8, 9])]})
+    stream.publish({"gw": [chunk("r1", 1, [8, 9])]})  # retried after a lost reply
     assert unpack_tokens(client.get(keys.progress("r1"))) == [7, 8, 9]
     assert 0 < client.pttl(keys.progress("r1")) <= 60_000
     stream.publish({"gw": [chunk("r1", 3, [10], inference_pb2.FINISH_REASON_LENGTH)]}, [("r1", job.entry_id)])
@@ -77,7 +78,7 @@ def test_progress_follows_what_is_published_and_goes_with_the_ack(
         client.xlen(keys.requests(MODEL)) == 0
         and client.xpending(keys.requests(MODEL), GROUP)["pending"] == 0
     )
-    assert [c.index for c in responses(client, keys)] == [0, 1, 3]
+    assert [c.index for c in responses(client, keys)] == [0, 1, 1, 3]
 
 
 def test_a_worker_whose_heartbeat_expired_writes_nothing_and_is_not_revived(
@@ -181,3 +182,39 @@ def test_lost_gateways_are_named(client: redis.Redis, keys: StreamKeys) -> None:
     client.set(keys.gateway("up"), 1, px=10_000)
     assert stream.missing_gateways({"up", "down"}) == {"down"}
     assert stream.missing_gateways(set()) == set()
+
+
+def test_own_pending_lists_what_was_handed_over_with_its_progress(
+    client: redis.Redis, keys: StreamKeys
+) -> None:
+    stream = worker(client, keys, "a")
+    for request_id in ("r1", "r2"):
+        submit(client, keys, request_id)
+    stream.read(2, None)  # as if the reply had been lost on the way
+    stream.publish({"gw": [chunk("r2", 0, [4, 2])]})
+    pending = stream.own_pending()
+    assert [(j.job.request_id, j.delivered_token_ids) for j in pending] == [("r1", ()), ("r2", (4, 2))]
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({FIELD: b"\xff\xfe"}, b"unreadable Job"),
+        ({b"other": b"x"}, b"no 'm' field in the entry"),
+        (
+            {FIELD: jobs_pb2.Job(request_id="r").SerializeToString()},
+            b"malformed Job: no request_id or gateway_id",
+        ),
+    ],
+)
+def test_malformed_entries_are_buried_with_the_reason(
+    client: redis.Redis, keys: StreamKeys, fields: dict[bytes, bytes], reason: bytes
+) -> None:
+    stream = worker(client, keys, "a")
+    client.xadd(keys.requests(MODEL), fields)
+    submit(client, keys, "good")
+    jobs, _ = stream.read(4, None)
+    assert [j.job.request_id for j in jobs] == ["good"]
+    ((_, dead),) = client.xrange(keys.dead)
+    assert dead[b"reason"].startswith(reason)
+    assert client.xlen(keys.requests(MODEL)) == 1

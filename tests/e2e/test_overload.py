@@ -1,0 +1,74 @@
+"""A flood at ten times a gateway's capacity: the excess is refused at once, the rest finishes."""
+
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+
+from client.library import build_request
+from protos import inference_pb2_grpc
+from tests.e2e.cluster import start_gateway, stop_process, wait_until_serving
+from tests.e2e.conftest import Cluster
+
+CAPACITY = 6
+FLOOD = 10 * CAPACITY
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+async def one_call(stub: inference_pb2_grpc.InferenceStub, n: int) -> tuple[str, float, str]:
+    """(status name, seconds until the answer or the refusal, the retry hint)"""
+    started = time.monotonic()
+    call = stub.Generate(build_request(f"Count to {n}:", max_tokens=16, temperature=0.0, ignore_eos=True))
+    try:
+        async for _ in call:
+            pass
+    except grpc.aio.AioRpcError as error:
+        trailers = dict(error.trailing_metadata() or ())
+        return error.code().name, time.monotonic() - started, str(trailers.get("grpc-retry-pushback-ms", ""))
+    return "OK", time.monotonic() - started, ""
+
+
+async def flood(address: str) -> list[tuple[str, float, str]]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        return await asyncio.gather(*(one_call(stub, n) for n in range(FLOOD)))
+
+
+def test_a_flood_gets_resource_exhausted_quickly_and_the_admitted_finish(cluster: Cluster) -> None:
+    gateway, address = start_gateway(
+        cluster.redis_url,
+        cluster.namespace,
+        cluster.model_dir,
+        cluster.log_dir,
+        "--max-in-flight",
+        str(CAPACITY),
+        "--retry-after-ms",
+        "250",
+    )
+    try:
+        wait_until_serving(address, [gateway])
+        rss_before = rss_kib(gateway.pid)
+        results = asyncio.run(flood(address))
+        second = asyncio.run(flood(address))
+        rss_after = rss_kib(gateway.pid)
+    finally:
+        assert stop_process(gateway) == 0
+    for outcome in (results, second):
+        admitted = [r for r in outcome if r[0] == "OK"]
+        refused = [r for r in outcome if r[0] != "OK"]
+        assert len(admitted) >= CAPACITY and len(admitted) + len(refused) == FLOOD
+        assert {r[0] for r in refused} == {"RESOURCE_EXHAUSTED"} and {r[2] for r in refused} == {"250"}
+    refusal_s = sorted(r[1] for r in results if r[0] != "OK")
+    print(
+        f"\nflood of {FLOOD} at capacity {CAPACITY}: {sum(r[0] == 'OK' for r in results)} completed, "
+        f"{len(refusal_s)} refused, refusal p50 {refusal_s[len(refusal_s) // 2] * 1000:.0f} ms, "
+        f"max {refusal_s[-1] * 1000:.0f} ms; gateway RSS {rss_before // 1024} -> {rss_after // 1024} MiB"
+    )
+    assert rss_after - rss_before < 100 * 1024, "the gateway's memory should not grow with a flood"

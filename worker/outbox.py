@@ -1,0 +1,48 @@
+"""Outbox: what the serving loop has to tell Redis, kept until Redis has taken it."""
+
+from dataclasses import dataclass, field
+
+from protos import jobs_pb2
+from worker.job_stream import Burial, JobStream
+
+
+@dataclass(slots=True)
+class Outbox:
+    """Chunks per gateway and jobs to acknowledge, in the order they were produced.
+
+    A publish that fails (Redis unreachable) leaves everything here; the next flush sends it all in
+    one script, before anything newer, so no chunk is skipped and none is sent twice.
+    """
+
+    batches: dict[str, list[jobs_pb2.TokenChunk]] = field(default_factory=dict)
+    finished: list[tuple[str, bytes]] = field(default_factory=list)  # (request_id, entry_id)
+    buried: list[Burial] = field(default_factory=list)
+
+    def add(self, gateway_id: str, chunk: jobs_pb2.TokenChunk, entry_id: bytes | None = None) -> None:
+        """Queue a chunk; with `entry_id`, the chunk ends its job and the entry is acknowledged."""
+        self.batches.setdefault(gateway_id, []).append(chunk)
+        if entry_id is not None:
+            self.finished.append((chunk.request_id, entry_id))
+
+    def bury(self, burial: Burial) -> None:
+        """To the dead stream, acknowledged (the client's error chunk goes through `add`)."""
+        self.buried.append(burial)
+
+    def acknowledge(self, request_id: str, entry_id: bytes) -> None:
+        """Acknowledge a job without telling its gateway anything (it is gone); with a request_id,
+        its progress is dropped too."""
+        self.finished.append((request_id, entry_id))
+
+    @property
+    def entry_ids(self) -> set[bytes]:
+        return {entry_id for _, entry_id in self.finished} | {b.entry_id for b in self.buried}
+
+    def flush(self, jobs: JobStream) -> None:
+        if self.batches or self.finished or self.buried:
+            jobs.publish(self.batches, self.finished, self.buried)
+            self.clear()
+
+    def clear(self) -> None:
+        self.batches = {}
+        self.finished = []
+        self.buried = []
