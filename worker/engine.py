@@ -108,6 +108,7 @@ class Engine:
     def _recover(self) -> None:
         """Redis answers again. A lost reply may have left jobs handed to us that we never saw (or
         claimed and not admitted): adopt every pending entry of ours that we do not hold."""
+        self.jobs.join_group()  # a Redis that lost its data lost the group too
         known = {r.entry_id for r in self._running.values()} | self._outbox.entry_ids
         adopted = [job for job in self.jobs.own_pending() if job.entry_id not in known]
         self._admit_all(adopted)

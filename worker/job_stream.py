@@ -81,14 +81,17 @@ class JobStream:
         self._registered = False
 
     def join_group(self) -> None:
-        """Create the group if missing (from the stream's start, so no early job is skipped)."""
+        """Create the group if missing (from the stream's start, so no early job is skipped); the
+        first time, start reading cancels from now. Again after Redis lost its data, the group is
+        back and cancels are read on from where they were."""
         try:
             self.client.xgroup_create(self.requests_key, GROUP, id="0", mkstream=True)
         except redis.ResponseError as error:
             if "BUSYGROUP" not in str(error):
                 raise
-        last = self.client.xrevrange(self.keys.cancel, count=1)
-        self._cancel_cursor = last[0][0] if last else b"0-0"
+        if self._cancel_cursor == b"$":
+            last = self.client.xrevrange(self.keys.cancel, count=1)
+            self._cancel_cursor = last[0][0] if last else b"0-0"
 
     def read(self, max_jobs: int, block_ms: int | None) -> tuple[list[ReceivedJob], list[str]]:
         """New jobs (at most `max_jobs`, blocking up to `block_ms` if given) and cancels, one round trip."""

@@ -72,3 +72,26 @@ def test_a_flood_gets_resource_exhausted_quickly_and_the_admitted_finish(cluster
         f"max {refusal_s[-1] * 1000:.0f} ms; gateway RSS {rss_before // 1024} -> {rss_after // 1024} MiB"
     )
     assert rss_after - rss_before < 100 * 1024, "the gateway's memory should not grow with a flood"
+
+
+async def concurrent(address: str, count: int) -> list[tuple[str, float, str]]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        return await asyncio.gather(*(one_call(stub, n) for n in range(count)))
+
+
+def test_per_caller_limits_on_open_calls_and_on_rate(cluster: Cluster) -> None:
+    args = (cluster.redis_url, cluster.namespace, cluster.model_dir, cluster.log_dir)
+    capped, capped_address = start_gateway(*args, "--max-in-flight-per-caller", "2")
+    rated, rated_address = start_gateway(*args, "--requests-per-s-per-caller", "3")
+    try:
+        wait_until_serving(capped_address, [capped, rated])
+        wait_until_serving(rated_address, [capped, rated])
+        by_cap = [r[0] for r in asyncio.run(concurrent(capped_address, 5))]
+        assert sorted(by_cap) == ["OK", "OK"] + ["RESOURCE_EXHAUSTED"] * 3
+        by_rate = asyncio.run(concurrent(rated_address, 5))
+        assert sorted(r[0] for r in by_rate) == ["OK"] * 3 + ["RESOURCE_EXHAUSTED"] * 2
+        assert all(0 < int(r[2]) <= 334 for r in by_rate if r[0] != "OK"), "the wait for the next token"
+    finally:
+        assert stop_process(capped) == 0
+        assert stop_process(rated) == 0

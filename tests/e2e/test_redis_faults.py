@@ -123,3 +123,36 @@ def test_redis_restarts_lose_nothing_that_was_queued_and_hang_nothing(
         stop_process(gateway)
         if worker is not None:
             stop_process(worker)
+
+
+def test_a_redis_that_comes_back_empty_ends_open_calls_with_unavailable(
+    model_dir: Path, log_dir: Path
+) -> None:
+    with RedisServer() as volatile:  # no persistence: a restart loses every job
+        worker = start_worker(volatile.url, "volatile", model_dir, log_dir, *FAST_FAILOVER_ARGS)
+        gateway, address = start_gateway(
+            volatile.url, "volatile", model_dir, log_dir, "--job-watch-interval-s", "1"
+        )
+        try:
+            wait_until_serving(address, [worker, gateway])
+            streams = [RecordedStream(p, 400) for p in PROMPTS[:4]]
+            threads = start_all(streams, address)
+            assert wait_for(lambda: all(len(s.token_ids) >= 2 for s in streams), timeout_s=60)
+            volatile.kill()
+            time.sleep(1.0)
+            volatile.start()
+            restarted_at = time.monotonic()
+            join_all(threads, timeout_s=60)
+            ended_s = time.monotonic() - restarted_at
+            for stream in streams:
+                assert stream.error is not None and stream.error.code() == grpc.StatusCode.UNAVAILABLE
+                assert "lost from the queue" in stream.error.details()
+            wait_until_serving(address, [worker, gateway])  # the worker rejoined the new, empty Redis
+            with ConveyorClient(address) as client:
+                assert len(client.generate("hello", max_tokens=4, temperature=0.0).token_ids) == 4
+            print(
+                f"\nRedis restarted empty under {len(streams)} streams: all UNAVAILABLE {ended_s:.1f} s later"
+            )
+        finally:
+            assert stop_process(gateway) == 0
+            assert stop_process(worker) == 0

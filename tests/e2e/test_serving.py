@@ -208,8 +208,11 @@ def test_client_disconnect_cancels_the_job_on_the_worker(
     )
     call.cancel()
     assert wait_for(
-        lambda: all(s.num_running == 0 for s in worker_statuses(cluster.redis_url, cluster.namespace))
-    )
+        lambda: all(
+            s.num_running == 0 and s.num_used_blocks == 0
+            for s in worker_statuses(cluster.redis_url, cluster.namespace)
+        )
+    ), "the job is cancelled and its KV blocks are back in the pool"
 
 
 def test_deadline_ends_the_call_and_the_job(stub: inference_pb2_grpc.InferenceStub, cluster: Cluster) -> None:
