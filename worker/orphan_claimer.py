@@ -106,7 +106,7 @@ class OrphanClaimer:
         finished: list[tuple[str, bytes]] = []
         burials: list[Burial] = []
         for item in poison:
-            reason = f"{item.attempts} workers died running it"
+            reason = f"{item.attempts} worker{'s' if item.attempts != 1 else ''} died running it"
             burials.append(Burial(item.entry_id, item.payload, reason))
             try:
                 job = jobs_pb2.Job.FromString(item.payload)

@@ -206,3 +206,39 @@ def test_sigterm_on_a_gateway_refuses_new_calls_and_lets_open_streams_finish(clu
     finally:
         stop_process(gateway)
     assert open_stream.error is None and open_stream.indexes == list(range(60))
+
+
+def test_a_job_whose_workers_keep_dying_is_buried_and_the_fleet_serves_on(
+    redis_server: RedisServer, model_dir: Path, log_dir: Path
+) -> None:
+    namespace = "poison"
+    client = redis.Redis.from_url(redis_server.url)
+    # One death is enough here; the default, three, is the same path with more workers to kill.
+    workers, gateway, address = two_workers_and_a_gateway(
+        redis_server.url, namespace, model_dir, log_dir, "--max-job-attempts", "1"
+    )
+    try:
+        wait_until_serving(address, [*workers, gateway])
+        assert wait_for(lambda: len(worker_statuses(redis_server.url, namespace)) == 2, timeout_s=120)
+        poison = RecordedStream("Recite a very long poem.", 400)
+        thread = threading.Thread(target=poison.run, args=(address,))
+        thread.start()
+        assert wait_for(lambda: len(poison.token_ids) >= 2, timeout_s=60)
+        pending = pending_by_consumer(client, namespace)
+        (holder,) = [w for w in workers if _pending_of(pending, w.pid)]
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+        thread.join(timeout=60)
+        after = RecordedStream("Say hi.", 4)
+        after.run(address)
+    finally:
+        stop_process(gateway)
+        for worker in workers:
+            stop_process(worker)
+    keys = StreamKeys(namespace)
+    ((_, dead),) = client.xrange(keys.dead)
+    client.close()
+    assert dead[b"reason"] == b"1 worker died running it"
+    assert poison.error is not None and poison.error.code() == grpc.StatusCode.INTERNAL
+    assert "1 worker died running it" in poison.error.details()
+    assert after.error is None and len(after.token_ids) == 4, "the fleet keeps serving"
