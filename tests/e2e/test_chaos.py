@@ -55,6 +55,27 @@ def two_workers_and_a_gateway(
     return workers, gateway, address
 
 
+def stream_on_one_of(
+    workers: list[subprocess.Popen[bytes]],
+    gateway: subprocess.Popen[bytes],
+    address: str,
+    redis_url: str,
+    namespace: str,
+    stream: RecordedStream,
+) -> tuple[threading.Thread, subprocess.Popen[bytes]]:
+    """Once both workers serve, run `stream` in a thread until it has tokens; the worker running it."""
+    wait_until_serving(address, [*workers, gateway])
+    assert wait_for(lambda: len(worker_statuses(redis_url, namespace)) == 2, timeout_s=120)
+    thread = threading.Thread(target=stream.run, args=(address,))
+    thread.start()
+    assert wait_for(lambda: len(stream.token_ids) >= 2, timeout_s=60)
+    client = redis.Redis.from_url(redis_url)
+    pending = pending_by_consumer(client, namespace)
+    client.close()
+    (holder,) = [w for w in workers if _pending_of(pending, w.pid)]
+    return thread, holder
+
+
 def pending_by_consumer(client: redis.Redis, namespace: str) -> dict[str, int]:
     consumers = client.xinfo_consumers(StreamKeys(namespace).requests(MODEL), GROUP)
     return {c["name"].decode(): int(c["pending"]) for c in consumers}
@@ -150,19 +171,12 @@ def test_sigterm_past_the_grace_period_hands_the_job_to_another_worker(
     redis_server: RedisServer, model_dir: Path, log_dir: Path
 ) -> None:
     namespace = "handback"
-    client = redis.Redis.from_url(redis_server.url)
     workers, gateway, address = two_workers_and_a_gateway(
         redis_server.url, namespace, model_dir, log_dir, "--drain-timeout-s", "1"
     )
     try:
-        wait_until_serving(address, [*workers, gateway])
-        assert wait_for(lambda: len(worker_statuses(redis_server.url, namespace)) == 2, timeout_s=120)
         long = RecordedStream("Tell me everything about the history of bread.", 160)
-        thread = threading.Thread(target=long.run, args=(address,))
-        thread.start()
-        assert wait_for(lambda: len(long.token_ids) >= 2, timeout_s=60)
-        pending = pending_by_consumer(client, namespace)
-        (leaving,) = [w for w in workers if _pending_of(pending, w.pid)]
+        thread, leaving = stream_on_one_of(workers, gateway, address, redis_server.url, namespace, long)
         handed_at_token = len(long.token_ids)
         leaving.send_signal(signal.SIGTERM)
         assert leaving.wait(timeout=30) == 0
@@ -173,7 +187,6 @@ def test_sigterm_past_the_grace_period_hands_the_job_to_another_worker(
         stop_process(gateway)
         for worker in workers:
             stop_process(worker)
-        client.close()
     assert handed_at_token < long.max_tokens, "the job should still have been running at SIGTERM"
     assert long.error is None and again.error is None
     assert long.indexes == list(range(long.max_tokens)) and long.token_ids == again.token_ids
@@ -218,14 +231,8 @@ def test_a_job_whose_workers_keep_dying_is_buried_and_the_fleet_serves_on(
         redis_server.url, namespace, model_dir, log_dir, "--max-job-attempts", "1"
     )
     try:
-        wait_until_serving(address, [*workers, gateway])
-        assert wait_for(lambda: len(worker_statuses(redis_server.url, namespace)) == 2, timeout_s=120)
         poison = RecordedStream("Recite a very long poem.", 400)
-        thread = threading.Thread(target=poison.run, args=(address,))
-        thread.start()
-        assert wait_for(lambda: len(poison.token_ids) >= 2, timeout_s=60)
-        pending = pending_by_consumer(client, namespace)
-        (holder,) = [w for w in workers if _pending_of(pending, w.pid)]
+        thread, holder = stream_on_one_of(workers, gateway, address, redis_server.url, namespace, poison)
         os.killpg(holder.pid, signal.SIGKILL)
         holder.wait()
         thread.join(timeout=60)
