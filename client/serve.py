@@ -58,8 +58,11 @@ def serve(options: ServeOptions) -> int:
     processes: list[subprocess.Popen[bytes]] = []
     try:
         processes.append(_start("gateway", [*common, "--host", options.host, "--port", str(options.port)]))
-        for _ in range(options.num_workers):
-            processes.append(_start("worker", [*common, *options.extra_worker_args]))
+        for index in range(options.num_workers):
+            metrics = (
+                [] if "--metrics-port" in options.extra_worker_args else ["--metrics-port", str(9401 + index)]
+            )
+            processes.append(_start("worker", [*common, *metrics, *options.extra_worker_args]))
         logger.info(
             "serving on %s:%d with %d worker(s); Ctrl-C stops",
             options.host,

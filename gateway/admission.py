@@ -17,6 +17,7 @@ from gateway.generation import Generation
 from gateway.job_queue import JobQueue
 from gateway.job_watch import WatchPolicy
 from gateway.load_limits import LoadLimits
+from gateway.metrics import GatewayMetrics
 from gateway.response_router import ResponseRouter
 from gateway.validation import Limits, check_input, check_prompt_length, check_request_id, resolve_sampling
 from protos import inference_pb2, jobs_pb2
@@ -53,6 +54,7 @@ class Admission:
         default_max_tokens: int,
         watch_policy: WatchPolicy,
         load_limits: LoadLimits,
+        metrics: GatewayMetrics,
     ):
         self.tokenizer = tokenizer
         self.executor = executor
@@ -64,6 +66,7 @@ class Admission:
         self.default_max_tokens = default_max_tokens
         self.watch_policy = watch_policy
         self.load_limits = load_limits
+        self.metrics = metrics
 
     @property
     def limits(self) -> Limits:
@@ -115,6 +118,7 @@ class Admission:
             executor=self.executor,
             watch_policy=self.watch_policy,
             lease=lease,
+            metrics=self.metrics,
         )
 
     async def tokenize(

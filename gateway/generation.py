@@ -12,6 +12,7 @@ from gateway.errors import GatewayError
 from gateway.job_queue import JobQueue
 from gateway.job_watch import JobWatch, WatchPolicy
 from gateway.load_limits import Lease
+from gateway.metrics import GatewayMetrics
 from gateway.response_router import ResponseRouter
 from protos import inference_pb2, jobs_pb2
 from tokenization import TextStream
@@ -32,6 +33,7 @@ class Generation:
     executor: Executor
     watch_policy: WatchPolicy
     lease: Lease  # this generation's place within the load limits, released when it ends
+    metrics: GatewayMetrics
     accepted_s: float = field(default_factory=time.time)
 
     async def run(self) -> AsyncIterator[inference_pb2.GenerateResponse]:
@@ -41,7 +43,7 @@ class Generation:
         try:
             watch = JobWatch(self.jobs, await self.jobs.submit(self.job), self.watch_policy)
             next_index = 0
-            started_s = first_token_s = 0.0
+            started_s = first_token_s = last_token_s = 0.0
             while not finished:
                 try:
                     chunk = await asyncio.wait_for(queue.get(), self.watch_policy.interval_s)
@@ -58,7 +60,14 @@ class Generation:
                 finished = chunk.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED
                 if not token_ids and not finished:
                     continue
-                first_token_s = first_token_s or time.time()
+                now = time.time()
+                first_token_s = first_token_s or now
+                if token_ids:
+                    if last_token_s:  # tokens that came together share the gap since the last ones
+                        gap = (now - last_token_s) / len(token_ids)
+                        for _ in token_ids:
+                            self.metrics.inter_token.observe(gap)
+                    last_token_s = now
                 text = await asyncio.get_running_loop().run_in_executor(
                     self.executor, self._text, token_ids, finished
                 )
@@ -104,6 +113,7 @@ class Generation:
         response.timings.queued_s = max(started_s - self.accepted_s, 0.0) if started_s else 0.0
         response.timings.time_to_first_token_s = first_token_s - self.accepted_s
         response.timings.total_s = now - self.accepted_s
+        self.metrics.finished(response)
 
 
 def _status(code: int) -> grpc.StatusCode:

@@ -12,6 +12,7 @@ import grpc
 import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -22,10 +23,12 @@ from gateway.fleet import SERVICE_NAME, FleetMonitor
 from gateway.job_queue import JobQueue
 from gateway.job_watch import WatchPolicy
 from gateway.load_limits import LimitSettings, LoadLimits
+from gateway.metrics import GatewayMetrics
 from gateway.response_router import ResponseRouter
 from gateway.service import InferenceService
 from gateway.settings import GatewaySettings
 from protos import inference_pb2, inference_pb2_grpc
+from protos.metrics import serve_metrics
 from protos.redis_options import redis_options
 from protos.streams import StreamKeys
 from tokenization import Tokenizer
@@ -64,6 +67,10 @@ async def serve(settings: GatewaySettings) -> None:
         settings.health_interval_s,
         settings.heartbeat_ttl_s,
     )
+    registry = CollectorRegistry()
+    if settings.metrics_port >= 0:
+        metrics_port = serve_metrics(registry, settings.metrics_host, settings.metrics_port)
+        logger.info("metrics on http://%s:%d/metrics", settings.metrics_host, metrics_port)
     load_limits = LoadLimits(
         LimitSettings(
             max_queued_jobs=settings.max_queued_jobs,
@@ -84,6 +91,7 @@ async def serve(settings: GatewaySettings) -> None:
         settings.default_max_tokens,
         WatchPolicy(settings.job_watch_interval_s, settings.max_redis_outage_s),
         load_limits,
+        GatewayMetrics(registry, model_name, fleet.max_context),
     )
     server = grpc.aio.server()
     inference_pb2_grpc.add_InferenceServicer_to_server(

@@ -39,6 +39,8 @@ class GatewaySettings(BaseSettings):
     max_redis_outage_s: float = Field(30.0, gt=0)  # a request waits out a Redis outage this long
     grace_s: float = Field(5.0, ge=0)  # SIGTERM: let open calls finish this long
     log_level: str = "INFO"
+    metrics_host: str = "127.0.0.1"  # where /metrics listens (0.0.0.0 in a pod)
+    metrics_port: int = Field(9400, ge=-1)  # 0 = any free port, -1 = no /metrics
     # Security. API keys: `name:key` or `name:key:model,model` entries, from a file (one per line)
     # and/or CONVEYOR_API_KEYS (separated by whitespace); none configured = open gateway.
     api_keys_file: Path | None = None

@@ -37,7 +37,8 @@ class BlockManager:
         self.blocks = [Block(block_id) for block_id in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._cached: dict[bytes, int] = {}  # block hash -> block id
-        self.num_hit_tokens = 0  # prompt tokens found in the prefix cache, over the pool's life
+        self.num_queried_tokens = 0  # tokens looked up in the prefix cache, over the pool's life
+        self.num_hit_tokens = 0  # of those, tokens found computed
 
     @property
     def num_blocks(self) -> int:
@@ -69,6 +70,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return 0
         max_blocks = (seq.num_tokens - 1) // self.block_size
+        self.num_queried_tokens += seq.num_tokens
         self._hash_full_blocks(seq, max_blocks)
         for block_hash in seq.block_hashes[:max_blocks]:
             block_id = self._cached.get(block_hash)

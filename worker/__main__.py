@@ -7,12 +7,15 @@ import socket
 import sys
 
 import redis
+from prometheus_client import CollectorRegistry
 
+from protos.metrics import serve_metrics
 from protos.redis_options import redis_options
 from protos.streams import StreamKeys
 from worker.engine import Engine
 from worker.engine_core import EngineCore
 from worker.job_stream import JobStream
+from worker.metrics import WorkerMetrics
 from worker.settings import WorkerSettings
 
 
@@ -31,7 +34,12 @@ def main(argv: list[str] | None = None) -> None:
     jobs = JobStream(
         client, StreamKeys(settings.namespace), settings.served_model_name, worker_id, settings.progress_ttl_s
     )
-    engine = Engine(core, jobs, settings)
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(registry, settings.served_model_name, core.scheduler)
+    if settings.metrics_port >= 0:
+        port = serve_metrics(registry, settings.metrics_host, settings.metrics_port)
+        logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", settings.metrics_host, port)
+    engine = Engine(core, jobs, settings, metrics)
     signal.signal(signal.SIGTERM, lambda *_: engine.drain())
     signal.signal(signal.SIGINT, lambda *_: engine.drain())
     engine.run()

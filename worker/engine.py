@@ -14,6 +14,7 @@ from scheduler import TokenChunk
 from worker.engine_core import EngineCore
 from worker.job_codec import chunk_to_proto, error_chunk, job_problem, sequence_from_job
 from worker.job_stream import Burial, FencedOut, JobStream, ReceivedJob, now_ms
+from worker.metrics import WorkerMetrics
 from worker.orphan_claimer import OrphanClaimer
 from worker.outbox import Outbox
 from worker.settings import WorkerSettings
@@ -38,9 +39,10 @@ class _Running:
 class Engine:
     """One thread owns the model and the scheduler; Redis is polled between steps, blocking only when idle."""
 
-    def __init__(self, core: EngineCore, jobs: JobStream, settings: WorkerSettings):
+    def __init__(self, core: EngineCore, jobs: JobStream, settings: WorkerSettings, metrics: WorkerMetrics):
         self.core = core
         self.jobs = jobs
+        self.metrics = metrics
         self.claimer = OrphanClaimer(jobs, settings.claim_min_idle_ms, settings.max_job_attempts)
         self.settings = settings
         self.model_name = settings.served_model_name
@@ -89,8 +91,11 @@ class Engine:
             if self._retry_s:
                 self._recover()
             self._admit_and_cancel()
+            steps_before = self.core.stats.num_steps
             for chunk in self.core.step():
                 self._queue_chunk(chunk)
+            if self.core.stats.num_steps != steps_before:
+                self.metrics.observe_step(self.core.stats.last_step_tokens, self.core.stats.last_step_seqs)
             self._expire_deadlines()
             self._outbox.flush(self.jobs)
             self._tick()
@@ -212,6 +217,7 @@ class Engine:
         if now < self._next_heartbeat:
             return
         self._send_heartbeat()
+        self.metrics.refresh()
         self._drop_work_of_lost_gateways()
         capacity = self.core.scheduler.config.max_num_seqs - len(self._running)
         if capacity > 0 and not self._draining.is_set():

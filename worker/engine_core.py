@@ -35,6 +35,8 @@ class StepStats:
     prefill_step_s: float = 0.0
     num_tokens: int = 0  # tokens fed to the model
     batch_sizes: Counter[int] = field(default_factory=Counter)  # sequences per step -> steps
+    last_step_tokens: int = 0
+    last_step_seqs: int = 0
 
 
 class EngineCore:
@@ -129,6 +131,8 @@ class EngineCore:
             stats.prefill_step_s += seconds
         stats.num_tokens += output.num_batched_tokens
         stats.batch_sizes[len(output.scheduled)] += 1
+        stats.last_step_tokens = output.num_batched_tokens
+        stats.last_step_seqs = len(output.scheduled)
         return chunks
 
     def _apply_stop_strings(self, chunk: TokenChunk) -> TokenChunk:

@@ -50,3 +50,5 @@ class WorkerSettings(EngineSettings):
     drain_timeout_s: float = Field(30.0, ge=0)  # SIGTERM: finish running work for at most this long
     idle_block_ms: int = Field(100, ge=1)  # how long to block on Redis when there is nothing to run
     log_level: str = "INFO"
+    metrics_host: str = "127.0.0.1"  # where /metrics listens (0.0.0.0 in a pod)
+    metrics_port: int = Field(9401, ge=-1)  # 0 = any free port, -1 = no /metrics

@@ -32,10 +32,15 @@ def _common_args(redis_url: str, namespace: str, model_dir: Path) -> list[str]:
     return ["--model", str(model_dir), "--redis-url", redis_url, "--namespace", namespace]
 
 
+def _metrics_args(extra: tuple[str, ...]) -> list[str]:
+    """Any free port for /metrics, unless the test names one: many processes share this machine."""
+    return [] if "--metrics-port" in extra else ["--metrics-port", "0"]
+
+
 def start_worker(
     redis_url: str, namespace: str, model_dir: Path, log_dir: Path, *extra: str
 ) -> subprocess.Popen[bytes]:
-    args = [*_common_args(redis_url, namespace, model_dir), *TEST_WORKER_ARGS, *extra]
+    args = [*_common_args(redis_url, namespace, model_dir), *TEST_WORKER_ARGS, *_metrics_args(extra), *extra]
     return start_process("worker", args, log_dir / f"worker-{namespace}-{time.monotonic_ns()}.log")
 
 
@@ -43,7 +48,13 @@ def start_gateway(
     redis_url: str, namespace: str, model_dir: Path, log_dir: Path, *extra: str
 ) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    args = [*_common_args(redis_url, namespace, model_dir), "--port", str(port), *extra]
+    args = [
+        *_common_args(redis_url, namespace, model_dir),
+        "--port",
+        str(port),
+        *_metrics_args(extra),
+        *extra,
+    ]
     process = start_process("gateway", args, log_dir / f"gateway-{namespace}-{port}.log")
     return process, f"127.0.0.1:{port}"
 

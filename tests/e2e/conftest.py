@@ -7,7 +7,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from client.redis_server import RedisServer
+from client.redis_server import RedisServer, free_port
 from protos import inference_pb2_grpc
 from tests.e2e.cluster import start_gateway, start_worker, stop_process, wait_until_serving
 
@@ -19,6 +19,8 @@ class Cluster:
     address: str
     model_dir: Path
     log_dir: Path
+    gateway_metrics: str  # http://host:port/metrics
+    worker_metrics: str
 
 
 @pytest.fixture(scope="session")
@@ -29,11 +31,22 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def cluster(redis_server: RedisServer, model_dir: Path, log_dir: Path) -> Iterator[Cluster]:
     namespace = "e2e"
-    worker = start_worker(redis_server.url, namespace, model_dir, log_dir)
-    gateway, address = start_gateway(redis_server.url, namespace, model_dir, log_dir)
+    worker_port, gateway_port = free_port(), free_port()
+    worker = start_worker(redis_server.url, namespace, model_dir, log_dir, "--metrics-port", str(worker_port))
+    gateway, address = start_gateway(
+        redis_server.url, namespace, model_dir, log_dir, "--metrics-port", str(gateway_port)
+    )
     try:
         wait_until_serving(address, [worker, gateway])
-        yield Cluster(redis_server.url, namespace, address, model_dir, log_dir)
+        yield Cluster(
+            redis_server.url,
+            namespace,
+            address,
+            model_dir,
+            log_dir,
+            f"http://127.0.0.1:{gateway_port}/metrics",
+            f"http://127.0.0.1:{worker_port}/metrics",
+        )
     finally:
         assert stop_process(gateway) == 0
         assert stop_process(worker) == 0

@@ -41,6 +41,7 @@ def test_shared_prefix_reuses_computed_blocks_with_reference_counts() -> None:
     assert second.block_table == first.block_table[:2]
     assert manager.blocks[first.block_table[0]].ref_count == 2
     manager.check_invariants([first, second])
+    assert (manager.num_queried_tokens, manager.num_hit_tokens) == (11, 8), "tokens looked up, and found"
 
 
 def test_prefix_match_leaves_the_last_token_to_compute() -> None:

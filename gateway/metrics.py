@@ -1,0 +1,79 @@
+"""GatewayMetrics: per-request histograms and counters with vLLM's names and buckets, timed as the
+client sees them (from the request's arrival at this gateway)."""
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from protos import inference_pb2
+from protos.metrics import (
+    INTER_TOKEN_BUCKETS,
+    PREFIX,
+    REQUEST_LATENCY_BUCKETS,
+    TTFT_BUCKETS,
+    token_count_buckets,
+)
+
+_FINISHED_REASON = {  # vLLM's label values
+    inference_pb2.FINISH_REASON_STOP: "stop",
+    inference_pb2.FINISH_REASON_LENGTH: "length",
+    inference_pb2.FINISH_REASON_CANCELLED: "abort",
+}
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry, model_name: str, max_model_len: int):
+        labels = ["model_name"]
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(f"{PREFIX}{name}", doc, labels, buckets=buckets, registry=registry).labels(
+                model_name
+            )
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(f"{PREFIX}{name}", doc, labels, registry=registry).labels(model_name)
+
+        tokens = token_count_buckets(max_model_len)
+        self.ttft = histogram(
+            "time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS
+        )
+        self.inter_token = histogram(
+            "inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", INTER_TOKEN_BUCKETS
+        )
+        self.e2e = histogram(
+            "e2e_request_latency_seconds",
+            "Histogram of e2e request latency in seconds.",
+            REQUEST_LATENCY_BUCKETS,
+        )
+        self.queue_time = histogram(
+            "request_queue_time_seconds",
+            "Histogram of time spent queued before a worker took the request.",
+            REQUEST_LATENCY_BUCKETS,
+        )
+        self.prompt_tokens_request = histogram(
+            "request_prompt_tokens", "Number of prefill tokens processed.", tokens
+        )
+        self.generation_tokens_request = histogram(
+            "request_generation_tokens", "Number of generation tokens processed.", tokens
+        )
+        self.prompt_tokens = counter("prompt_tokens", "Number of prefill tokens processed.")
+        self.generation_tokens = counter("generation_tokens", "Number of generation tokens processed.")
+        self._success = Counter(
+            f"{PREFIX}request_success",
+            "Count of successfully processed requests.",
+            ["model_name", "finished_reason"],
+            registry=registry,
+        )
+        self._model_name = model_name
+
+    def finished(self, response: inference_pb2.GenerateResponse) -> None:
+        """A request ended with a finish reason; its timings and usage are in the last frame."""
+        timings, usage = response.timings, response.usage
+        self.ttft.observe(timings.time_to_first_token_s)
+        self.e2e.observe(timings.total_s)
+        self.queue_time.observe(timings.queued_s)
+        self.prompt_tokens.inc(usage.prompt_tokens)
+        self.generation_tokens.inc(usage.completion_tokens)
+        self.prompt_tokens_request.observe(usage.prompt_tokens)
+        self.generation_tokens_request.observe(usage.completion_tokens)
+        reason = _FINISHED_REASON.get(response.finish_reason)
+        if reason is not None:
+            self._success.labels(self._model_name, reason).inc()

@@ -1,0 +1,93 @@
+"""WorkerMetrics: the engine's gauges and counters, with vLLM's meanings, for routers and dashboards."""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from protos.metrics import ITERATION_TOKENS_BUCKETS, PREFIX
+from scheduler import Scheduler
+
+
+class WorkerMetrics:
+    """Updated by the serving loop after every step; scraped from `/metrics`."""
+
+    def __init__(self, registry: CollectorRegistry, model_name: str, scheduler: Scheduler):
+        labels = ["model_name"]
+        self._scheduler = scheduler
+        self.running = Gauge(
+            f"{PREFIX}num_requests_running",
+            "Number of requests in model execution batches.",
+            labels,
+            registry=registry,
+        ).labels(model_name)
+        self.waiting = Gauge(
+            f"{PREFIX}num_requests_waiting",
+            "Number of requests waiting to be processed.",
+            labels,
+            registry=registry,
+        ).labels(model_name)
+        self.kv_usage = Gauge(
+            f"{PREFIX}kv_cache_usage_perc",
+            "KV-cache usage. 1 means 100 percent usage.",
+            labels,
+            registry=registry,
+        ).labels(model_name)
+        config = scheduler.config
+        Gauge(
+            f"{PREFIX}cache_config_info",
+            "Information of the KV cache configuration.",
+            ["model_name", "block_size", "num_blocks", "enable_prefix_caching"],
+            registry=registry,
+        ).labels(
+            model_name, str(config.block_size), str(config.num_blocks), str(config.enable_prefix_caching)
+        ).set(1)
+        self.preemptions = Counter(
+            f"{PREFIX}num_preemptions", "Cumulative number of preemptions.", labels, registry=registry
+        ).labels(model_name)
+        self.prefix_queries = Counter(
+            f"{PREFIX}prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            labels,
+            registry=registry,
+        ).labels(model_name)
+        self.prefix_hits = Counter(
+            f"{PREFIX}prefix_cache_hits",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            labels,
+            registry=registry,
+        ).labels(model_name)
+        self.iteration_tokens = Histogram(
+            f"{PREFIX}iteration_tokens_total",
+            "Histogram of number of tokens per engine step.",
+            labels,
+            buckets=ITERATION_TOKENS_BUCKETS,
+            registry=registry,
+        ).labels(model_name)
+        self.batch_size = Histogram(
+            f"{PREFIX}iteration_batch_size",
+            "Histogram of number of sequences per engine step.",
+            labels,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=registry,
+        ).labels(model_name)
+        self._seen_preemptions = 0
+        self._seen_queries = 0
+        self._seen_hits = 0
+
+    def observe_step(self, num_tokens: int, num_seqs: int) -> None:
+        """One engine step ran `num_seqs` sequences over `num_tokens` tokens."""
+        self.iteration_tokens.observe(num_tokens)
+        self.batch_size.observe(num_seqs)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Gauges from the scheduler now; counters by what grew since the last refresh."""
+        scheduler = self._scheduler
+        pool = scheduler.block_manager
+        self.running.set(len(scheduler.running))
+        self.waiting.set(len(scheduler.waiting))
+        self.kv_usage.set(pool.num_used_blocks / pool.num_blocks)
+        self.preemptions.inc(scheduler.num_preemptions - self._seen_preemptions)
+        self.prefix_queries.inc(pool.num_queried_tokens - self._seen_queries)
+        self.prefix_hits.inc(pool.num_hit_tokens - self._seen_hits)
+        self._seen_preemptions = scheduler.num_preemptions
+        self._seen_queries = pool.num_queried_tokens
+        self._seen_hits = pool.num_hit_tokens
