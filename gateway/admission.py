@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from opentelemetry.context import Context
+from opentelemetry.trace import Tracer
 
 from gateway.auth import Principal
 from gateway.errors import GatewayError
@@ -18,6 +20,7 @@ from gateway.job_queue import JobQueue
 from gateway.job_watch import WatchPolicy
 from gateway.load_limits import LoadLimits
 from gateway.metrics import GatewayMetrics
+from gateway.request_trace import RequestTrace
 from gateway.response_router import ResponseRouter
 from gateway.validation import Limits, check_input, check_prompt_length, check_request_id, resolve_sampling
 from protos import inference_pb2, jobs_pb2
@@ -55,6 +58,7 @@ class Admission:
         watch_policy: WatchPolicy,
         load_limits: LoadLimits,
         metrics: GatewayMetrics,
+        tracer: Tracer,
     ):
         self.tokenizer = tokenizer
         self.executor = executor
@@ -67,6 +71,7 @@ class Admission:
         self.watch_policy = watch_policy
         self.load_limits = load_limits
         self.metrics = metrics
+        self.tracer = tracer
 
     @property
     def limits(self) -> Limits:
@@ -82,22 +87,38 @@ class Admission:
             caller.principal.check_model(model or self.model_name)
 
     async def accept(
-        self, request: inference_pb2.GenerateRequest, timeout_s: float | None, caller: Caller
+        self,
+        request: inference_pb2.GenerateRequest,
+        timeout_s: float | None,
+        caller: Caller,
+        parent: Context,
     ) -> Generation:
         """Validate, tokenize and take a lease within the load limits; raises GatewayError with the
-        status to answer."""
-        limits = self.limits
-        check_request_id(request.request_id)
-        self.check_model(request.model, caller)
-        check_input(request, limits)
-        sampling = resolve_sampling(request.sampling, limits)
-        # Before tokenizing: under a flood, refusing must cost nothing.
-        lease = self.load_limits.admit(caller.name, self.jobs.num_queued_jobs)
+        status to answer. The request's trace starts here, under `parent` (the caller's, if any)."""
+        request_trace = RequestTrace.start(
+            self.tracer, parent, **{"conveyor.model": self.model_name, "conveyor.caller": caller.name}
+        )
         try:
-            token_ids = await self.tokenize(request)
-            check_prompt_length(len(token_ids), limits)
+            with request_trace.child("validate"):
+                limits = self.limits
+                check_request_id(request.request_id)
+                self.check_model(request.model, caller)
+                check_input(request, limits)
+                sampling = resolve_sampling(request.sampling, limits)
+                # Before tokenizing: under a flood, refusing must cost nothing.
+                lease = self.load_limits.admit(caller.name, self.jobs.num_queued_jobs)
+            try:
+                with request_trace.child("tokenize"):
+                    token_ids = await self.tokenize(request)
+                    check_prompt_length(len(token_ids), limits)
+            except BaseException:
+                lease.release()
+                raise
+        except GatewayError as error:
+            request_trace.end(error.message)
+            raise
         except BaseException:
-            lease.release()
+            request_trace.end("failed")
             raise
         now_ms = int(time.time() * 1000)
         job = jobs_pb2.Job(
@@ -109,6 +130,8 @@ class Admission:
             arrival_unix_ms=now_ms,
             deadline_unix_ms=now_ms + int(timeout_s * 1000) if timeout_s is not None else 0,
         )
+        request_trace.root.set_attribute("conveyor.request_id", job.request_id)
+        request_trace.carry(job.trace_context)  # type: ignore[arg-type]
         return Generation(
             client_request_id=request.request_id or job.request_id,
             job=job,
@@ -119,6 +142,7 @@ class Admission:
             watch_policy=self.watch_policy,
             lease=lease,
             metrics=self.metrics,
+            trace=request_trace,
         )
 
     async def tokenize(

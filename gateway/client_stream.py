@@ -6,6 +6,7 @@ import uuid
 from collections.abc import AsyncIterable, AsyncIterator
 
 import grpc
+from opentelemetry.context import Context
 
 from gateway.admission import Admission, Caller
 from gateway.errors import DuplicateRequest, GatewayError, Overloaded
@@ -19,11 +20,19 @@ _WAKE = None  # put on the outbox when a generation or the reader ends, to re-ch
 class ClientStream:
     """Runs each generation of the stream as its own task; a failure of one is an in-band Error frame."""
 
-    def __init__(self, admission: Admission, max_open: int, timeout_s: float | None, caller: Caller):
+    def __init__(
+        self,
+        admission: Admission,
+        max_open: int,
+        timeout_s: float | None,
+        caller: Caller,
+        trace_parent: Context,
+    ):
         self.admission = admission
         self.max_open = max_open
         self.timeout_s = timeout_s
         self.caller = caller
+        self.trace_parent = trace_parent
         self._outbox: asyncio.Queue[inference_pb2.ServerFrame | None] = asyncio.Queue()
         self._open: dict[str, asyncio.Task[None]] = {}
         self._reading = True
@@ -87,7 +96,7 @@ class ClientStream:
     async def _run(self, key: str, request: inference_pb2.GenerateRequest) -> None:
         client_id = request.request_id
         try:
-            generation = await self.admission.accept(request, self.timeout_s, self.caller)
+            generation = await self.admission.accept(request, self.timeout_s, self.caller, self.trace_parent)
             client_id = generation.client_request_id
             async for response in generation.run():
                 self._outbox.put_nowait(inference_pb2.ServerFrame(request_id=client_id, response=response))

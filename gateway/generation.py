@@ -13,6 +13,7 @@ from gateway.job_queue import JobQueue
 from gateway.job_watch import JobWatch, WatchPolicy
 from gateway.load_limits import Lease
 from gateway.metrics import GatewayMetrics
+from gateway.request_trace import RequestTrace
 from gateway.response_router import ResponseRouter
 from protos import inference_pb2, jobs_pb2
 from tokenization import TextStream
@@ -34,6 +35,7 @@ class Generation:
     watch_policy: WatchPolicy
     lease: Lease  # this generation's place within the load limits, released when it ends
     metrics: GatewayMetrics
+    trace: RequestTrace  # ended when the generation ends
     accepted_s: float = field(default_factory=time.time)
 
     async def run(self) -> AsyncIterator[inference_pb2.GenerateResponse]:
@@ -89,7 +91,12 @@ class Generation:
                         first_token_s,
                     )
                 yield response
+        except GatewayError as error:
+            self.trace.end(error.message)
+            raise
         finally:
+            if self.trace.root.is_recording():
+                self.trace.end(None if finished else "ended early")
             self.lease.release()
             self.router.unregister(request_id)
             if not finished:
@@ -114,6 +121,8 @@ class Generation:
         response.timings.time_to_first_token_s = first_token_s - self.accepted_s
         response.timings.total_s = now - self.accepted_s
         self.metrics.finished(response)
+        self.trace.interval("queue", self.accepted_s, started_s or first_token_s)
+        self.trace.interval("stream", first_token_s, now)
 
 
 def _status(code: int) -> grpc.StatusCode:

@@ -31,6 +31,7 @@ from protos import inference_pb2, inference_pb2_grpc
 from protos.metrics import serve_metrics
 from protos.redis_options import redis_options
 from protos.streams import StreamKeys
+from protos.tracing import tracer_provider
 from tokenization import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ async def serve(settings: GatewaySettings) -> None:
         settings.heartbeat_ttl_s,
     )
     registry = CollectorRegistry()
+    tracers = tracer_provider("conveyor-gateway", settings.otlp_endpoint)
     if settings.metrics_port >= 0:
         metrics_port = serve_metrics(registry, settings.metrics_host, settings.metrics_port)
         logger.info("metrics on http://%s:%d/metrics", settings.metrics_host, metrics_port)
@@ -92,6 +94,7 @@ async def serve(settings: GatewaySettings) -> None:
         WatchPolicy(settings.job_watch_interval_s, settings.max_redis_outage_s),
         load_limits,
         GatewayMetrics(registry, model_name, fleet.max_context),
+        tracers.get_tracer("conveyor.gateway"),
     )
     server = grpc.aio.server()
     inference_pb2_grpc.add_InferenceServicer_to_server(
@@ -142,6 +145,7 @@ async def serve(settings: GatewaySettings) -> None:
     await fleet.stop()
     await router.stop()
     await client.aclose()
+    tracers.shutdown()  # flushes spans still batched
     executor.shutdown(wait=False, cancel_futures=True)
 
 

@@ -5,6 +5,7 @@ import logging
 from collections.abc import AsyncIterable, AsyncIterator
 
 import grpc
+from opentelemetry.context import Context
 
 from gateway.admission import Admission, Caller
 from gateway.auth import ApiKeys
@@ -12,6 +13,7 @@ from gateway.client_stream import ClientStream
 from gateway.errors import GatewayError
 from gateway.validation import check_input
 from protos import inference_pb2, inference_pb2_grpc
+from protos.tracing import extract
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         try:
             generation = await self.admission.accept(
-                request, context.time_remaining(), self.identify(context)
+                request, context.time_remaining(), self.identify(context), trace_parent(context)
             )
             async for response in generation.run():
                 yield response
@@ -54,7 +56,11 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         except GatewayError as error:
             await context.abort(error.code, error.message)
         stream = ClientStream(
-            self.admission, self.max_open_requests_per_stream, context.time_remaining(), caller
+            self.admission,
+            self.max_open_requests_per_stream,
+            context.time_remaining(),
+            caller,
+            trace_parent(context),
         )
         reader = asyncio.create_task(stream.read_all(request_iterator))
         try:
@@ -100,3 +106,9 @@ def caller_of(context: grpc.aio.ServicerContext) -> str:
     """Who is calling, for per-caller limits: the peer's address without its port."""
     peer: str = context.peer()  # "ipv4:127.0.0.1:5555", "ipv6:[::1]:5555", "unix:/path"
     return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+
+
+def trace_parent(context: grpc.aio.ServicerContext) -> Context:
+    """The caller's trace context from its metadata (`traceparent`), or an empty one."""
+    carrier = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+    return extract(carrier)

@@ -41,6 +41,7 @@ class GatewaySettings(BaseSettings):
     log_level: str = "INFO"
     metrics_host: str = "127.0.0.1"  # where /metrics listens (0.0.0.0 in a pod)
     metrics_port: int = Field(9400, ge=-1)  # 0 = any free port, -1 = no /metrics
+    otlp_endpoint: str = ""  # e.g. http://otel-collector:4317: traces go there by OTLP/gRPC
     # Security. API keys: `name:key` or `name:key:model,model` entries, from a file (one per line)
     # and/or CONVEYOR_API_KEYS (separated by whitespace); none configured = open gateway.
     api_keys_file: Path | None = None

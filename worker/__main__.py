@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from protos.metrics import serve_metrics
 from protos.redis_options import redis_options
 from protos.streams import StreamKeys
+from protos.tracing import tracer_provider
 from worker.engine import Engine
 from worker.engine_core import EngineCore
 from worker.job_stream import JobStream
@@ -39,10 +40,12 @@ def main(argv: list[str] | None = None) -> None:
     if settings.metrics_port >= 0:
         port = serve_metrics(registry, settings.metrics_host, settings.metrics_port)
         logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", settings.metrics_host, port)
-    engine = Engine(core, jobs, settings, metrics)
+    tracers = tracer_provider("conveyor-worker", settings.otlp_endpoint)
+    engine = Engine(core, jobs, settings, metrics, tracers.get_tracer("conveyor.worker"))
     signal.signal(signal.SIGTERM, lambda *_: engine.drain())
     signal.signal(signal.SIGINT, lambda *_: engine.drain())
     engine.run()
+    tracers.shutdown()  # flushes spans still batched
 
 
 if __name__ == "__main__":

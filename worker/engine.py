@@ -7,12 +7,14 @@ import time
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry.trace import Tracer
 from redis.exceptions import RedisError
 
 from protos import jobs_pb2
 from scheduler import TokenChunk
 from worker.engine_core import EngineCore
 from worker.job_codec import chunk_to_proto, error_chunk, job_problem, sequence_from_job
+from worker.job_spans import JobSpans
 from worker.job_stream import Burial, FencedOut, JobStream, ReceivedJob, now_ms
 from worker.metrics import WorkerMetrics
 from worker.orphan_claimer import OrphanClaimer
@@ -34,15 +36,24 @@ class _Running:
     entry_id: bytes
     started_unix_ms: int
     deadline_unix_ms: int
+    spans: JobSpans
 
 
 class Engine:
     """One thread owns the model and the scheduler; Redis is polled between steps, blocking only when idle."""
 
-    def __init__(self, core: EngineCore, jobs: JobStream, settings: WorkerSettings, metrics: WorkerMetrics):
+    def __init__(
+        self,
+        core: EngineCore,
+        jobs: JobStream,
+        settings: WorkerSettings,
+        metrics: WorkerMetrics,
+        tracer: Tracer,
+    ):
         self.core = core
         self.jobs = jobs
         self.metrics = metrics
+        self.tracer = tracer
         self.claimer = OrphanClaimer(jobs, settings.claim_min_idle_ms, settings.max_job_attempts)
         self.settings = settings
         self.model_name = settings.served_model_name
@@ -174,7 +185,11 @@ class Engine:
         except ValueError as error:
             return error_chunk(job.request_id, grpc.StatusCode.INVALID_ARGUMENT.value[0], str(error))
         self._running[job.request_id] = _Running(
-            job.gateway_id, item.entry_id, item.received_unix_ms, job.deadline_unix_ms
+            job.gateway_id,
+            item.entry_id,
+            item.received_unix_ms,
+            job.deadline_unix_ms,
+            JobSpans.of(job, item.received_unix_ms),
         )
         return None
 
@@ -184,6 +199,7 @@ class Engine:
         if running is None:
             return
         self.core.abort(request_id)
+        running.spans.end(self.tracer, self.jobs.worker_id, message)
         self._outbox.add(
             running.gateway_id, error_chunk(request_id, code.value[0], message), running.entry_id
         )
@@ -201,9 +217,11 @@ class Engine:
         message = chunk_to_proto(chunk)
         if chunk.index == 0:
             message.started_unix_ms = running.started_unix_ms  # the first chunk says when the job began
+        running.spans.token_produced()
         if chunk.finish_reason is None:
             self._outbox.add(running.gateway_id, message)
             return
+        running.spans.end(self.tracer, self.jobs.worker_id)
         self._outbox.add(running.gateway_id, message, running.entry_id)
         del self._running[chunk.request_id]
         self._num_finished += 1

@@ -52,3 +52,4 @@ class WorkerSettings(EngineSettings):
     log_level: str = "INFO"
     metrics_host: str = "127.0.0.1"  # where /metrics listens (0.0.0.0 in a pod)
     metrics_port: int = Field(9401, ge=-1)  # 0 = any free port, -1 = no /metrics
+    otlp_endpoint: str = ""  # e.g. http://otel-collector:4317: traces go there by OTLP/gRPC

@@ -10,6 +10,7 @@ import pytest
 from client.redis_server import RedisServer, free_port
 from protos import inference_pb2_grpc
 from tests.e2e.cluster import start_gateway, start_worker, stop_process, wait_until_serving
+from tests.e2e.otlp_collector import OtlpCollector
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class Cluster:
     log_dir: Path
     gateway_metrics: str  # http://host:port/metrics
     worker_metrics: str
+    collector: OtlpCollector  # where both send their spans
 
 
 @pytest.fixture(scope="session")
@@ -29,12 +31,23 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def cluster(redis_server: RedisServer, model_dir: Path, log_dir: Path) -> Iterator[Cluster]:
+def collector() -> Iterator[OtlpCollector]:
+    with OtlpCollector() as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def cluster(
+    redis_server: RedisServer, model_dir: Path, log_dir: Path, collector: OtlpCollector
+) -> Iterator[Cluster]:
     namespace = "e2e"
     worker_port, gateway_port = free_port(), free_port()
-    worker = start_worker(redis_server.url, namespace, model_dir, log_dir, "--metrics-port", str(worker_port))
+    otlp = ("--otlp-endpoint", collector.endpoint)
+    worker = start_worker(
+        redis_server.url, namespace, model_dir, log_dir, "--metrics-port", str(worker_port), *otlp
+    )
     gateway, address = start_gateway(
-        redis_server.url, namespace, model_dir, log_dir, "--metrics-port", str(gateway_port)
+        redis_server.url, namespace, model_dir, log_dir, "--metrics-port", str(gateway_port), *otlp
     )
     try:
         wait_until_serving(address, [worker, gateway])
@@ -46,6 +59,7 @@ def cluster(redis_server: RedisServer, model_dir: Path, log_dir: Path) -> Iterat
             log_dir,
             f"http://127.0.0.1:{gateway_port}/metrics",
             f"http://127.0.0.1:{worker_port}/metrics",
+            collector,
         )
     finally:
         assert stop_process(gateway) == 0
