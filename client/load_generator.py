@@ -1,0 +1,176 @@
+"""`conveyor bench --address`: load on a live gateway, at a fixed concurrency or a Poisson rate.
+
+Prompts come from a JSONL file (`prompt_token_ids`, `messages` or `prompt`; optional `max_tokens`),
+the standard workload by default. Each request streams; the report is what its client saw.
+"""
+
+import asyncio
+import json
+import random
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from rich.progress import Progress
+
+from client.library import Security, build_request
+from protos import inference_pb2, inference_pb2_grpc
+
+
+@dataclass(slots=True)
+class RequestResult:
+    sent_s: float  # since the run began
+    status: str = "OK"  # or the gRPC status name
+    token_times_s: list[float] = field(default_factory=list)  # arrival of each token, since the run began
+    ended_s: float = 0.0
+
+    @property
+    def ttft_s(self) -> float | None:
+        return self.token_times_s[0] - self.sent_s if self.token_times_s else None
+
+    @property
+    def inter_token_s(self) -> list[float]:
+        times = self.token_times_s
+        return [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+
+
+def load_prompts(
+    path: Path, limit: int | None, default_max_tokens: int
+) -> list[inference_pb2.GenerateRequest]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    requests = []
+    for row in rows[:limit] if limit else rows:
+        sampling: dict[str, Any] = {
+            "max_tokens": row.get("max_tokens", default_max_tokens),
+            "temperature": 0.0,
+        }
+        if "prompt_token_ids" in row:  # the standard workload: exact tokens, exact lengths
+            requests.append(build_request(token_ids=row["prompt_token_ids"], ignore_eos=True, **sampling))
+        elif "messages" in row:
+            requests.append(build_request(messages=row["messages"], **sampling))
+        else:
+            requests.append(build_request(row["prompt"], **sampling))
+    return requests
+
+
+async def _one(
+    stub: inference_pb2_grpc.InferenceStub,
+    request: inference_pb2.GenerateRequest,
+    metadata: tuple[tuple[str, str], ...],
+    started: float,
+) -> RequestResult:
+    result = RequestResult(sent_s=time.perf_counter() - started)
+    try:
+        async for frame in stub.Generate(request, metadata=metadata):
+            now = time.perf_counter() - started
+            result.token_times_s += [now] * len(frame.token_ids)
+    except grpc.aio.AioRpcError as error:
+        result.status = error.code().name
+    result.ended_s = time.perf_counter() - started
+    return result
+
+
+async def run_load(
+    address: str,
+    requests: list[inference_pb2.GenerateRequest],
+    concurrency: int,
+    request_rate: float | None,
+    security: Security,
+    seed: int = 0,
+) -> tuple[list[RequestResult], float]:
+    """All requests, each sent when the concurrency allows or (with a rate) at Poisson arrivals."""
+    credentials = security.channel_credentials()
+    channel = (
+        grpc.aio.insecure_channel(address)
+        if credentials is None
+        else grpc.aio.secure_channel(address, credentials)
+    )
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    slots = asyncio.Semaphore(concurrency)
+    arrivals = random.Random(seed)
+    started = time.perf_counter()
+    with Progress(transient=True) as progress:
+        bar = progress.add_task("requests", total=len(requests))
+
+        async def limited(request: inference_pb2.GenerateRequest) -> RequestResult:
+            async with slots:
+                result = await _one(stub, request, security.metadata, started)
+            progress.advance(bar)
+            return result
+
+        tasks = []
+        for request in requests:
+            tasks.append(asyncio.create_task(limited(request)))
+            if request_rate:
+                await asyncio.sleep(arrivals.expovariate(request_rate))
+        results = list(await asyncio.gather(*tasks))
+    await channel.close()
+    return results, time.perf_counter() - started
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": 0.0, "p90": 0.0, "p99": 0.0}
+    if len(values) == 1:
+        return {"p50": values[0], "p90": values[0], "p99": values[0]}
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return {"p50": cuts[49], "p90": cuts[89], "p99": cuts[98]}
+
+
+def summarize(results: list[RequestResult], seconds: float) -> dict[str, Any]:
+    ok = [r for r in results if r.status == "OK"]
+    tokens = sum(len(r.token_times_s) for r in ok)
+    return {
+        "requests": len(results),
+        "completed": len(ok),
+        "seconds": round(seconds, 3),
+        "output_tokens": tokens,
+        "output_tokens_per_s": round(tokens / seconds, 2) if seconds else 0.0,
+        "requests_per_s": round(len(ok) / seconds, 3) if seconds else 0.0,
+        "ttft_s": _percentiles([r.ttft_s for r in ok if r.ttft_s is not None]),
+        "inter_token_s": _percentiles([gap for r in ok for gap in r.inter_token_s]),
+        "errors": dict(Counter(r.status for r in results if r.status != "OK")),
+    }
+
+
+def format_table(summary: dict[str, Any], address: str, mode: str) -> str:
+    ttft, itl = summary["ttft_s"], summary["inter_token_s"]
+    errors = ", ".join(f"{name} {count}" for name, count in sorted(summary["errors"].items())) or "none"
+    return "\n".join(
+        [
+            f"target: {address}; {mode}; {summary['requests']} requests in {summary['seconds']:.1f} s",
+            f"{'output tokens/s':24}{summary['output_tokens_per_s']:>10.1f}",
+            f"{'requests/s':24}{summary['requests_per_s']:>10.2f}",
+            f"{'':24}{'p50':>10}{'p90':>10}{'p99':>10}",
+            f"{'time to first token s':24}" + "".join(f"{ttft[p]:>10.3f}" for p in ("p50", "p90", "p99")),
+            f"{'inter-token latency ms':24}"
+            + "".join(f"{1000 * itl[p]:>10.1f}" for p in ("p50", "p90", "p99")),
+            f"errors: {errors}",
+        ]
+    )
+
+
+def plot(results: list[RequestResult], path: Path) -> None:
+    """Latency against time (first token and each later one) and the TTFT distribution."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if r.ttft_s is not None]
+    figure, (over_time, histogram) = plt.subplots(1, 2, figsize=(12, 4.5))
+    over_time.scatter([r.sent_s for r in ok], [r.ttft_s for r in ok], s=12, label="time to first token")
+    gaps = [(r.token_times_s[i + 1], gap) for r in ok for i, gap in enumerate(r.inter_token_s)]
+    if gaps:
+        over_time.scatter(*zip(*gaps, strict=True), s=2, alpha=0.4, label="inter-token latency")
+    over_time.set(xlabel="time since start (s)", ylabel="latency (s)", title="Latency over the run")
+    over_time.legend()
+    histogram.hist([r.ttft_s for r in ok], bins=30)
+    histogram.set(xlabel="time to first token (s)", ylabel="requests", title="TTFT distribution")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
