@@ -5,9 +5,13 @@ Workers export the engine gauges and counters; gateways the per-request histogra
 client sees them. Each process has its own registry and serves it on `/metrics`.
 """
 
+import prometheus_client
 from prometheus_client import CollectorRegistry, start_http_server
 
 PREFIX = "conveyor:"
+
+# No `*_created` series: vLLM exposes none, and scrapers built for it need none.
+prometheus_client.disable_created_metrics()
 
 TTFT_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
