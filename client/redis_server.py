@@ -53,7 +53,7 @@ class RedisServer:
                 "--appendonly",
                 "yes" if self.appendonly else "no",
                 "--appendfsync",
-                "always",
+                "always",  # with appendonly: every write on disk before the reply, as the tests assume
                 "--dir",
                 self._dir.name,
                 "--logfile",

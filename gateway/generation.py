@@ -42,6 +42,7 @@ class Generation:
         request_id = self.job.request_id
         queue = self.router.register(request_id)
         finished = False
+        outcome: str | None = "ended early"  # what the trace records: None for a finished generation
         try:
             watch = JobWatch(self.jobs, await self.jobs.submit(self.job), self.watch_policy)
             next_index = 0
@@ -91,12 +92,12 @@ class Generation:
                         first_token_s,
                     )
                 yield response
+            outcome = None
         except GatewayError as error:
-            self.trace.end(error.message)
+            outcome = error.message
             raise
         finally:
-            if self.trace.root.is_recording():
-                self.trace.end(None if finished else "ended early")
+            self.trace.end(outcome)
             self.lease.release()
             self.router.unregister(request_id)
             if not finished:

@@ -196,12 +196,9 @@ class JobStream:
             pipe.exists(self.keys.gateway(gateway_id))
         return {g for g, exists in zip(ordered, pipe.execute(), strict=True) if not exists}
 
-    def forget_consumer(self, consumer: str) -> bool:
-        """Delete a dead consumer that holds nothing from the group."""
-        reply = self._forget_script(
-            keys=[self.requests_key, self.keys.worker(consumer)], args=[GROUP, consumer]
-        )
-        return int(reply) >= 0
+    def forget_consumer(self, consumer: str) -> None:
+        """Delete a dead consumer that holds nothing from the group (the script re-checks both)."""
+        self._forget_script(keys=[self.requests_key, self.keys.worker(consumer)], args=[GROUP, consumer])
 
     def parse_jobs(self, entries: list[tuple[bytes, dict[bytes, bytes] | None]]) -> list[ReceivedJob]:
         """Decode stream entries. Malformed ones are buried with the reason; entries deleted from the
