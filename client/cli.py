@@ -1,7 +1,8 @@
-"""The `conveyor` command: serve, gateway, worker, generate, bench."""
+"""The `conveyor` command: serve, gateway, worker, generate, bench, monitor."""
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -85,6 +86,12 @@ def _load(args: argparse.Namespace) -> int:
     return 0 if summary["completed"] else 1
 
 
+def _monitor(args: argparse.Namespace) -> int:
+    from client.monitor import MonitorOptions, run_monitor
+
+    return run_monitor(MonitorOptions(args.redis_url, args.namespace, args.interval, args.window, args.once))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conveyor", description="LLM serving over gRPC and Redis streams.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--tls-cert", type=Path, default=None)
     live.add_argument("--tls-key", type=Path, default=None)
     bench.set_defaults(run=_bench)
+
+    monitor = commands.add_parser("monitor", help="live dashboard of workers, queues and gateways")
+    monitor.add_argument(
+        "--redis-url",
+        default=os.environ.get("CONVEYOR_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        help="the fleet's Redis (default: $CONVEYOR_REDIS_URL, else local 6379)",
+    )
+    monitor.add_argument("--namespace", default=os.environ.get("CONVEYOR_NAMESPACE", "conveyor"))
+    monitor.add_argument("--interval", type=float, default=1.0, help="seconds between readings")
+    monitor.add_argument("--window", type=float, default=60.0, help="seconds that rates and latencies cover")
+    monitor.add_argument("--once", action="store_true", help="print one frame and exit")
+    monitor.set_defaults(run=_monitor)
     return parser
 
 

@@ -64,10 +64,11 @@ def serve(options: ServeOptions) -> int:
             )
             processes.append(_start("worker", [*common, *metrics, *options.extra_worker_args]))
         logger.info(
-            "serving on %s:%d with %d worker(s); Ctrl-C stops",
+            "serving on %s:%d with %d worker(s); Ctrl-C stops; watch: conveyor monitor --redis-url %s",
             options.host,
             options.port,
             options.num_workers,
+            redis_url if redis_server is not None else "<the URL given>",  # a given URL may hold a password
         )
         while not stopping:
             dead = [p for p in processes if p.poll() is not None]

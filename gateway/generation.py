@@ -1,6 +1,7 @@
 """Generation: one accepted request — its job, its chunk queue and its detokenizer — as response frames."""
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
@@ -16,7 +17,10 @@ from gateway.metrics import GatewayMetrics
 from gateway.request_trace import RequestTrace
 from gateway.response_router import ResponseRouter
 from protos import inference_pb2, jobs_pb2
+from protos.log_format import request_fields
 from tokenization import TextStream
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -43,9 +47,9 @@ class Generation:
         queue = self.router.register(request_id)
         finished = False
         outcome: str | None = "ended early"  # what the trace records: None for a finished generation
+        next_index = 0
         try:
             watch = JobWatch(self.jobs, await self.jobs.submit(self.job), self.watch_policy)
-            next_index = 0
             started_s = first_token_s = last_token_s = 0.0
             while not finished:
                 try:
@@ -97,6 +101,15 @@ class Generation:
             outcome = error.message
             raise
         finally:
+            logger.info(
+                "generation %s after %.3f s: %d prompt tokens, %d tokens streamed; client's id %s",
+                outcome or "finished",
+                time.time() - self.accepted_s,
+                len(self.job.prompt_token_ids),
+                next_index,
+                self.client_request_id,
+                extra=request_fields(request_id, self.trace.root),
+            )
             self.trace.end(outcome)
             self.lease.release()
             self.router.unregister(request_id)

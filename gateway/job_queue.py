@@ -43,9 +43,10 @@ class JobQueue:
         except RedisError as error:
             logger.warning("cancel of request_id=%s not published: %s", request_id, error)
 
-    async def heartbeat(self, gateway_id: str, ttl_s: float) -> None:
+    async def heartbeat(self, status: jobs_pb2.GatewayStatus, ttl_s: float) -> None:
         """Workers drop the jobs of a gateway whose heartbeat expired: nobody would hear the answer."""
-        await self.client.set(self.keys.gateway(gateway_id), b"1", px=int(ttl_s * 1000))
+        key = self.keys.gateway(status.gateway_id)
+        await self.client.set(key, status.SerializeToString(), px=int(ttl_s * 1000))
 
     async def remove_heartbeat(self, gateway_id: str) -> None:
         await self.client.delete(self.keys.gateway(gateway_id))

@@ -19,7 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.admission import Admission, configured_max_context
 from gateway.auth import ApiKeys
-from gateway.fleet import SERVICE_NAME, FleetMonitor
+from gateway.fleet import FleetMonitor
 from gateway.job_queue import JobQueue
 from gateway.job_watch import WatchPolicy
 from gateway.load_limits import LimitSettings, LoadLimits
@@ -28,7 +28,7 @@ from gateway.response_router import ResponseRouter
 from gateway.service import InferenceService
 from gateway.settings import GatewaySettings
 from protos import inference_pb2, inference_pb2_grpc
-from protos.metrics import serve_metrics
+from protos.otlp_metrics import MetricsOutlets
 from protos.redis_options import redis_options
 from protos.streams import StreamKeys
 from protos.tracing import tracer_provider
@@ -59,20 +59,17 @@ async def serve(settings: GatewaySettings) -> None:
     jobs = JobQueue(client, keys, model_name)
     router = ResponseRouter(client, keys.responses(gateway_id))
     health_servicer = health.aio.HealthServicer()
-    fleet = FleetMonitor(
-        jobs,
-        health_servicer,
-        model_name,
-        configured_max_context(settings.model, settings.max_model_len),
-        gateway_id,
-        settings.health_interval_s,
-        settings.heartbeat_ttl_s,
-    )
     registry = CollectorRegistry()
     tracers = tracer_provider("conveyor-gateway", settings.otlp_endpoint)
-    if settings.metrics_port >= 0:
-        metrics_port = serve_metrics(registry, settings.metrics_host, settings.metrics_port)
-        logger.info("metrics on http://%s:%d/metrics", settings.metrics_host, metrics_port)
+    outlets = MetricsOutlets.open(
+        registry,
+        "conveyor-gateway",
+        settings.metrics_host,
+        settings.metrics_port,
+        settings.otlp_endpoint,
+        settings.otlp_metrics_interval_s,
+    )
+    logger.info("metrics on %s", outlets.page_url or "no page")
     load_limits = LoadLimits(
         LimitSettings(
             max_queued_jobs=settings.max_queued_jobs,
@@ -81,6 +78,17 @@ async def serve(settings: GatewaySettings) -> None:
             requests_per_s_per_caller=settings.requests_per_s_per_caller,
             retry_after_ms=settings.retry_after_ms,
         )
+    )
+    fleet = FleetMonitor(
+        jobs,
+        health_servicer,
+        model_name,
+        configured_max_context(settings.model, settings.max_model_len),
+        gateway_id,
+        settings.health_interval_s,
+        settings.heartbeat_ttl_s,
+        load_limits,
+        outlets.page_url,
     )
     admission = Admission(
         tokenizer,
@@ -133,8 +141,7 @@ async def serve(settings: GatewaySettings) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     logger.info("gateway %s stopping: %d generations open", gateway_id, load_limits.in_flight)
-    for service in ("", SERVICE_NAME):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await fleet.close()
     load_limits.closed = True  # new generations get UNAVAILABLE; open ones may finish
     deadline = loop.time() + settings.grace_s
     while load_limits.in_flight and loop.time() < deadline:
@@ -146,6 +153,7 @@ async def serve(settings: GatewaySettings) -> None:
     await router.stop()
     await client.aclose()
     tracers.shutdown()  # flushes spans still batched
+    outlets.shutdown()
     executor.shutdown(wait=False, cancel_futures=True)
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from protos.log_format import LogFormat
 from protos.streams import model_id
 
 
@@ -39,9 +40,11 @@ class GatewaySettings(BaseSettings):
     max_redis_outage_s: float = Field(30.0, gt=0)  # a request waits out a Redis outage this long
     grace_s: float = Field(5.0, ge=0)  # SIGTERM: let open calls finish this long
     log_level: str = "INFO"
+    log_format: LogFormat = "text"  # json: one object per line, with request and trace ids
     metrics_host: str = "127.0.0.1"  # where /metrics listens (0.0.0.0 in a pod)
     metrics_port: int = Field(9400, ge=-1)  # 0 = any free port, -1 = no /metrics
-    otlp_endpoint: str = ""  # e.g. http://otel-collector:4317: traces go there by OTLP/gRPC
+    otlp_endpoint: str = ""  # e.g. http://otel-collector:4317: traces and metrics go there by OTLP/gRPC
+    otlp_metrics_interval_s: float = Field(10.0, gt=0)  # how often metrics go out by OTLP
     # Security. API keys: `name:key` or `name:key:model,model` entries, from a file (one per line)
     # and/or CONVEYOR_API_KEYS (separated by whitespace); none configured = open gateway.
     api_keys_file: Path | None = None

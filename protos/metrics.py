@@ -5,6 +5,8 @@ Workers export the engine gauges and counters; gateways the per-request histogra
 client sees them. Each process has its own registry and serves it on `/metrics`.
 """
 
+import socket
+
 import prometheus_client
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -45,3 +47,14 @@ def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> int:
     """Serve `/metrics` from a daemon thread; returns the port (useful when asked for port 0)."""
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return int(server.server_port)
+
+
+def metrics_url(host: str, port: int) -> str:
+    """The address others reach this page at, for heartbeats: a wildcard bind is advertised by the
+    address this host's name resolves to (a pod's IP in Kubernetes)."""
+    if host in ("", "0.0.0.0", "::"):
+        try:
+            host = socket.gethostbyname(socket.gethostname())
+        except OSError:
+            host = socket.gethostname()
+    return f"http://{host}:{port}/metrics"

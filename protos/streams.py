@@ -30,6 +30,10 @@ class StreamKeys:
         """Cancels, read by every worker (stream)."""
         return f"{self.namespace}:cancel"
 
+    @property
+    def requests_pattern(self) -> str:
+        return f"{self.namespace}:requests:*"
+
     def worker(self, worker_id: str) -> str:
         """One worker's heartbeat (hash with a TTL, field `status`)."""
         return f"{self.namespace}:worker:{worker_id}"
@@ -39,8 +43,13 @@ class StreamKeys:
         return f"{self.namespace}:worker:*"
 
     def gateway(self, gateway_id: str) -> str:
-        """One gateway's heartbeat (string with a TTL): workers drop the work of a gateway without one."""
+        """One gateway's heartbeat (a serialized GatewayStatus with a TTL): workers drop the work of a
+        gateway without one."""
         return f"{self.namespace}:gateway:{gateway_id}"
+
+    @property
+    def gateway_pattern(self) -> str:
+        return f"{self.namespace}:gateway:*"
 
     def progress(self, request_id: str) -> str:
         """Token ids already delivered for a running job (packed, see `pack_tokens`), to resume it."""

@@ -9,12 +9,14 @@ import sys
 import redis
 from prometheus_client import CollectorRegistry
 
-from protos.metrics import serve_metrics
+from protos.log_format import configure_logging
+from protos.otlp_metrics import MetricsOutlets
 from protos.redis_options import redis_options
 from protos.streams import StreamKeys
 from protos.tracing import tracer_provider
 from worker.engine import Engine
 from worker.engine_core import EngineCore
+from worker.health import LoopHealth, serve_health
 from worker.job_stream import JobStream
 from worker.metrics import WorkerMetrics
 from worker.settings import WorkerSettings
@@ -22,9 +24,7 @@ from worker.settings import WorkerSettings
 
 def main(argv: list[str] | None = None) -> None:
     settings = WorkerSettings(_cli_parse_args=sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s worker %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, "worker", settings.log_format)
     worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     logging.getLogger(__name__).info("settings: %s", settings.model_dump(exclude={"redis_url"}))
     core = EngineCore.from_settings(settings)
@@ -37,15 +37,28 @@ def main(argv: list[str] | None = None) -> None:
     )
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry, settings.served_model_name, core.scheduler)
-    if settings.metrics_port >= 0:
-        port = serve_metrics(registry, settings.metrics_host, settings.metrics_port)
-        logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", settings.metrics_host, port)
+    outlets = MetricsOutlets.open(
+        registry,
+        "conveyor-worker",
+        settings.metrics_host,
+        settings.metrics_port,
+        settings.otlp_endpoint,
+        settings.otlp_metrics_interval_s,
+    )
+    logging.getLogger(__name__).info("metrics on %s", outlets.page_url or "no page")
     tracers = tracer_provider("conveyor-worker", settings.otlp_endpoint)
-    engine = Engine(core, jobs, settings, metrics, tracers.get_tracer("conveyor.worker"))
+    health = LoopHealth(settings.stall_timeout_s)
+    if settings.health_port >= 0:
+        _server, health_port = serve_health(health, settings.health_host, settings.health_port)
+        logging.getLogger(__name__).info("grpc.health.v1 on %s:%d", settings.health_host, health_port)
+    engine = Engine(
+        core, jobs, settings, metrics, tracers.get_tracer("conveyor.worker"), outlets.page_url, health
+    )
     signal.signal(signal.SIGTERM, lambda *_: engine.drain())
     signal.signal(signal.SIGINT, lambda *_: engine.drain())
     engine.run()
     tracers.shutdown()  # flushes spans still batched
+    outlets.shutdown()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 from protos import jobs_pb2
 from scheduler import TokenChunk
 from worker.engine_core import EngineCore
+from worker.health import LoopHealth
 from worker.job_codec import chunk_to_proto, error_chunk, job_problem, sequence_from_job
 from worker.job_spans import JobSpans
 from worker.job_stream import Burial, FencedOut, JobStream, ReceivedJob, now_ms
@@ -49,8 +50,12 @@ class Engine:
         settings: WorkerSettings,
         metrics: WorkerMetrics,
         tracer: Tracer,
+        metrics_url: str,
+        health: LoopHealth,
     ):
         self.core = core
+        self.metrics_url = metrics_url
+        self.health = health
         self.jobs = jobs
         self.metrics = metrics
         self.tracer = tracer
@@ -68,6 +73,7 @@ class Engine:
     def drain(self) -> None:
         """Stop taking jobs; `run` returns once what was taken has finished or the grace period ends."""
         self._draining.set()
+        self.health.ready = False
 
     def run(self) -> None:
         while not self._draining.is_set():
@@ -97,6 +103,7 @@ class Engine:
     def step(self) -> None:
         """One turn of the loop. While Redis fails, nothing is computed: output waits in the outbox
         and the loop retries with backoff; once back, jobs Redis handed over unseen are adopted."""
+        self.health.turned()
         try:
             self._outbox.flush(self.jobs)
             if self._retry_s:
@@ -110,12 +117,15 @@ class Engine:
             self._expire_deadlines()
             self._outbox.flush(self.jobs)
             self._tick()
+            self.health.ready = not self._draining.is_set()
         except FencedOut as error:
             self._abandon(error)
         except RedisError as error:
             self._wait_for_redis(error)
 
     def _wait_for_redis(self, error: RedisError) -> None:
+        self.health.ready = False
+        self.health.turned()  # waiting out an outage is not a stall
         if not self._retry_s:
             logger.error("Redis failed (%s); retrying with backoff, %d jobs held", error, len(self._running))
         self._retry_s = min(max(self._retry_s * 2, _FIRST_RETRY_S), _MAX_RETRY_S)
@@ -200,6 +210,7 @@ class Engine:
             return
         self.core.abort(request_id)
         running.spans.end(self.tracer, self.jobs.worker_id, message)
+        logger.info("job ended early: %s", message, extra=running.spans.log_fields(request_id))
         self._outbox.add(
             running.gateway_id, error_chunk(request_id, code.value[0], message), running.entry_id
         )
@@ -222,6 +233,12 @@ class Engine:
             self._outbox.add(running.gateway_id, message)
             return
         running.spans.end(self.tracer, self.jobs.worker_id)
+        logger.info(
+            "job finished (%s): %d tokens",
+            chunk.finish_reason.value,
+            chunk.index + len(chunk.token_ids),
+            extra=running.spans.log_fields(chunk.request_id),
+        )
         self._outbox.add(running.gateway_id, message, running.entry_id)
         del self._running[chunk.request_id]
         self._num_finished += 1
@@ -266,6 +283,8 @@ class Engine:
             accepting=not self._draining.is_set(),
             updated_unix_ms=now_ms(),
             num_finished=self._num_finished,
+            generation_tokens=self.core.stats.num_generated,
+            metrics_url=self.metrics_url,
         )
         self.jobs.heartbeat(status, self.settings.heartbeat_ttl_s)
 

@@ -34,6 +34,7 @@ class StepStats:
     num_prefill_steps: int = 0  # steps that carried prompt (or recomputed) tokens
     prefill_step_s: float = 0.0
     num_tokens: int = 0  # tokens fed to the model
+    num_generated: int = 0  # tokens sampled
     batch_sizes: Counter[int] = field(default_factory=Counter)  # sequences per step -> steps
     last_step_tokens: int = 0
     last_step_seqs: int = 0
@@ -130,6 +131,7 @@ class EngineCore:
             stats.num_prefill_steps += 1
             stats.prefill_step_s += seconds
         stats.num_tokens += output.num_batched_tokens
+        stats.num_generated += sum(len(chunk.token_ids) for chunk in chunks)
         stats.batch_sizes[len(output.scheduled)] += 1
         stats.last_step_tokens = output.num_batched_tokens
         stats.last_step_seqs = len(output.scheduled)

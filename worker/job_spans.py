@@ -3,10 +3,12 @@
 import time
 from dataclasses import dataclass
 
+from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Status, StatusCode, Tracer
 
 from protos import jobs_pb2
+from protos.log_format import request_fields
 from protos.tracing import extract
 
 
@@ -26,6 +28,10 @@ class JobSpans:
         return cls(
             extract(dict(job.trace_context)), job.arrival_unix_ms or received_unix_ms, received_unix_ms
         )
+
+    def log_fields(self, request_id: str) -> dict[str, str]:
+        """`extra=` for a log line about this job: its request id and the trace it belongs to."""
+        return request_fields(request_id, trace.get_current_span(self.parent))
 
     def token_produced(self) -> None:
         self.first_token_ns = self.first_token_ns or time.time_ns()

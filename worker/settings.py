@@ -6,6 +6,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from protos.log_format import LogFormat
 from protos.streams import model_id
 
 
@@ -50,6 +51,11 @@ class WorkerSettings(EngineSettings):
     drain_timeout_s: float = Field(30.0, ge=0)  # SIGTERM: finish running work for at most this long
     idle_block_ms: int = Field(100, ge=1)  # how long to block on Redis when there is nothing to run
     log_level: str = "INFO"
+    log_format: LogFormat = "text"  # json: one object per line, with request and trace ids
     metrics_host: str = "127.0.0.1"  # where /metrics listens (0.0.0.0 in a pod)
     metrics_port: int = Field(9401, ge=-1)  # 0 = any free port, -1 = no /metrics
-    otlp_endpoint: str = ""  # e.g. http://otel-collector:4317: traces go there by OTLP/gRPC
+    health_host: str = "127.0.0.1"  # where grpc.health.v1 listens for probes (0.0.0.0 in a pod)
+    health_port: int = Field(-1, ge=-1)  # 0 = any free port, -1 = no health server
+    stall_timeout_s: float = Field(300.0, gt=0)  # liveness fails when one loop turn takes longer
+    otlp_endpoint: str = ""  # e.g. http://otel-collector:4317: traces and metrics go there by OTLP/gRPC
+    otlp_metrics_interval_s: float = Field(10.0, gt=0)  # how often metrics go out by OTLP

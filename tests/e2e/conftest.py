@@ -22,6 +22,7 @@ class Cluster:
     log_dir: Path
     gateway_metrics: str  # http://host:port/metrics
     worker_metrics: str
+    worker_health: str  # host:port of the worker's grpc.health.v1
     collector: OtlpCollector  # where both send their spans
 
 
@@ -41,10 +42,14 @@ def cluster(
     redis_server: RedisServer, model_dir: Path, log_dir: Path, collector: OtlpCollector
 ) -> Iterator[Cluster]:
     namespace = "e2e"
-    worker_port, gateway_port = free_port(), free_port()
-    otlp = ("--otlp-endpoint", collector.endpoint)
+    worker_port, gateway_port, health_port = free_port(), free_port(), free_port()
+    otlp = ("--otlp-endpoint", collector.endpoint, "--otlp-metrics-interval-s", "1")
     worker = start_worker(
-        redis_server.url, namespace, model_dir, log_dir, "--metrics-port", str(worker_port), *otlp
+        redis_server.url,
+        namespace,
+        model_dir,
+        log_dir,
+        *("--metrics-port", str(worker_port), "--health-port", str(health_port), *otlp),
     )
     gateway, address = start_gateway(
         redis_server.url, namespace, model_dir, log_dir, "--metrics-port", str(gateway_port), *otlp
@@ -59,6 +64,7 @@ def cluster(
             log_dir,
             f"http://127.0.0.1:{gateway_port}/metrics",
             f"http://127.0.0.1:{worker_port}/metrics",
+            f"127.0.0.1:{health_port}",
             collector,
         )
     finally:

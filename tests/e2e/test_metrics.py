@@ -5,6 +5,8 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 
 from client.library import ConveyorClient
+from protos.metrics import TTFT_BUCKETS
+from tests.e2e.cluster import wait_for
 from tests.e2e.conftest import Cluster
 
 MAX_TOKENS = 6
@@ -61,3 +63,28 @@ def test_metrics_pages_count_what_was_served(cluster: Cluster) -> None:
     assert grew(worker, worker_before, "conveyor:prefix_cache_queries_total") == prompt_tokens
     assert grew(worker, worker_before, "conveyor:iteration_tokens_total_count") >= MAX_TOKENS
     assert "conveyor:num_preemptions_total" in {k[0] for k in worker}
+
+
+def test_the_same_metrics_go_out_by_otlp(cluster: Cluster) -> None:
+    with ConveyorClient(cluster.address) as client:
+        client.generate("By OTLP", max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    page = scrape(cluster.gateway_metrics)
+    sent = value(page, "conveyor:time_to_first_token_seconds_count")
+    collector = cluster.collector
+
+    def ttft_count() -> int:
+        metric = collector.metric("conveyor-gateway", "conveyor.time_to_first_token_seconds")
+        return sum(p.count for p in metric.histogram.data_points) if metric else -1
+
+    assert wait_for(lambda: ttft_count() >= sent, timeout_s=15), ttft_count()
+    metric = collector.metric("conveyor-gateway", "conveyor.time_to_first_token_seconds")
+    assert metric is not None and metric.unit == "s"
+    (point,) = metric.histogram.data_points
+    assert list(point.explicit_bounds) == list(TTFT_BUCKETS)
+    assert sum(point.bucket_counts) == point.count
+    assert {a.key: a.value.string_value for a in point.attributes} == LABELS
+    assert wait_for(lambda: collector.metric("conveyor-worker", "conveyor.kv_cache_usage_perc"), timeout_s=15)
+    tokens = collector.metric("conveyor-gateway", "conveyor.generation_tokens")
+    assert (
+        tokens is not None and tokens.sum.is_monotonic and tokens.sum.data_points[0].as_double >= MAX_TOKENS
+    )

@@ -35,3 +35,29 @@ def test_a_request_is_one_trace_across_gateway_and_worker(
     (root,) = [s for s in spans if s.name == "conveyor.generate"]
     assert root.parent_span_id == CALLER_SPAN, "the gateway's span is a child of the caller's"
     assert all(s.parent_span_id == root.span_id for s in spans if s is not root), "the rest hang off it"
+
+
+def test_log_lines_about_a_request_carry_its_request_and_trace_ids(
+    stub: inference_pb2_grpc.InferenceStub, cluster: Cluster
+) -> None:
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    metadata = (("traceparent", f"00-{trace_id}-b7ad6b7169203331-01"),)
+    request = build_request("Hi", max_tokens=3, temperature=0.0, ignore_eos=True)
+    request.request_id = "my-logged-request"
+    assert len(list(stub.Generate(request, metadata=metadata))) >= 1
+
+    def lines(process: str) -> list[str]:
+        return [
+            line
+            for path in cluster.log_dir.glob(f"{process}-{cluster.namespace}-*.log")
+            for line in path.read_text(errors="replace").splitlines()
+            if f"trace_id={trace_id}" in line
+        ]
+
+    assert wait_for(lambda: lines("gateway") and lines("worker"), timeout_s=10)
+    (gateway_line,) = lines("gateway")
+    (worker_line,) = lines("worker")
+    assert "generation finished" in gateway_line and "client's id my-logged-request" in gateway_line
+    assert "job finished (length): 3 tokens" in worker_line
+    request_id = worker_line.split("request_id=")[1].split()[0]
+    assert f"request_id={request_id}" in gateway_line, "the same job id on both sides"

@@ -1,4 +1,5 @@
-"""Health says NOT_SERVING without a live worker, and a lost Redis turns requests into UNAVAILABLE."""
+"""Health says NOT_SERVING without a live worker (yet ready for Kubernetes: jobs may queue for a
+fleet scaling up from zero), and a lost Redis turns requests into UNAVAILABLE and readiness off."""
 
 from pathlib import Path
 
@@ -18,15 +19,14 @@ def test_no_worker_then_no_redis(model_dir: Path, log_dir: Path) -> None:
         with grpc.insecure_channel(address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
 
-            def status() -> int:
+            def status(service: str = "conveyor.v1.Inference") -> int:
                 try:
-                    return health.Check(
-                        health_pb2.HealthCheckRequest(service="conveyor.v1.Inference"), timeout=2
-                    ).status
+                    return health.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
                 except grpc.RpcError:
                     return -1
 
             assert wait_for(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, timeout_s=60)
+            assert status("readiness") == status("liveness") == health_pb2.HealthCheckResponse.SERVING
             client = ConveyorClient(channel=channel)  # the channel outlives it
             assert client.list_models()[0].num_workers == 0
             redis_server.stop()
@@ -35,6 +35,8 @@ def test_no_worker_then_no_redis(model_dir: Path, log_dir: Path) -> None:
             assert error.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "unreachable" in error.value.details()
             assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert wait_for(lambda: status("readiness") == health_pb2.HealthCheckResponse.NOT_SERVING, 30)
+            assert status("liveness") == health_pb2.HealthCheckResponse.SERVING
     finally:
         assert stop_process(gateway) == 0
         redis_server.close()
