@@ -68,7 +68,9 @@ class Generation:
                 if not token_ids and not finished:
                     continue
                 now = time.time()
-                first_token_s = first_token_s or now
+                if not first_token_s:  # observed now, as vLLM does: a long generation shows at once
+                    first_token_s = now
+                    self.metrics.ttft.observe(now - self.accepted_s)
                 if token_ids:
                     if last_token_s:  # tokens that came together share the gap since the last ones
                         gap = (now - last_token_s) / len(token_ids)

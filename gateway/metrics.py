@@ -65,9 +65,9 @@ class GatewayMetrics:
         self._model_name = model_name
 
     def finished(self, response: inference_pb2.GenerateResponse) -> None:
-        """A request ended with a finish reason; its timings and usage are in the last frame."""
+        """A request ended with a finish reason; its timings and usage are in the last frame (its time
+        to first token was observed when that token came)."""
         timings, usage = response.timings, response.usage
-        self.ttft.observe(timings.time_to_first_token_s)
         self.e2e.observe(timings.total_s)
         self.queue_time.observe(timings.queued_s)
         self.prompt_tokens.inc(usage.prompt_tokens)
