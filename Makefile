@@ -7,18 +7,19 @@ PROTO_SRC := $(wildcard protos/*.proto)
 PROTO_OUT := $(PROTO_SRC:.proto=_pb2.py)
 MODEL_DIR := models/smollm2-135m-instruct
 MODEL := $(MODEL_DIR)/config.json
+EMBEDDER := models/all-minilm-l6-v2/config.json
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
 .PHONY: run test bench protos model lint clean
 
-run: $(STAMP) $(PROTO_OUT) $(MODEL)
+run: $(STAMP) $(PROTO_OUT) $(MODEL) $(EMBEDDER)
 	$(PY) -m client serve --model $(MODEL_DIR) $(RUN_ARGS)
 
-test: $(STAMP) $(PROTO_OUT) $(MODEL)
+test: $(STAMP) $(PROTO_OUT) $(MODEL) $(EMBEDDER)
 	$(PY) -m pytest -q
 
-bench: $(STAMP) $(PROTO_OUT) $(MODEL) $(if $(VLLM),$(VLLM_STAMP))
+bench: $(STAMP) $(PROTO_OUT) $(MODEL) $(EMBEDDER) $(if $(VLLM),$(VLLM_STAMP))
 	$(PY) -m client bench --model $(MODEL_DIR) $(if $(VLLM),--vllm $(VLLM_VENV)/bin/python) $(BENCH_ARGS)
 
 # vLLM's CPU build for `make bench VLLM=1`, in a virtualenv of its own: it pins its own
@@ -32,7 +33,7 @@ $(VLLM_STAMP):
 
 protos: $(PROTO_OUT)
 
-model: $(MODEL)
+model: $(MODEL) $(EMBEDDER)
 
 lint: $(STAMP) $(PROTO_OUT)
 	$(VENV)/bin/ruff check .
@@ -48,7 +49,8 @@ $(STAMP): pyproject.toml
 protos/%_pb2.py: protos/%.proto $(STAMP)
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. $(PROTO_SRC)
 
-$(MODEL): $(STAMP)
+# One command fetches whichever of the two is missing.
+$(MODEL) $(EMBEDDER): $(STAMP)
 	$(PY) -m worker.fetch_model --models-dir models
 
 clean:

@@ -10,6 +10,7 @@ from client.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "models" / "smollm2-135m-instruct"
+EMBEDDER_DIR = ROOT / "models" / "all-minilm-l6-v2"
 WORKLOAD = ROOT / "bench" / "standard-workload.jsonl"
 
 
@@ -18,6 +19,13 @@ def model_dir() -> Path:
     if not (MODEL_DIR / "config.json").exists():
         pytest.fail(f"the default model is missing: run `make model` (expected {MODEL_DIR})")
     return MODEL_DIR
+
+
+@pytest.fixture(scope="session")
+def embedder_dir() -> Path:
+    if not (EMBEDDER_DIR / "config.json").exists():
+        pytest.fail(f"the default embedder is missing: run `make model` (expected {EMBEDDER_DIR})")
+    return EMBEDDER_DIR
 
 
 @pytest.fixture(scope="session")

