@@ -9,8 +9,9 @@ from protos.model_kind import PoolingConfig
 
 
 class EmbeddingModel:
-    """Pads a batch to its longest input, runs the encoder once, pools over the real tokens only
-    (mean, CLS or max, as the checkpoint's sentence-transformers config says) and normalizes."""
+    """Pads a batch to its longest input, runs the encoder once and pools over the real tokens only
+    (mean, CLS or max, as the checkpoint's sentence-transformers config says). Normalization is
+    left to the caller: calls batched together may ask for it differently."""
 
     def __init__(self, path: Path, device: torch.device, pad_token_id: int = 0):
         self.pooling = PoolingConfig.of(path)
@@ -21,7 +22,7 @@ class EmbeddingModel:
 
     @torch.inference_mode()
     def encode(self, inputs: list[list[int]] | list[tuple[int, ...]]) -> torch.Tensor:
-        """One vector per input, float32 on the CPU, in the order given."""
+        """One pooled vector per input, float32 on the CPU, in the order given."""
         longest = max(len(ids) for ids in inputs)
         ids = torch.full((len(inputs), longest), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(inputs), longest), dtype=torch.long)
@@ -30,10 +31,7 @@ class EmbeddingModel:
             mask[row, : len(tokens)] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        vectors = self._pool(hidden, mask)
-        if self.pooling.normalize:
-            vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
-        return vectors.float().cpu()
+        return self._pool(hidden, mask).float().cpu()
 
     def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.pooling.mode == "cls":

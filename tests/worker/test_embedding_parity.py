@@ -1,7 +1,8 @@
-"""EmbeddingModel against transformers: texts of mixed length batched together give the vectors the
-model gives each text alone with its own pooling (mean over the tokens, then L2 normalization, as
-its sentence-transformers files say)."""
+"""The embeddings engine against transformers: texts of mixed length, batched together and split
+across steps, give the vectors the model gives each text alone with its own pooling (mean over the
+tokens, then L2 normalization, as its sentence-transformers files say), whole and in order."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from protos.model_kind import ModelKind, PoolingConfig, model_kind
+from scheduler.embedding_batcher import EmbeddingBatcherConfig
+from worker.embedding_core import Embedded, EmbeddingCore
 from worker.embedding_model import EmbeddingModel
 
 TEXTS = [
@@ -36,14 +39,42 @@ def test_the_default_embedder_reads_as_a_mean_pooled_normalized_encoder(embedder
     assert PoolingConfig.of(embedder_dir) == PoolingConfig("mean", True, 256)
 
 
+def embed_all(core: EmbeddingCore) -> dict[str, Embedded]:
+    done: dict[str, Embedded] = {}
+    while core.wait_s() is not None:
+        time.sleep(core.wait_s() or 0.0)
+        done.update((call.request_id, call) for call in core.step())
+    return done
+
+
 def test_batched_vectors_equal_each_text_alone(embedder_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(embedder_dir))
     inputs = [tokenizer(t, truncation=True, max_length=256)["input_ids"] for t in TEXTS]
     assert len({len(ids) for ids in inputs}) == len(TEXTS), "mixed lengths: padding is exercised"
-    model = EmbeddingModel(embedder_dir, torch.device("cpu"))
-    vectors = model.encode(inputs)
-    assert vectors.shape == (len(TEXTS), 384)
-    for text, vector in zip(TEXTS, vectors, strict=True):
-        expected = reference(embedder_dir, text)
-        assert torch.nn.functional.cosine_similarity(vector, expected, dim=0) > 0.9999, text
-        assert vector.norm().item() == pytest.approx(1.0, abs=1e-5)
+    # A small budget splits the calls across several batches; order must still come back.
+    core = EmbeddingCore(
+        EmbeddingModel(embedder_dir, torch.device("cpu")), EmbeddingBatcherConfig(512, 3, 0.01)
+    )
+    core.add("many", inputs)
+    core.add("one", [inputs[1]])
+    core.add("raw", [inputs[2]], normalize=False)
+    done = embed_all(core)
+    assert set(done) == {"many", "one", "raw"}
+    many = done["many"]
+    assert many.prompt_tokens == sum(len(ids) for ids in inputs)
+    assert len(many.vectors) == len(TEXTS) and len(many.vectors[0]) == 384
+    for text, vector in zip(TEXTS, many.vectors, strict=True):
+        got = torch.tensor(vector)
+        assert torch.nn.functional.cosine_similarity(got, reference(embedder_dir, text), dim=0) > 0.9999, text
+        assert got.norm().item() == pytest.approx(1.0, abs=1e-5)
+    assert done["one"].vectors[0] == pytest.approx(many.vectors[1], abs=1e-5)
+    raw = torch.tensor(done["raw"].vectors[0])
+    assert raw.norm().item() > 1.01, "normalize=False keeps the pooled vector as is"
+    assert torch.nn.functional.cosine_similarity(raw, torch.tensor(many.vectors[2]), dim=0) > 0.9999
+
+
+def test_an_input_over_the_model_limit_is_refused(embedder_dir: Path) -> None:
+    core = EmbeddingCore(EmbeddingModel(embedder_dir, torch.device("cpu")), EmbeddingBatcherConfig(512, 8, 0))
+    with pytest.raises(ValueError, match="256"):
+        core.add("long", [[101] * 257])
+    assert core.wait_s() is None
