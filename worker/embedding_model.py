@@ -13,11 +13,11 @@ class EmbeddingModel:
     (mean, CLS or max, as the checkpoint's sentence-transformers config says). Normalization is
     left to the caller: calls batched together may ask for it differently."""
 
-    def __init__(self, path: Path, device: torch.device, pad_token_id: int = 0):
+    def __init__(self, path: Path, device: torch.device):
         self.pooling = PoolingConfig.of(path)
         self.device = device
         self.model = AutoModel.from_pretrained(str(path), dtype=torch.float32).to(device).eval()
-        self.pad_token_id = int(getattr(self.model.config, "pad_token_id", None) or pad_token_id)
+        self.pad_token_id = int(self.model.config.pad_token_id or 0)  # masked out: any id would do
         self.dimension = int(self.model.config.hidden_size)
 
     @torch.inference_mode()

@@ -236,7 +236,7 @@ class Engine:
         logger.info(
             "job finished (%s): %d tokens",
             chunk.finish_reason.value,
-            chunk.index + len(chunk.token_ids),
+            chunk.index + len(chunk.tokens),
             extra=running.spans.log_fields(chunk.request_id),
         )
         self._outbox.add(running.gateway_id, message, running.entry_id)

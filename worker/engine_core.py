@@ -131,7 +131,7 @@ class EngineCore:
             stats.num_prefill_steps += 1
             stats.prefill_step_s += seconds
         stats.num_tokens += output.num_batched_tokens
-        stats.num_generated += sum(len(chunk.token_ids) for chunk in chunks)
+        stats.num_generated += sum(len(chunk.tokens) for chunk in chunks)
         stats.batch_sizes[len(output.scheduled)] += 1
         stats.last_step_tokens = output.num_batched_tokens
         stats.last_step_seqs = len(output.scheduled)
