@@ -11,6 +11,7 @@ from redis.exceptions import RedisError
 from gateway.job_queue import JobQueue
 from gateway.load_limits import LoadLimits
 from protos import jobs_pb2
+from protos.probes import LIVENESS, READINESS
 
 logger = logging.getLogger(__name__)
 
@@ -18,8 +19,6 @@ SERVICE_NAME = "conveyor.v1.Inference"
 # For Kubernetes probes. Liveness: the server answers at all. Readiness: Redis answers and the
 # gateway is not shutting down; it does not wait for a worker, so jobs can queue for a fleet that
 # scales up from zero on them. "" and SERVICE_NAME say whether a worker serves the model now.
-LIVENESS = "liveness"
-READINESS = "readiness"
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 

@@ -12,13 +12,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from gateway.fleet import LIVENESS as GATEWAY_LIVENESS
-from gateway.fleet import READINESS as GATEWAY_READINESS
 from gateway.settings import GatewaySettings
+from protos.probes import LIVENESS, READINESS
 from protos.streams import GROUP, StreamKeys
 from tests.deploy.keda_schemas import SCHEMAS
-from worker.health import LIVENESS as WORKER_LIVENESS
-from worker.health import READINESS as WORKER_READINESS
 from worker.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -125,15 +122,12 @@ def test_probes_ask_the_services_the_processes_serve(rendered: tuple[str, list[D
     _, docs = rendered
     gateway = container(docs, "Deployment", "conveyor-gateway")
     worker = container(docs, "Deployment", "conveyor-worker")
-    for spec, liveness, readiness, port in (
-        (gateway, GATEWAY_LIVENESS, GATEWAY_READINESS, 50051),
-        (worker, WORKER_LIVENESS, WORKER_READINESS, int(env_of(worker)["CONVEYOR_HEALTH_PORT"])),
-    ):
+    for spec, port in ((gateway, 50051), (worker, int(env_of(worker)["CONVEYOR_HEALTH_PORT"]))):
         assert port in {p["containerPort"] for p in spec["ports"]}
         for probe, service in (
-            ("startupProbe", liveness),
-            ("livenessProbe", liveness),
-            ("readinessProbe", readiness),
+            ("startupProbe", LIVENESS),
+            ("livenessProbe", LIVENESS),
+            ("readinessProbe", READINESS),
         ):
             assert spec[probe]["grpc"] == {"port": port, "service": service}, (spec["name"], probe)
     assert env_of(worker)["CONVEYOR_HEALTH_HOST"] == "0.0.0.0"

@@ -5,7 +5,8 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from worker.health import LIVENESS, READINESS, LoopHealth, serve_health
+from protos.probes import LIVENESS, READINESS
+from worker.health import LoopHealth, serve_health
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
