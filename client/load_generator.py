@@ -112,7 +112,7 @@ async def run_load(
     return results, time.perf_counter() - started
 
 
-def _percentiles(values: list[float]) -> dict[str, float]:
+def percentiles(values: list[float]) -> dict[str, float]:
     if not values:
         return {"p50": 0.0, "p90": 0.0, "p99": 0.0}
     if len(values) == 1:
@@ -131,8 +131,8 @@ def summarize(results: list[RequestResult], seconds: float) -> dict[str, Any]:
         "output_tokens": tokens,
         "output_tokens_per_s": round(tokens / seconds, 2) if seconds else 0.0,
         "requests_per_s": round(len(ok) / seconds, 3) if seconds else 0.0,
-        "ttft_s": _percentiles([r.ttft_s for r in ok if r.ttft_s is not None]),
-        "inter_token_s": _percentiles([gap for r in ok for gap in r.inter_token_s]),
+        "ttft_s": percentiles([r.ttft_s for r in ok if r.ttft_s is not None]),
+        "inter_token_s": percentiles([gap for r in ok for gap in r.inter_token_s]),
         "errors": dict(Counter(r.status for r in results if r.status != "OK")),
     }
 

@@ -1,4 +1,5 @@
-"""`conveyor serve`: a private Redis, N workers and a gateway as one process tree that ends together."""
+"""`conveyor serve`: a private Redis, N generation workers, an embeddings worker and a gateway in
+front of both, as one process tree that ends together."""
 
 import logging
 import signal
@@ -22,7 +23,8 @@ class ServeOptions:
     num_workers: int
     model: Path
     redis_url: str | None
-    extra_worker_args: tuple[str, ...] = ()
+    extra_worker_args: tuple[str, ...] = ()  # for the generation workers
+    embedding_model: Path | None = None  # served beside `model` by one worker of its own
 
 
 def _start(module: str, args: list[str]) -> subprocess.Popen[bytes]:
@@ -57,17 +59,26 @@ def serve(options: ServeOptions) -> int:
     common = ["--model", str(options.model), "--redis-url", redis_url]
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        processes.append(_start("gateway", [*common, "--host", options.host, "--port", str(options.port)]))
+        embedder = options.embedding_model
+        extra_models = [] if embedder is None else ["--extra-models", str(embedder)]
+        gateway_args = [*common, *extra_models, "--host", options.host, "--port", str(options.port)]
+        processes.append(_start("gateway", gateway_args))
         for index in range(options.num_workers):
             metrics = (
                 [] if "--metrics-port" in options.extra_worker_args else ["--metrics-port", str(9401 + index)]
             )
             processes.append(_start("worker", [*common, *metrics, *options.extra_worker_args]))
+        if embedder is not None:
+            metrics_port = str(9401 + options.num_workers)
+            embedder_args = ["--model", str(embedder), "--redis-url", redis_url]
+            processes.append(_start("worker", [*embedder_args, "--metrics-port", metrics_port]))
         logger.info(
-            "serving on %s:%d with %d worker(s); Ctrl-C stops; watch: conveyor monitor --redis-url %s",
+            "serving on %s:%d with %d generation worker(s)%s; Ctrl-C stops; "
+            "watch: conveyor monitor --redis-url %s",
             options.host,
             options.port,
             options.num_workers,
+            "" if embedder is None else f" and an embeddings worker ({embedder})",
             redis_url if redis_server is not None else "<the URL given>",  # a given URL may hold a password
         )
         while not stopping:

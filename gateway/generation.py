@@ -5,15 +5,15 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
-import grpc
-
 from gateway.errors import GatewayError
+from gateway.job_chunks import job_chunks
 from gateway.job_queue import JobQueue
-from gateway.job_watch import JobWatch, WatchPolicy
+from gateway.job_watch import WatchPolicy
 from gateway.load_limits import Lease
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import ModelMetrics
 from gateway.request_trace import RequestTrace
 from gateway.response_router import ResponseRouter
 from protos import inference_pb2, jobs_pb2
@@ -38,66 +38,55 @@ class Generation:
     executor: Executor
     watch_policy: WatchPolicy
     lease: Lease  # this generation's place within the load limits, released when it ends
-    metrics: GatewayMetrics
+    metrics: ModelMetrics
     trace: RequestTrace  # ended when the generation ends
     accepted_s: float = field(default_factory=time.time)
 
     async def run(self) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        request_id = self.job.request_id
-        queue = self.router.register(request_id)
-        finished = False
         outcome: str | None = "ended early"  # what the trace records: None for a finished generation
         next_index = 0
         try:
-            watch = JobWatch(self.jobs, await self.jobs.submit(self.job), self.watch_policy)
             started_s = first_token_s = last_token_s = 0.0
-            while not finished:
-                try:
-                    chunk = await asyncio.wait_for(queue.get(), self.watch_policy.interval_s)
-                except TimeoutError:
-                    await watch.check()
-                    continue
-                if chunk.finish_reason == inference_pb2.FINISH_REASON_ERROR:
-                    finished = True
-                    raise GatewayError(chunk.error.message, _status(chunk.error.code))
-                if chunk.started_unix_ms:
-                    started_s = chunk.started_unix_ms / 1000
-                skip = next_index - chunk.index  # a chunk resent after a worker handover
-                token_ids = list(chunk.token_ids)[max(skip, 0) :]
-                finished = chunk.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED
-                if not token_ids and not finished:
-                    continue
-                now = time.time()
-                if not first_token_s:  # observed now, as vLLM does: a long generation shows at once
-                    first_token_s = now
-                    self.metrics.ttft.observe(now - self.accepted_s)
-                if token_ids:
-                    if last_token_s:  # tokens that came together share the gap since the last ones
-                        gap = (now - last_token_s) / len(token_ids)
-                        for _ in token_ids:
-                            self.metrics.inter_token.observe(gap)
-                    last_token_s = now
-                text = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, self._text, token_ids, finished
-                )
-                response = inference_pb2.GenerateResponse(
-                    request_id=self.client_request_id,
-                    text=text,
-                    token_ids=token_ids,
-                    index=max(chunk.index, next_index),
-                    finish_reason=chunk.finish_reason,
-                    logprobs=list(chunk.logprobs)[max(skip, 0) :],
-                )
-                next_index = max(chunk.index, next_index) + len(token_ids)
-                if finished:
-                    self._finish(
-                        response,
-                        chunk.prompt_tokens or len(self.job.prompt_token_ids),
-                        next_index,
-                        started_s,
-                        first_token_s,
+            async with aclosing(job_chunks(self.job, self.jobs, self.router, self.watch_policy)) as chunks:
+                async for chunk in chunks:
+                    if chunk.started_unix_ms:
+                        started_s = chunk.started_unix_ms / 1000
+                    skip = next_index - chunk.index  # a chunk resent after a worker handover
+                    token_ids = list(chunk.token_ids)[max(skip, 0) :]
+                    finished = chunk.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED
+                    if not token_ids and not finished:
+                        continue
+                    now = time.time()
+                    if not first_token_s:  # observed now, as vLLM does: a long generation shows at once
+                        first_token_s = now
+                        self.metrics.ttft.observe(now - self.accepted_s)
+                    if token_ids:
+                        if last_token_s:  # tokens that came together share the gap since the last ones
+                            gap = (now - last_token_s) / len(token_ids)
+                            for _ in token_ids:
+                                self.metrics.inter_token.observe(gap)
+                        last_token_s = now
+                    text = await asyncio.get_running_loop().run_in_executor(
+                        self.executor, self._text, token_ids, finished
                     )
-                yield response
+                    response = inference_pb2.GenerateResponse(
+                        request_id=self.client_request_id,
+                        text=text,
+                        token_ids=token_ids,
+                        index=max(chunk.index, next_index),
+                        finish_reason=chunk.finish_reason,
+                        logprobs=list(chunk.logprobs)[max(skip, 0) :],
+                    )
+                    next_index = max(chunk.index, next_index) + len(token_ids)
+                    if finished:
+                        self._finish(
+                            response,
+                            chunk.prompt_tokens or len(self.job.prompt_token_ids),
+                            next_index,
+                            started_s,
+                            first_token_s,
+                        )
+                    yield response
             outcome = None
         except GatewayError as error:
             outcome = error.message
@@ -110,13 +99,10 @@ class Generation:
                 len(self.job.prompt_token_ids),
                 next_index,
                 self.client_request_id,
-                extra=request_fields(request_id, self.trace.root),
+                extra=request_fields(self.job.request_id, self.trace.root),
             )
             self.trace.end(outcome)
             self.lease.release()
-            self.router.unregister(request_id)
-            if not finished:
-                await asyncio.shield(self.jobs.cancel(request_id))
 
     def _text(self, token_ids: list[int], finished: bool) -> str:
         text = self.text_stream.push(token_ids)
@@ -139,10 +125,3 @@ class Generation:
         self.metrics.finished(response)
         self.trace.interval("queue", self.accepted_s, started_s or first_token_s)
         self.trace.interval("stream", first_token_s, now)
-
-
-def _status(code: int) -> grpc.StatusCode:
-    for status in grpc.StatusCode:
-        if status.value[0] == code:
-            return status
-    return grpc.StatusCode.INTERNAL

@@ -1,9 +1,8 @@
-"""JobQueue: the gateway's writes to Redis — jobs and cancels — and what it reads of the fleet."""
+"""JobQueue: one model's request stream as the gateway sees it — jobs in, cancels out."""
 
 import logging
 
 import redis.asyncio as aioredis
-from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError
 
 from gateway.errors import Unavailable
@@ -43,25 +42,6 @@ class JobQueue:
         except RedisError as error:
             logger.warning("cancel of request_id=%s not published: %s", request_id, error)
 
-    async def heartbeat(self, status: jobs_pb2.GatewayStatus, ttl_s: float) -> None:
-        """Workers drop the jobs of a gateway whose heartbeat expired: nobody would hear the answer."""
-        key = self.keys.gateway(status.gateway_id)
-        await self.client.set(key, status.SerializeToString(), px=int(ttl_s * 1000))
-
-    async def remove_heartbeat(self, gateway_id: str) -> None:
-        await self.client.delete(self.keys.gateway(gateway_id))
-
     async def queued_jobs(self) -> int:
         """Entries in the request stream: workers delete each job when they acknowledge it."""
         return int(await self.client.xlen(self.requests_key))
-
-    async def worker_statuses(self) -> list[jobs_pb2.WorkerStatus]:
-        """Heartbeats of the workers that are alive now (their keys have not expired)."""
-        statuses = []
-        async for key in self.client.scan_iter(match=self.keys.worker_pattern, count=100):
-            payload = await self.client.hget(key, "status")
-            try:
-                statuses.append(jobs_pb2.WorkerStatus.FromString(payload or b""))
-            except DecodeError:
-                logger.warning("unreadable worker status under %s ignored", key)
-        return statuses

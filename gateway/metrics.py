@@ -20,18 +20,18 @@ _FINISHED_REASON = {  # vLLM's label values
 
 
 class GatewayMetrics:
-    def __init__(self, registry: CollectorRegistry, model_name: str, max_model_len: int):
+    """The metric families, created once in the gateway's registry; `model()` gives one model's series."""
+
+    def __init__(self, registry: CollectorRegistry, max_model_len: int):
         labels = ["model_name"]
+        tokens = token_count_buckets(max_model_len)
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(f"{PREFIX}{name}", doc, labels, buckets=buckets, registry=registry).labels(
-                model_name
-            )
+            return Histogram(f"{PREFIX}{name}", doc, labels, buckets=buckets, registry=registry)
 
         def counter(name: str, doc: str) -> Counter:
-            return Counter(f"{PREFIX}{name}", doc, labels, registry=registry).labels(model_name)
+            return Counter(f"{PREFIX}{name}", doc, labels, registry=registry)
 
-        tokens = token_count_buckets(max_model_len)
         self.ttft = histogram(
             "time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS
         )
@@ -56,12 +56,30 @@ class GatewayMetrics:
         )
         self.prompt_tokens = counter("prompt_tokens", "Number of prefill tokens processed.")
         self.generation_tokens = counter("generation_tokens", "Number of generation tokens processed.")
-        self._success = Counter(
+        self.success = Counter(
             f"{PREFIX}request_success",
             "Count of successfully processed requests.",
             ["model_name", "finished_reason"],
             registry=registry,
         )
+
+    def model(self, model_name: str) -> "ModelMetrics":
+        return ModelMetrics(self, model_name)
+
+
+class ModelMetrics:
+    """One model's series of every family."""
+
+    def __init__(self, families: GatewayMetrics, model_name: str):
+        self.ttft = families.ttft.labels(model_name)
+        self.inter_token = families.inter_token.labels(model_name)
+        self.e2e = families.e2e.labels(model_name)
+        self.queue_time = families.queue_time.labels(model_name)
+        self.prompt_tokens_request = families.prompt_tokens_request.labels(model_name)
+        self.generation_tokens_request = families.generation_tokens_request.labels(model_name)
+        self.prompt_tokens = families.prompt_tokens.labels(model_name)
+        self.generation_tokens = families.generation_tokens.labels(model_name)
+        self._success = families.success
         self._model_name = model_name
 
     def finished(self, response: inference_pb2.GenerateResponse) -> None:
@@ -77,3 +95,11 @@ class GatewayMetrics:
         reason = _FINISHED_REASON.get(response.finish_reason)
         if reason is not None:
             self._success.labels(self._model_name, reason).inc()
+
+    def embedded(self, response: inference_pb2.EmbedResponse) -> None:
+        """An embedding call answered: its latency, queue time and tokens (its reason is "stop")."""
+        self.e2e.observe(response.timings.total_s)
+        self.queue_time.observe(response.timings.queued_s)
+        self.prompt_tokens.inc(response.usage.prompt_tokens)
+        self.prompt_tokens_request.observe(response.usage.prompt_tokens)
+        self._success.labels(self._model_name, "stop").inc()

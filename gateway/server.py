@@ -17,17 +17,20 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from gateway.admission import Admission, configured_max_context
+from gateway.admission import Admission
 from gateway.auth import ApiKeys
 from gateway.fleet import FleetMonitor
 from gateway.job_queue import JobQueue
 from gateway.job_watch import WatchPolicy
 from gateway.load_limits import LimitSettings, LoadLimits
 from gateway.metrics import GatewayMetrics
+from gateway.presence import Presence
 from gateway.response_router import ResponseRouter
+from gateway.served_models import ServedModel, ServedModels, checkpoint_max_context, embedding_dimension
 from gateway.service import InferenceService
 from gateway.settings import GatewaySettings
 from protos import inference_pb2, inference_pb2_grpc
+from protos.model_kind import ModelKind, model_kind
 from protos.otlp_metrics import MetricsOutlets
 from protos.redis_options import redis_options
 from protos.streams import StreamKeys
@@ -54,9 +57,6 @@ async def serve(settings: GatewaySettings) -> None:
         **redis_options(settings.redis_url, settings.redis_timeout_s, settings.redis_ca_file),
     )
     executor = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenizer")
-    tokenizer = Tokenizer(settings.model)
-    model_name = settings.served_model_name
-    jobs = JobQueue(client, keys, model_name)
     router = ResponseRouter(client, keys.responses(gateway_id))
     health_servicer = health.aio.HealthServicer()
     registry = CollectorRegistry()
@@ -70,6 +70,7 @@ async def serve(settings: GatewaySettings) -> None:
         settings.otlp_metrics_interval_s,
     )
     logger.info("metrics on %s", outlets.page_url or "no page")
+    models = served_models(settings, client, keys, registry)
     load_limits = LoadLimits(
         LimitSettings(
             max_queued_jobs=settings.max_queued_jobs,
@@ -80,10 +81,9 @@ async def serve(settings: GatewaySettings) -> None:
         )
     )
     fleet = FleetMonitor(
-        jobs,
+        Presence(client, keys),
+        models,
         health_servicer,
-        model_name,
-        configured_max_context(settings.model, settings.max_model_len),
         gateway_id,
         settings.health_interval_s,
         settings.heartbeat_ttl_s,
@@ -91,17 +91,13 @@ async def serve(settings: GatewaySettings) -> None:
         outlets.page_url,
     )
     admission = Admission(
-        tokenizer,
+        models,
         executor,
-        jobs,
         router,
-        fleet,
         gateway_id,
-        model_name,
         settings.default_max_tokens,
         WatchPolicy(settings.job_watch_interval_s, settings.max_redis_outage_s),
         load_limits,
-        GatewayMetrics(registry, model_name, fleet.max_context),
         tracers.get_tracer("conveyor.gateway"),
     )
     server = grpc.aio.server()
@@ -129,7 +125,7 @@ async def serve(settings: GatewaySettings) -> None:
     logger.info(
         "gateway %s serving %s on %s:%d (%s, %s)",
         gateway_id,
-        model_name,
+        ", ".join(f"{model.name} ({model.kind.value})" for model in models),
         settings.host,
         port,
         "plaintext" if credentials is None else "mutual TLS" if settings.tls_client_ca_file else "TLS",
@@ -141,6 +137,7 @@ async def serve(settings: GatewaySettings) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     logger.info("gateway %s stopping: %d generations open", gateway_id, load_limits.in_flight)
+    stopping_at = loop.time()
     await fleet.close()
     load_limits.closed = True  # new generations get UNAVAILABLE; open ones may finish
     deadline = loop.time() + settings.grace_s
@@ -155,6 +152,33 @@ async def serve(settings: GatewaySettings) -> None:
     tracers.shutdown()  # flushes spans still batched
     outlets.shutdown()
     executor.shutdown(wait=False, cancel_futures=True)
+    logger.info("gateway %s stopped after %.2f s", gateway_id, loop.time() - stopping_at)
+
+
+def served_models(
+    settings: GatewaySettings, client: aioredis.Redis, keys: StreamKeys, registry: CollectorRegistry
+) -> ServedModels:
+    """Each configured checkpoint with its kind, tokenizer, request stream and metric series."""
+    kinds = [(name, path, model_kind(path)) for name, path in settings.served_models]
+    limits = {
+        name: checkpoint_max_context(path, kind, settings.max_model_len if index == 0 else None)
+        for index, (name, path, kind) in enumerate(kinds)
+    }
+    metrics = GatewayMetrics(registry, max(limits.values()))
+    return ServedModels(
+        [
+            ServedModel(
+                name=name,
+                kind=kind,
+                tokenizer=Tokenizer(path),
+                jobs=JobQueue(client, keys, name),
+                metrics=metrics.model(name),
+                max_context=limits[name],
+                dimension=embedding_dimension(path) if kind is ModelKind.EMBED else 0,
+            )
+            for name, path, kind in kinds
+        ]
+    )
 
 
 def server_credentials(settings: GatewaySettings) -> grpc.ServerCredentials | None:

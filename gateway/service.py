@@ -74,14 +74,12 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.TokenizeResponse:
         try:
-            self.admission.check_model(request.model, self.identify(context))
-            check_input(request, self.admission.limits)
-            token_ids = await self.admission.tokenize(request)
+            model = self.admission.check_model(request.model, self.identify(context), None)
+            check_input(request, self.admission.limits(model))
+            token_ids = await self.admission.tokenize(request, model.tokenizer)
         except GatewayError as error:
             await context.abort(error.code, error.message)
-        return inference_pb2.TokenizeResponse(
-            token_ids=token_ids, max_context=self.admission.fleet.max_context
-        )
+        return inference_pb2.TokenizeResponse(token_ids=token_ids, max_context=model.max_context)
 
     async def ListModels(  # noqa: N802 - gRPC method name
         self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -90,16 +88,27 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             caller = self.identify(context)
         except GatewayError as error:
             await context.abort(error.code, error.message)
-        fleet = self.admission.fleet
-        if caller.principal is not None and not caller.principal.may_use(self.admission.model_name):
-            return inference_pb2.ListModelsResponse()
-        model = inference_pb2.ModelInfo(
-            id=self.admission.model_name,
-            max_context=fleet.max_context,
-            num_workers=fleet.num_workers,
-            is_default=True,
+        models = self.admission.models
+        return inference_pb2.ListModelsResponse(
+            models=[
+                model.info(models.is_default(model))
+                for model in models
+                if caller.principal is None or caller.principal.may_use(model.name)
+            ]
         )
-        return inference_pb2.ListModelsResponse(models=[model])
+
+    async def Embed(  # noqa: N802 - gRPC method name
+        self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.EmbedResponse:
+        try:
+            call = await self.admission.accept_embed(
+                request, context.time_remaining(), self.identify(context), trace_parent(context)
+            )
+            return await call.run()
+        except GatewayError as error:
+            if error.retry_after_ms:
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(error.retry_after_ms)),))
+            await context.abort(error.code, error.message)
 
 
 def caller_of(context: grpc.aio.ServicerContext) -> str:

@@ -10,7 +10,7 @@ from protos.streams import model_id
 
 
 class GatewaySettings(BaseSettings):
-    """Where to listen, which Redis, which model's tokenizer, and the request limits."""
+    """Where to listen, which Redis, which models' tokenizers, and the request limits."""
 
     model_config = SettingsConfigDict(
         env_prefix="CONVEYOR_", frozen=True, extra="ignore", cli_kebab_case=True, cli_implicit_flags=True
@@ -23,6 +23,9 @@ class GatewaySettings(BaseSettings):
     gateway_id: str = ""  # default: hostname-pid; a random incarnation suffix is always added
     model: Path = Path("models/smollm2-135m-instruct")  # checkpoint directory (tokenizer, config)
     model_name: str = ""  # id clients use; empty = the checkpoint's folder name
+    # More checkpoints served beside it, each under its folder's name; the kind (generation or
+    # embeddings) is read from each. The first of each kind is that kind's default.
+    extra_models: list[Path] = []
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     default_max_tokens: int = Field(256, ge=1)  # when a request leaves max_tokens at 0
     max_open_requests_per_stream: int = Field(1024, ge=1)
@@ -55,5 +58,8 @@ class GatewaySettings(BaseSettings):
     redis_ca_file: Path | None = None  # PEM; verifies a rediss:// server
 
     @property
-    def served_model_name(self) -> str:
-        return model_id(self.model, self.model_name)
+    def served_models(self) -> list[tuple[str, Path]]:
+        """(id, checkpoint) of every model, the main one first."""
+        return [(model_id(self.model, self.model_name), self.model)] + [
+            (model_id(path, ""), path) for path in self.extra_models
+        ]

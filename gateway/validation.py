@@ -1,6 +1,7 @@
 """Pure checks of a GenerateRequest: every rule names the field it is about."""
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gateway.errors import InvalidRequest
@@ -12,6 +13,7 @@ MAX_STOP_LEN = 256
 MAX_LOGPROBS = 20
 MAX_TEMPERATURE = 100.0
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+MAX_EMBED_INPUTS = 2048  # OpenAI's bound on inputs per embeddings call
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,25 @@ def check_prompt_length(num_tokens: int, limits: Limits) -> None:
         raise InvalidRequest(
             f"prompt: {num_tokens} tokens leave no room in the model's context of {limits.max_context} tokens"
         )
+
+
+def check_embed_inputs(inputs: Sequence[str]) -> None:
+    if not inputs:
+        raise InvalidRequest("inputs: must hold at least one text")
+    if len(inputs) > MAX_EMBED_INPUTS:
+        raise InvalidRequest(f"inputs: at most {MAX_EMBED_INPUTS} texts per call, got {len(inputs)}")
+    for index, text in enumerate(inputs):
+        if not text:
+            raise InvalidRequest(f"inputs[{index}]: must not be empty")
+
+
+def check_embed_lengths(lengths: Sequence[int], max_length: int) -> None:
+    for index, length in enumerate(lengths):
+        if length > max_length:
+            raise InvalidRequest(
+                f"inputs[{index}]: {length} tokens exceed the model's limit of {max_length} "
+                "(special tokens included); shorten it or set truncate"
+            )
 
 
 def _range(field: str, value: float, low: float, high: float, *, low_open: bool = False) -> float:

@@ -2,8 +2,10 @@
 pipeline (Kubernetes, Loki, Cloud Logging). A line about one request carries its request id and the
 id of its trace, so a log line leads to the trace and back."""
 
+import faulthandler
 import json
 import logging
+import signal
 import time
 from typing import Literal
 
@@ -54,7 +56,12 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, process: str, log_format: LogFormat) -> None:
-    """Root logging for one process (`process` is "gateway" or "worker")."""
+    """Root logging for one process (`process` is "gateway" or "worker").
+
+    `kill -USR1 <pid>` also writes every thread's stack to stderr, beside the log: how an operator
+    (or a test) sees where a process that does not stop is stuck.
+    """
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     handler = logging.StreamHandler()
     if log_format == "json":
         handler.setFormatter(JsonFormatter(process))

@@ -20,9 +20,11 @@ class EmbeddingBatcherConfig:
     max_batch_tokens: int  # padded tokens per batch: inputs x the longest one
     max_batch_size: int  # inputs per batch
     max_wait_s: float  # how long the oldest input may wait for a batch to fill
+    max_padding: float = 0.2  # share of a group's padded tokens that may be padding (see EmbedBatch)
 
     def __post_init__(self) -> None:
-        if self.max_batch_tokens < 1 or self.max_batch_size < 1 or self.max_wait_s < 0:
+        invalid = self.max_batch_tokens < 1 or self.max_batch_size < 1 or self.max_wait_s < 0
+        if invalid or not 0 <= self.max_padding < 1:
             raise ValueError(f"invalid batcher config {self}")
 
 
@@ -38,11 +40,35 @@ class EmbedInput:
 
 @dataclass(frozen=True, slots=True)
 class EmbedBatch:
-    inputs: tuple[EmbedInput, ...]  # shortest first
+    """One step's inputs, shortest first, in groups the encoder runs (and pads) one at a time: a
+    short input batched with a long one would otherwise cost as much as the long one."""
+
+    groups: tuple[tuple[EmbedInput, ...], ...]
+
+    @classmethod
+    def of(cls, inputs: Sequence[EmbedInput], max_padding: float) -> "EmbedBatch":
+        """Cut the inputs (shortest first) wherever adding the next one would make more than
+        `max_padding` of its group's padded tokens padding."""
+        groups: list[tuple[EmbedInput, ...]] = []
+        current: list[EmbedInput] = []
+        real_tokens = 0
+        for item in inputs:
+            length = len(item.token_ids)  # the longest so far: the group pads to it
+            if current and real_tokens + length < (1 - max_padding) * (len(current) + 1) * length:
+                groups.append(tuple(current))
+                current, real_tokens = [], 0
+            current.append(item)
+            real_tokens += length
+        groups.append(tuple(current))
+        return cls(tuple(groups))
+
+    @property
+    def inputs(self) -> tuple[EmbedInput, ...]:
+        return tuple(item for group in self.groups for item in group)
 
     @property
     def padded_tokens(self) -> int:
-        return len(self.inputs) * max(len(i.token_ids) for i in self.inputs)
+        return sum(len(group) * len(group[-1].token_ids) for group in self.groups)
 
 
 @dataclass(slots=True)
@@ -112,7 +138,7 @@ class EmbeddingBatcher(Generic[Vector]):
         batch = self._select()
         taken = {(i.request_id, i.index) for i in batch}
         self._queue = [i for i in self._queue if (i.request_id, i.index) not in taken]
-        return EmbedBatch(tuple(batch))
+        return EmbedBatch.of(batch, self.config.max_padding)
 
     def complete(self, batch: EmbedBatch, vectors: Sequence[Vector]) -> list[EmbedCall[Vector]]:
         """Record a batch's vectors (in the batch's order); returns the calls now whole."""

@@ -26,6 +26,10 @@ class Tokenizer:
 
     def __init__(self, model_dir: Path):
         self._tokenizer = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        # Lengths are checked (or cut, when asked) by the caller against the model's limit; a
+        # tokenizer.json that pads or truncates on its own (sentence-transformers' do) would hide that.
+        self._tokenizer.no_truncation()
+        self._tokenizer.no_padding()
         config_path = model_dir / "tokenizer_config.json"
         config = json.loads(config_path.read_text()) if config_path.exists() else {}
         self.bos_token = _token_text(config.get("bos_token"))
@@ -46,6 +50,18 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Raw text, with the special tokens the checkpoint's post-processor adds."""
         return list(self._tokenizer.encode(text, add_special_tokens=True).ids)
+
+    def encode_many(self, texts: Sequence[str], truncate_to: int | None = None) -> list[list[int]]:
+        """Texts in one batch, with special tokens; with `truncate_to`, cut to at most that many
+        tokens as Hugging Face's truncation does (the special tokens kept, the text's end dropped)."""
+        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        num_special = self._tokenizer.num_special_tokens_to_add(False)
+        result = []
+        for encoding in encodings:
+            if truncate_to is not None and len(encoding.ids) + num_special > truncate_to:
+                encoding.truncate(max(truncate_to - num_special, 0))
+            result.append(list(self._tokenizer.post_process(encoding).ids))
+        return result
 
     def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
         """The chat template applied, with the assistant turn opened."""

@@ -1,5 +1,6 @@
 """EmbeddingCore: the embeddings worker's engine — the batcher's batches through the encoder."""
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -7,6 +8,10 @@ import torch
 
 from scheduler.embedding_batcher import EmbedCall, EmbeddingBatcher, EmbeddingBatcherConfig
 from worker.embedding_model import EmbeddingModel
+from worker.engine_core import pick_device
+from worker.settings import WorkerSettings
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,11 +23,45 @@ class Embedded:
     prompt_tokens: int
 
 
+@dataclass(slots=True)
+class BatchStats:
+    """What the encoder ran, for metrics, the periodic stats line and the benchmark."""
+
+    num_batches: int = 0
+    num_inputs: int = 0
+    num_padded_tokens: int = 0  # each group's inputs x its longest, summed over batches
+    last_batch_size: int = 0
+    last_batch_tokens: int = 0
+
+
 class EmbeddingCore:
     def __init__(self, model: EmbeddingModel, config: EmbeddingBatcherConfig):
         self.model = model
         self.batcher: EmbeddingBatcher[torch.Tensor] = EmbeddingBatcher(config)
+        self.stats = BatchStats()
         self._normalize: dict[str, bool] = {}
+
+    @classmethod
+    def from_settings(cls, settings: WorkerSettings) -> "EmbeddingCore":
+        device = pick_device(settings.device)
+        if settings.num_threads:
+            torch.set_num_threads(settings.num_threads)
+        model = EmbeddingModel(settings.model, device)
+        config = EmbeddingBatcherConfig(
+            max_batch_tokens=settings.embed_max_batch_tokens,
+            max_batch_size=settings.embed_max_batch_size,
+            max_wait_s=settings.embed_max_wait_ms / 1000,
+        )
+        logger.info(
+            "embedder ready: model=%s device=%s dimension=%d pooling=%s normalize=%s max_length=%d",
+            settings.model,
+            device,
+            model.dimension,
+            model.pooling.mode,
+            model.pooling.normalize,
+            model.pooling.max_length,
+        )
+        return cls(model, config)
 
     def add(self, request_id: str, inputs: list[list[int]], normalize: bool | None = None) -> None:
         """Queue a call; `normalize` None follows the model's own configuration."""
@@ -44,8 +83,14 @@ class EmbeddingCore:
         batch = self.batcher.next_batch(time.monotonic())
         if batch is None:
             return []
-        vectors = self.model.encode([item.token_ids for item in batch.inputs])
-        return [self._finish(call) for call in self.batcher.complete(batch, list(vectors))]
+        vectors = [v for group in batch.groups for v in self.model.encode([i.token_ids for i in group])]
+        stats = self.stats
+        stats.num_batches += 1
+        stats.num_inputs += len(batch.inputs)
+        stats.num_padded_tokens += batch.padded_tokens
+        stats.last_batch_size = len(batch.inputs)
+        stats.last_batch_tokens = batch.padded_tokens
+        return [self._finish(call) for call in self.batcher.complete(batch, vectors)]
 
     def _finish(self, call: EmbedCall[torch.Tensor]) -> Embedded:
         stacked = torch.stack(call.vectors)

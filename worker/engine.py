@@ -10,14 +10,12 @@ import grpc
 from opentelemetry.trace import Tracer
 from redis.exceptions import RedisError
 
-from protos import jobs_pb2
-from scheduler import TokenChunk
-from worker.engine_core import EngineCore
+from protos import inference_pb2, jobs_pb2
 from worker.health import LoopHealth
-from worker.job_codec import chunk_to_proto, error_chunk, job_problem, sequence_from_job
+from worker.job_codec import error_chunk
+from worker.job_runner import JobRunner
 from worker.job_spans import JobSpans
 from worker.job_stream import Burial, FencedOut, JobStream, ReceivedJob, now_ms
-from worker.metrics import WorkerMetrics
 from worker.orphan_claimer import OrphanClaimer
 from worker.outbox import Outbox
 from worker.settings import WorkerSettings
@@ -41,23 +39,22 @@ class _Running:
 
 
 class Engine:
-    """One thread owns the model and the scheduler; Redis is polled between steps, blocking only when idle."""
+    """One thread owns the model and its scheduler (the runner); Redis is polled between steps,
+    blocking only while nothing is due."""
 
     def __init__(
         self,
-        core: EngineCore,
+        runner: JobRunner,
         jobs: JobStream,
         settings: WorkerSettings,
-        metrics: WorkerMetrics,
         tracer: Tracer,
         metrics_url: str,
         health: LoopHealth,
     ):
-        self.core = core
+        self.runner = runner
         self.metrics_url = metrics_url
         self.health = health
         self.jobs = jobs
-        self.metrics = metrics
         self.tracer = tracer
         self.claimer = OrphanClaimer(jobs, settings.claim_min_idle_ms, settings.max_job_attempts)
         self.settings = settings
@@ -109,11 +106,8 @@ class Engine:
             if self._retry_s:
                 self._recover()
             self._admit_and_cancel()
-            steps_before = self.core.stats.num_steps
-            for chunk in self.core.step():
+            for chunk in self.runner.step():
                 self._queue_chunk(chunk)
-            if self.core.stats.num_steps != steps_before:
-                self.metrics.observe_step(self.core.stats.last_step_tokens, self.core.stats.last_step_seqs)
             self._expire_deadlines()
             self._outbox.flush(self.jobs)
             self._tick()
@@ -146,7 +140,7 @@ class Engine:
         """Presumed dead: others may be resuming our jobs, so drop them all and rejoin as a new consumer."""
         logger.error("%s: dropping %d jobs for other workers to resume", error, len(self._running))
         for request_id in self._running:
-            self.core.abort(request_id)
+            self.runner.abort(request_id)
         self._running.clear()
         self._outbox.clear()
         self.jobs.new_incarnation()
@@ -157,8 +151,8 @@ class Engine:
         """Read jobs and cancels; jobs refused at once get their last chunk in the outbox."""
         accepting = not self._draining.is_set()
         # Take only what can run now, so idle workers in the group get the rest.
-        capacity = self.core.scheduler.config.max_num_seqs - len(self._running)
-        block_ms = self.settings.idle_block_ms if self.core.scheduler.is_idle else None
+        capacity = self.runner.max_jobs - len(self._running)
+        block_ms = self.runner.block_ms(self.settings.idle_block_ms)
         received, cancels = self.jobs.read(capacity if accepting else 0, block_ms)
         for request_id in cancels:
             self._finish_early(request_id, grpc.StatusCode.CANCELLED, "cancelled")
@@ -177,7 +171,7 @@ class Engine:
     def _admit(self, item: ReceivedJob) -> jobs_pb2.TokenChunk | None:
         """Start a job, or return the chunk that ends it at once."""
         job = item.job
-        problem = job_problem(job, self.core.vocab_size)
+        problem = self.runner.problem(job)
         if problem is not None:
             logger.warning("job %s request_id=%s buried: %s", item.entry_id, job.request_id, problem)
             self._outbox.bury(Burial(item.entry_id, job.SerializeToString(), problem))
@@ -191,7 +185,7 @@ class Engine:
                 job.request_id, grpc.StatusCode.DEADLINE_EXCEEDED.value[0], "deadline passed while queued"
             )
         try:
-            self.core.add(sequence_from_job(job, item.delivered_token_ids))
+            self.runner.start(job, item.delivered_token_ids)
         except ValueError as error:
             return error_chunk(job.request_id, grpc.StatusCode.INVALID_ARGUMENT.value[0], str(error))
         self._running[job.request_id] = _Running(
@@ -208,7 +202,7 @@ class Engine:
         running = self._running.pop(request_id, None)
         if running is None:
             return
-        self.core.abort(request_id)
+        self.runner.abort(request_id)
         running.spans.end(self.tracer, self.jobs.worker_id, message)
         logger.info("job ended early: %s", message, extra=running.spans.log_fields(request_id))
         self._outbox.add(
@@ -223,24 +217,25 @@ class Engine:
         for request_id in expired:
             self._finish_early(request_id, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
 
-    def _queue_chunk(self, chunk: TokenChunk) -> None:
-        running = self._running[chunk.request_id]
-        message = chunk_to_proto(chunk)
-        if chunk.index == 0:
+    def _queue_chunk(self, message: jobs_pb2.TokenChunk) -> None:
+        running = self._running[message.request_id]
+        if message.index == 0:
             message.started_unix_ms = running.started_unix_ms  # the first chunk says when the job began
         running.spans.token_produced()
-        if chunk.finish_reason is None:
+        if message.finish_reason == inference_pb2.FINISH_REASON_UNSPECIFIED:
             self._outbox.add(running.gateway_id, message)
             return
         running.spans.end(self.tracer, self.jobs.worker_id)
         logger.info(
-            "job finished (%s): %d tokens",
-            chunk.finish_reason.value,
-            chunk.index + len(chunk.tokens),
-            extra=running.spans.log_fields(chunk.request_id),
+            "job finished (%s): %s",
+            inference_pb2.FinishReason.Name(message.finish_reason).removeprefix("FINISH_REASON_").lower(),
+            f"{len(message.embeddings)} vectors"
+            if message.embeddings
+            else f"{message.index + len(message.token_ids)} tokens",
+            extra=running.spans.log_fields(message.request_id),
         )
         self._outbox.add(running.gateway_id, message, running.entry_id)
-        del self._running[chunk.request_id]
+        del self._running[message.request_id]
         self._num_finished += 1
 
     def _tick(self) -> None:
@@ -252,9 +247,9 @@ class Engine:
         if now < self._next_heartbeat:
             return
         self._send_heartbeat()
-        self.metrics.refresh()
+        self.runner.refresh_metrics()
         self._drop_work_of_lost_gateways()
-        capacity = self.core.scheduler.config.max_num_seqs - len(self._running)
+        capacity = self.runner.max_jobs - len(self._running)
         if capacity > 0 and not self._draining.is_set():
             self._admit_all(self.claimer.claim(capacity))
 
@@ -266,37 +261,22 @@ class Engine:
         dropped = [rid for rid, r in self._running.items() if r.gateway_id in lost]
         logger.warning("gateways %s are gone: cancelling their %d jobs", sorted(lost), len(dropped))
         for request_id in dropped:
-            self.core.abort(request_id)
+            self.runner.abort(request_id)
             self._outbox.acknowledge(request_id, self._running.pop(request_id).entry_id)
 
     def _send_heartbeat(self) -> None:
         self._next_heartbeat = time.monotonic() + self.settings.heartbeat_interval_s
-        scheduler = self.core.scheduler
         status = jobs_pb2.WorkerStatus(
             worker_id=self.jobs.worker_id,
             model=self.model_name,
-            max_context=self.core.max_model_len,
-            num_running=len(scheduler.running),
-            num_waiting=len(scheduler.waiting),
-            num_used_blocks=scheduler.block_manager.num_used_blocks,
-            num_blocks=scheduler.block_manager.num_blocks,
+            max_context=self.runner.max_context,
             accepting=not self._draining.is_set(),
             updated_unix_ms=now_ms(),
             num_finished=self._num_finished,
-            generation_tokens=self.core.stats.num_generated,
             metrics_url=self.metrics_url,
         )
+        self.runner.load(status)
         self.jobs.heartbeat(status, self.settings.heartbeat_ttl_s)
 
     def _log_stats(self) -> None:
-        scheduler = self.core.scheduler
-        stats = self.core.stats
-        logger.info(
-            "running=%d waiting=%d free_blocks=%d steps=%d tokens=%d preemptions=%d",
-            len(scheduler.running),
-            len(scheduler.waiting),
-            scheduler.block_manager.num_free_blocks,
-            stats.num_steps,
-            stats.num_tokens,
-            scheduler.num_preemptions,
-        )
+        logger.info("%s", self.runner.stats_line())

@@ -52,7 +52,7 @@ class EngineCore:
 
     @classmethod
     def from_settings(cls, settings: EngineSettings) -> "EngineCore":
-        device = _pick_device(settings.device)
+        device = pick_device(settings.device)
         if settings.num_threads:
             torch.set_num_threads(settings.num_threads)
         model, config, max_model_len = load_model(settings.model, device, settings.max_model_len)
@@ -153,7 +153,7 @@ class EngineCore:
         return chunk
 
 
-def _pick_device(choice: str) -> torch.device:
+def pick_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice)

@@ -1,4 +1,5 @@
-"""WorkerMetrics: the engine's gauges and counters, with vLLM's meanings, for routers and dashboards."""
+"""Worker metrics with vLLM's meanings, for routers and dashboards: what every worker reports
+(StepMetrics) and a generation worker's KV cache and scheduler besides (GenerationMetrics)."""
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -6,12 +7,11 @@ from protos.metrics import ITERATION_TOKENS_BUCKETS, PREFIX
 from scheduler import Scheduler
 
 
-class WorkerMetrics:
-    """Updated by the serving loop after every step; scraped from `/metrics`."""
+class StepMetrics:
+    """Requests running and waiting, and the size of every engine step; scraped from `/metrics`."""
 
-    def __init__(self, registry: CollectorRegistry, model_name: str, scheduler: Scheduler):
+    def __init__(self, registry: CollectorRegistry, model_name: str):
         labels = ["model_name"]
-        self._scheduler = scheduler
         self.running = Gauge(
             f"{PREFIX}num_requests_running",
             "Number of requests in model execution batches.",
@@ -24,6 +24,34 @@ class WorkerMetrics:
             labels,
             registry=registry,
         ).labels(model_name)
+        self.iteration_tokens = Histogram(
+            f"{PREFIX}iteration_tokens_total",
+            "Histogram of number of tokens per engine step.",
+            labels,
+            buckets=ITERATION_TOKENS_BUCKETS,
+            registry=registry,
+        ).labels(model_name)
+        self.batch_size = Histogram(
+            f"{PREFIX}iteration_batch_size",
+            "Histogram of number of sequences per engine step.",
+            labels,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=registry,
+        ).labels(model_name)
+
+    def observe_step(self, num_tokens: int, num_seqs: int) -> None:
+        """One engine step ran `num_seqs` sequences (or inputs) over `num_tokens` tokens."""
+        self.iteration_tokens.observe(num_tokens)
+        self.batch_size.observe(num_seqs)
+
+
+class GenerationMetrics(StepMetrics):
+    """Besides the step metrics: KV-cache usage, preemptions and prefix-cache hits."""
+
+    def __init__(self, registry: CollectorRegistry, model_name: str, scheduler: Scheduler):
+        super().__init__(registry, model_name)
+        labels = ["model_name"]
+        self._scheduler = scheduler
         self.kv_usage = Gauge(
             f"{PREFIX}kv_cache_usage_perc",
             "KV-cache usage. 1 means 100 percent usage.",
@@ -54,28 +82,12 @@ class WorkerMetrics:
             labels,
             registry=registry,
         ).labels(model_name)
-        self.iteration_tokens = Histogram(
-            f"{PREFIX}iteration_tokens_total",
-            "Histogram of number of tokens per engine step.",
-            labels,
-            buckets=ITERATION_TOKENS_BUCKETS,
-            registry=registry,
-        ).labels(model_name)
-        self.batch_size = Histogram(
-            f"{PREFIX}iteration_batch_size",
-            "Histogram of number of sequences per engine step.",
-            labels,
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
-            registry=registry,
-        ).labels(model_name)
         self._seen_preemptions = 0
         self._seen_queries = 0
         self._seen_hits = 0
 
     def observe_step(self, num_tokens: int, num_seqs: int) -> None:
-        """One engine step ran `num_seqs` sequences over `num_tokens` tokens."""
-        self.iteration_tokens.observe(num_tokens)
-        self.batch_size.observe(num_seqs)
+        super().observe_step(num_tokens, num_seqs)
         self.refresh()
 
     def refresh(self) -> None:

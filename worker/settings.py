@@ -59,3 +59,7 @@ class WorkerSettings(EngineSettings):
     stall_timeout_s: float = Field(300.0, gt=0)  # liveness fails when one loop turn takes longer
     otlp_endpoint: str = ""  # e.g. http://otel-collector:4317: traces and metrics go there by OTLP/gRPC
     otlp_metrics_interval_s: float = Field(10.0, gt=0)  # how often metrics go out by OTLP
+    # An embedding model (the kind is read from the checkpoint) runs a batcher instead of the scheduler:
+    embed_max_batch_tokens: int = Field(16384, ge=1)  # padded tokens per batch: inputs x the longest
+    embed_max_batch_size: int = Field(64, ge=1)  # inputs per batch (and calls held at once)
+    embed_max_wait_ms: float = Field(5.0, ge=0)  # how long the oldest input waits for a batch to fill

@@ -60,13 +60,22 @@ def start_gateway(
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> int:
+    """SIGTERM, then the exit status. One still running after `timeout_s` writes every thread's stack
+    to its log (SIGUSR1), is killed, and the end of that log goes to stderr, where a failing test's
+    report shows it."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
     try:
         return process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        log_path = Path(os.readlink(f"/proc/{process.pid}/fd/1"))
+        process.send_signal(signal.SIGUSR1)
+        time.sleep(2)
         os.killpg(process.pid, signal.SIGKILL)
-        return process.wait()
+        process.wait()
+        tail = log_path.read_text(errors="replace")[-12000:]
+        print(f"{process.args} still ran {timeout_s} s after SIGTERM; its log ends:\n{tail}", file=sys.stderr)
+        return process.returncode
 
 
 def wait_until_serving(

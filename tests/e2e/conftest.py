@@ -1,4 +1,5 @@
-"""One real Redis, one real worker and one real gateway for the whole end-to-end session."""
+"""One real Redis, a real generation worker, a real embeddings worker and one real gateway in front
+of both, for the whole end-to-end session."""
 
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ class Cluster:
     namespace: str
     address: str
     model_dir: Path
+    embedder_dir: Path
     log_dir: Path
     gateway_metrics: str  # http://host:port/metrics
     worker_metrics: str
@@ -39,7 +41,7 @@ def collector() -> Iterator[OtlpCollector]:
 
 @pytest.fixture(scope="session")
 def cluster(
-    redis_server: RedisServer, model_dir: Path, log_dir: Path, collector: OtlpCollector
+    redis_server: RedisServer, model_dir: Path, embedder_dir: Path, log_dir: Path, collector: OtlpCollector
 ) -> Iterator[Cluster]:
     namespace = "e2e"
     worker_port, gateway_port, health_port = free_port(), free_port(), free_port()
@@ -51,16 +53,24 @@ def cluster(
         log_dir,
         *("--metrics-port", str(worker_port), "--health-port", str(health_port), *otlp),
     )
+    # Small batches that wait to fill: a call of many inputs is split across several of them.
+    batching = ("--embed-max-batch-size", "4", "--embed-max-wait-ms", "20")
+    embedder = start_worker(redis_server.url, namespace, embedder_dir, log_dir, *batching)
     gateway, address = start_gateway(
-        redis_server.url, namespace, model_dir, log_dir, "--metrics-port", str(gateway_port), *otlp
+        redis_server.url,
+        namespace,
+        model_dir,
+        log_dir,
+        *("--metrics-port", str(gateway_port), "--extra-models", str(embedder_dir), *otlp),
     )
     try:
-        wait_until_serving(address, [worker, gateway])
+        wait_until_serving(address, [worker, embedder, gateway])
         yield Cluster(
             redis_server.url,
             namespace,
             address,
             model_dir,
+            embedder_dir,
             log_dir,
             f"http://127.0.0.1:{gateway_port}/metrics",
             f"http://127.0.0.1:{worker_port}/metrics",
@@ -70,6 +80,7 @@ def cluster(
     finally:
         assert stop_process(gateway) == 0
         assert stop_process(worker) == 0
+        assert stop_process(embedder) == 0
 
 
 @pytest.fixture()

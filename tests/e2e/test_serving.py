@@ -106,7 +106,10 @@ def test_tokenize_and_list_models(stub: inference_pb2_grpc.InferenceStub) -> Non
     )
     assert reply.token_ids[0] == 1 and reply.max_context == 2048
     models = stub.ListModels(inference_pb2.ListModelsRequest()).models
-    assert [(m.id, m.num_workers, m.is_default) for m in models] == [("smollm2-135m-instruct", 1, True)]
+    assert [(m.id, m.num_workers, m.is_default, m.kind, m.max_context, m.dimension) for m in models] == [
+        ("smollm2-135m-instruct", 1, True, inference_pb2.MODEL_KIND_GENERATE, 2048, 0),
+        ("all-minilm-l6-v2", 1, True, inference_pb2.MODEL_KIND_EMBED, 256, 384),
+    ]
 
 
 def test_health_and_reflection(cluster: Cluster) -> None:
@@ -255,7 +258,7 @@ def test_client_library_sync_and_async(cluster: Cluster) -> None:
 
     with ConveyorClient(cluster.address) as client:
         sync = client.generate(messages=FRANCE, max_tokens=12, temperature=0.0)
-        assert [m.id for m in client.list_models()] == ["smollm2-135m-instruct"]
+        assert [m.id for m in client.list_models()] == ["smollm2-135m-instruct", "all-minilm-l6-v2"]
 
     async def run() -> str:
         async with AsyncConveyorClient(cluster.address) as client:

@@ -106,3 +106,21 @@ def test_bad_calls_are_refused() -> None:
         queue.add("a", [ids(1)], now_s=0.0)
     with pytest.raises(ValueError):
         EmbeddingBatcherConfig(0, 1, 0.0)
+
+
+def test_short_and_long_inputs_of_one_batch_are_padded_in_separate_groups() -> None:
+    queue: EmbeddingBatcher[str] = EmbeddingBatcher(EmbeddingBatcherConfig(10_000, 8, 0.0, max_padding=0.2))
+    for n, length in enumerate([8, 9, 10, 100, 110, 250]):
+        queue.add(f"r{n}", [[1] * length], now_s=0.0)
+    batch = queue.next_batch(now_s=1.0)
+    assert batch is not None
+    assert [[len(i.token_ids) for i in group] for group in batch.groups] == [[8, 9, 10], [100, 110], [250]]
+    assert batch.padded_tokens == 3 * 10 + 2 * 110 + 250  # not 6 x 250
+    assert [len(i.token_ids) for i in batch.inputs] == [8, 9, 10, 100, 110, 250]
+    done = queue.complete(batch, [str(len(i.token_ids)) for i in batch.inputs])
+    assert [(c.request_id, c.vectors) for c in done][:2] == [("r0", ["8"]), ("r1", ["9"])]
+    one_group = EmbeddingBatcher[str](EmbeddingBatcherConfig(10_000, 8, 0.0, max_padding=0.99))
+    for n, length in enumerate([8, 250]):
+        one_group.add(f"r{n}", [[1] * length], now_s=0.0)
+    grouped = one_group.next_batch(now_s=1.0)
+    assert grouped is not None and len(grouped.groups) == 1
