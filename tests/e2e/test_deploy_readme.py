@@ -1,4 +1,4 @@
-"""The call deploy/README.md ends with: its grpcurl payload, sent as is to a live gateway."""
+"""The calls deploy/README.md ends with: their grpcurl payloads, sent as is to a live gateway."""
 
 import re
 from pathlib import Path
@@ -10,14 +10,25 @@ from protos import inference_pb2, inference_pb2_grpc
 README = Path(__file__).resolve().parents[2] / "deploy" / "README.md"
 
 
-def test_the_readme_grpcurl_call_streams_a_completion(stub: inference_pb2_grpc.InferenceStub) -> None:
+def readme_calls() -> dict[str, str]:
+    """Each `grpcurl ... conveyor.v1.Inference/<Method> <<'EOF'` call: method name -> JSON payload."""
     text = README.read_text()
-    (method,) = set(re.findall(r"localhost:50051 (conveyor\.v1\.\w+/\w+) <<'EOF'", text))
-    service, name = method.rsplit("/", 1)
-    assert service == inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name and name == "Generate"
-    (payload,) = re.findall(r"<<'EOF'\n(.*?)\nEOF", text, re.DOTALL)
-    request = json_format.Parse(payload, inference_pb2.GenerateRequest())
+    calls = re.findall(r"localhost:50051 (conveyor\.v1\.\w+)/(\w+) <<'EOF'\n(.*?)\nEOF", text, re.DOTALL)
+    service = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+    assert calls and all(found == service for found, _, _ in calls)
+    return {name: payload for _, name, payload in calls}
+
+
+def test_the_readme_grpcurl_calls_stream_a_completion_and_embed(
+    stub: inference_pb2_grpc.InferenceStub,
+) -> None:
+    calls = readme_calls()
+    assert set(calls) == {"Generate", "Embed"}
+    request = json_format.Parse(calls["Generate"], inference_pb2.GenerateRequest())
     frames = list(stub.Generate(request, timeout=120))
     assert frames[-1].finish_reason in (inference_pb2.FINISH_REASON_STOP, inference_pb2.FINISH_REASON_LENGTH)
     assert "".join(f.text for f in frames).strip()
     assert frames[-1].usage.completion_tokens <= request.sampling.max_tokens
+    embed = json_format.Parse(calls["Embed"], inference_pb2.EmbedRequest())
+    response = stub.Embed(embed, timeout=60)
+    assert [len(e.values) for e in response.embeddings] == [384] * len(embed.inputs)
