@@ -99,9 +99,12 @@ def run_transformers_loop(model_dir: Path, texts: list[str]) -> tuple[EmbedRow, 
         encoded = tokenizer(text, return_tensors="pt", truncation=True, max_length=pooling.max_length)
         with torch.inference_mode():
             hidden = model(**encoded).last_hidden_state[0]
-        vector = {"cls": lambda: hidden[0], "max": lambda: hidden.max(dim=0).values}.get(
-            pooling.mode, lambda: hidden.mean(dim=0)
-        )()
+        if pooling.mode == "cls":
+            vector = hidden[0]
+        elif pooling.mode == "max":
+            vector = hidden.max(dim=0).values
+        else:
+            vector = hidden.mean(dim=0)
         if pooling.normalize:
             vector = torch.nn.functional.normalize(vector, dim=0)
         return [float(x) for x in vector]

@@ -2,6 +2,7 @@
 vectors equal transformers' with the model's own pooling, whole and in order when a call's inputs
 are split across batches; routing by model kind; every bad input a clear status."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -160,3 +161,34 @@ def test_the_cli_prints_vectors_and_similarities(cluster: Cluster) -> None:
     matrix = [[float(value) for value in row.split()[-3:]] for row in table[1:]]
     assert len(matrix) == 3 and all(matrix[i][i] == 1.0 for i in range(3))
     assert matrix[0][1] == matrix[1][0] > 0.7 > 0.1 > matrix[0][2], table
+
+
+def test_bench_embed_against_a_live_gateway_reports_both_rows_and_their_agreement(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    report = tmp_path / "embed.json"
+    args = ["--address", cluster.address, "--num-texts", "24", "--concurrency", "8"]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "client",
+            "bench",
+            "--embed",
+            *args,
+            "--baseline-requests",
+            "8",
+            "--json",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    figures = json.loads(report.read_text())
+    ours, baseline = figures["rows"]
+    assert ours["texts"] == 24 and baseline["texts"] == 8
+    assert ours["embeddings_per_s"] > 0 and baseline["embeddings_per_s"] > 0
+    assert set(ours["latency_ms"]) == {"p50", "p90", "p99"}
+    assert figures["min_cosine"] > 0.9999
