@@ -8,6 +8,7 @@ import time
 from grpc_health.v1 import health, health_pb2
 from redis.exceptions import RedisError
 
+from gateway.background import stop_task
 from gateway.load_limits import LoadLimits
 from gateway.presence import Presence
 from gateway.served_models import ServedModels
@@ -66,9 +67,7 @@ class FleetMonitor:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
         with contextlib.suppress(RedisError):
             await self.presence.remove_heartbeat(self.gateway_id)
 

@@ -8,6 +8,7 @@ import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError
 
+from gateway.background import stop_task
 from protos import jobs_pb2
 from protos.streams import FIELD
 
@@ -31,9 +32,7 @@ class ResponseRouter:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
         with contextlib.suppress(RedisError):
             await self.client.delete(self.stream_key)
 
