@@ -54,7 +54,7 @@ def cosines(response: inference_pb2.EmbedResponse, expected: list[torch.Tensor])
 
 
 def test_a_call_split_across_batches_comes_back_whole_in_order_and_equal_to_transformers(
-    stub: inference_pb2_grpc.InferenceStub, reference: list[torch.Tensor]
+    stub: inference_pb2_grpc.InferenceStub, reference: list[torch.Tensor], embedder_dir: Path
 ) -> None:
     # The worker batches at most 4 inputs: these 10 texts of mixed length take several batches.
     response = stub.Embed(inference_pb2.EmbedRequest(inputs=TEXTS, request_id="mine"), timeout=120)
@@ -63,7 +63,7 @@ def test_a_call_split_across_batches_comes_back_whole_in_order_and_equal_to_tran
     assert all(len(e.values) == 384 for e in response.embeddings)
     assert min(cosines(response, reference)) > 0.9999
     assert all(abs(float(torch.tensor(v).norm()) - 1) < 1e-4 for v in vectors_of(response))
-    tokenizer = AutoTokenizer.from_pretrained("models/" + EMBEDDER)
+    tokenizer = AutoTokenizer.from_pretrained(str(embedder_dir))
     assert response.usage.prompt_tokens == sum(len(tokenizer(t)["input_ids"]) for t in TEXTS)
     assert response.timings.total_s >= response.timings.queued_s >= 0
 
