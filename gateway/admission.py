@@ -88,12 +88,14 @@ class Admission:
     ) -> Generation:
         """Validate, tokenize and take a lease within the load limits; raises GatewayError with the
         status to answer. The request's trace starts here, under `parent` (the caller's, if any)."""
-        sampling = jobs_pb2.Sampling()
+        sampling = jobs_pb2.Sampling()  # resolved by validate(), before the lease is taken
 
         def validate() -> ServedModel:
+            nonlocal sampling
             model = self.check_model(request.model, caller, ModelKind.GENERATE)
-            check_input(request, self.limits(model))
-            sampling.CopyFrom(resolve_sampling(request.sampling, self.limits(model)))
+            limits = self.limits(model)
+            check_input(request, limits)
+            sampling = resolve_sampling(request.sampling, limits)
             return model
 
         async def tokenize(model: ServedModel) -> list[int]:

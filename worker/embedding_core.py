@@ -8,7 +8,7 @@ import torch
 
 from scheduler.embedding_batcher import EmbedCall, EmbeddingBatcher, EmbeddingBatcherConfig
 from worker.embedding_model import EmbeddingModel
-from worker.engine_core import pick_device
+from worker.engine_core import prepare_device
 from worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -43,9 +43,7 @@ class EmbeddingCore:
 
     @classmethod
     def from_settings(cls, settings: WorkerSettings) -> "EmbeddingCore":
-        device = pick_device(settings.device)
-        if settings.num_threads:
-            torch.set_num_threads(settings.num_threads)
+        device = prepare_device(settings)
         model = EmbeddingModel(settings.model, device)
         config = EmbeddingBatcherConfig(
             max_batch_tokens=settings.embed_max_batch_tokens,

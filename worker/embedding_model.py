@@ -19,6 +19,7 @@ class EmbeddingModel:
         self.model = AutoModel.from_pretrained(str(path), dtype=torch.float32).to(device).eval()
         self.pad_token_id = int(self.model.config.pad_token_id or 0)  # masked out: any id would do
         self.dimension = int(self.model.config.hidden_size)
+        self.vocab_size = int(self.model.config.vocab_size)
 
     @torch.inference_mode()
     def encode(self, inputs: list[list[int]] | list[tuple[int, ...]]) -> torch.Tensor:

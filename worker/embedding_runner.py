@@ -12,7 +12,7 @@ class EmbeddingRunner:
     def __init__(self, core: EmbeddingCore, metrics: StepMetrics):
         self.core = core
         self.metrics = metrics
-        self.vocab_size = int(core.model.model.config.vocab_size)
+        self.vocab_size = core.model.vocab_size
 
     @property
     def max_jobs(self) -> int:

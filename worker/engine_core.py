@@ -52,9 +52,7 @@ class EngineCore:
 
     @classmethod
     def from_settings(cls, settings: EngineSettings) -> "EngineCore":
-        device = pick_device(settings.device)
-        if settings.num_threads:
-            torch.set_num_threads(settings.num_threads)
+        device = prepare_device(settings)
         model, config, max_model_len = load_model(settings.model, device, settings.max_model_len)
         if device.type == "cpu":
             keep_freed_memory()
@@ -153,10 +151,13 @@ class EngineCore:
         return chunk
 
 
-def pick_device(choice: str) -> torch.device:
-    if choice == "auto":
+def prepare_device(settings: EngineSettings) -> torch.device:
+    """The device to run on ("auto": CUDA when there is one), with torch's CPU threads as set."""
+    if settings.num_threads:
+        torch.set_num_threads(settings.num_threads)
+    if settings.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
+    return torch.device(settings.device)
 
 
 def _default_kv_bytes(device: torch.device, gpu_memory_fraction: float) -> int:

@@ -10,40 +10,20 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoTokenizer
 
 from client.library import ConveyorClient, build_request, vectors_of
 from protos import inference_pb2, inference_pb2_grpc
 from tests.e2e.conftest import Cluster
+from tests.embedding_reference import TEXTS, reference_vectors
 
 EMBEDDER = "all-minilm-l6-v2"
 GENERATOR = "smollm2-135m-instruct"
-TEXTS = [
-    "Hi",
-    "The cat sat on the mat.",
-    "Retrieval next to chat: the same services call both, through one gateway and one fleet.",
-    " ".join(["A long document about continuous batching, paged attention and Redis streams."] * 12),
-    "短い文",
-    "A man is eating food.",
-    "A man is eating a piece of bread.",
-    "The girl is carrying a baby.",
-    "Padding wastes compute; sorting by length wastes little.",
-    "🚀",
-]
 
 
 @pytest.fixture(scope="module")
 def reference(embedder_dir: Path) -> list[torch.Tensor]:
-    """Each text alone through transformers, mean-pooled and normalized as the model's config says."""
-    tokenizer = AutoTokenizer.from_pretrained(str(embedder_dir))
-    model = AutoModel.from_pretrained(str(embedder_dir), dtype=torch.float32).eval()
-    vectors = []
-    for text in TEXTS:
-        encoded = tokenizer(text, return_tensors="pt", truncation=True, max_length=256)
-        with torch.inference_mode():
-            hidden = model(**encoded).last_hidden_state[0]
-        vectors.append(torch.nn.functional.normalize(hidden.mean(dim=0), dim=0))
-    return vectors
+    return reference_vectors(embedder_dir, TEXTS)
 
 
 def cosines(response: inference_pb2.EmbedResponse, expected: list[torch.Tensor]) -> list[float]:

@@ -7,31 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoTokenizer
 
 from protos.model_kind import ModelKind, PoolingConfig, model_kind
 from scheduler.embedding_batcher import EmbeddingBatcherConfig
+from tests.embedding_reference import TEXTS as ALL_TEXTS
+from tests.embedding_reference import reference_vectors
 from worker.embedding_core import Embedded, EmbeddingCore
 from worker.embedding_model import EmbeddingModel
 
-TEXTS = [
-    "Hi",
-    "The cat sat on the mat.",
-    "Retrieval next to chat: the same services call both, through one gateway and one fleet.",
-    " ".join(["A long document about continuous batching, paged attention and Redis streams."] * 12),
-    "短い文",
-]
+TEXTS = ALL_TEXTS[:5]
 
 pytestmark = pytest.mark.slow
-
-
-def reference(path: Path, text: str) -> torch.Tensor:
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModel.from_pretrained(str(path), dtype=torch.float32).eval()
-    encoded = tokenizer(text, return_tensors="pt", truncation=True, max_length=256)
-    with torch.inference_mode():
-        hidden = model(**encoded).last_hidden_state[0]
-    return torch.nn.functional.normalize(hidden.mean(dim=0), dim=0)
 
 
 def test_the_default_embedder_reads_as_a_mean_pooled_normalized_encoder(embedder_dir: Path) -> None:
@@ -63,9 +50,10 @@ def test_batched_vectors_equal_each_text_alone(embedder_dir: Path) -> None:
     many = done["many"]
     assert many.prompt_tokens == sum(len(ids) for ids in inputs)
     assert len(many.vectors) == len(TEXTS) and len(many.vectors[0]) == 384
-    for text, vector in zip(TEXTS, many.vectors, strict=True):
+    expected = reference_vectors(embedder_dir, TEXTS)
+    for text, vector, reference in zip(TEXTS, many.vectors, expected, strict=True):
         got = torch.tensor(vector)
-        assert torch.nn.functional.cosine_similarity(got, reference(embedder_dir, text), dim=0) > 0.9999, text
+        assert torch.nn.functional.cosine_similarity(got, reference, dim=0) > 0.9999, text
         assert got.norm().item() == pytest.approx(1.0, abs=1e-5)
     assert done["one"].vectors[0] == pytest.approx(many.vectors[1], abs=1e-5)
     raw = torch.tensor(done["raw"].vectors[0])
