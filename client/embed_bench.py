@@ -25,10 +25,10 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from checkpoints import PoolingConfig
 from client.library import AsyncConveyorClient, Security, vectors_of
 from client.load_generator import percentiles
 from client.redis_server import free_port
-from protos.model_kind import PoolingConfig
 
 _WARMUP_CALLS = 8
 _START_TIMEOUT_S = 180.0

@@ -14,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.exceptions import RedisError
 
 from protos import jobs_pb2
-from protos.metrics import PREFIX
-from protos.streams import GROUP, StreamKeys
+from protos.redis_layout import GROUP, WORKER_STATUS_FIELD, StreamKeys
+from telemetry.metrics import PREFIX
 
 SCRAPED = ("time_to_first_token_seconds", "e2e_request_latency_seconds", "inter_token_latency_seconds")
 
@@ -120,7 +120,7 @@ class FleetReader:
         pipe = self.client.pipeline(transaction=False)
         for key in keys:
             if in_hash:
-                pipe.hget(key, "status")
+                pipe.hget(key, WORKER_STATUS_FIELD)
             else:
                 pipe.get(key)
         return [value for value in pipe.execute() if value]

@@ -5,16 +5,16 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-import redis
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from bootstrap.redis import connect
+from bootstrap.settings import RedisSettings
 from client.fleet_snapshot import FleetReader, GatewayView, Histogram, Snapshot
 from protos import jobs_pb2
-from protos.redis_options import redis_options
-from protos.streams import StreamKeys
+from protos.redis_layout import StreamKeys
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +152,7 @@ def render(history: FleetHistory, title: str) -> RenderableType:
 def run_monitor(options: MonitorOptions, console: Console | None = None) -> int:
     """Refresh until Ctrl-C (or once). Redis outages and vanished processes are shown, not fatal."""
     console = console or Console()
-    client = redis.Redis.from_url(options.redis_url, **redis_options(options.redis_url, 2.0, None))
+    client = connect(RedisSettings(redis_url=options.redis_url, redis_timeout_s=2.0))
     reader = FleetReader(client, StreamKeys(options.namespace))
     history = FleetHistory(options.window_s)
     title = f"namespace {options.namespace}"

@@ -1,29 +1,23 @@
-"""Admission: a GenerateRequest or EmbedRequest checked, tokenized off the event loop, and turned
-into a Job for the model it names."""
+"""Admission: a GenerateRequest or EmbedRequest checked, given a place within the load limits,
+tokenized off the event loop, and turned into a JobCall for the model it names."""
 
 import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
-from dataclasses import dataclass
 from typing import TypeVar
 
-import grpc
 from opentelemetry.context import Context
-from opentelemetry.trace import Tracer
 
-from gateway.auth import Principal
+from checkpoints import ModelKind
+from gateway.call_context import CallContext, Caller
 from gateway.embedding_call import EmbeddingCall
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, InvalidRequest
 from gateway.generation import Generation
-from gateway.job_watch import WatchPolicy
-from gateway.load_limits import Lease, LoadLimits
+from gateway.job_call import JobCall
 from gateway.request_trace import RequestTrace
-from gateway.response_router import ResponseRouter
-from gateway.served_models import ServedModel, ServedModels
+from gateway.served_models import ServedModel
 from gateway.validation import (
-    Limits,
     check_embed_inputs,
     check_embed_lengths,
     check_input,
@@ -32,183 +26,130 @@ from gateway.validation import (
     resolve_sampling,
 )
 from protos import inference_pb2, jobs_pb2
-from protos.model_kind import ModelKind
 from tokenization import TextStream, Tokenizer
 
 T = TypeVar("T")
 
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """Who sent a request: a name for limits and logs, and the API key's grants if keys are on."""
-
-    name: str
-    principal: Principal | None
+# Each kind's noun in log lines and its trace's root span.
+_CALL_NAMES = {
+    ModelKind.GENERATE: ("generation", "conveyor.generate"),
+    ModelKind.EMBED: ("embedding", "conveyor.embed"),
+}
 
 
 class Admission:
     """Everything between a request arriving and its job being ready to submit."""
 
-    def __init__(
-        self,
-        models: ServedModels,
-        executor: Executor,
-        router: ResponseRouter,
-        gateway_id: str,
-        default_max_tokens: int,
-        watch_policy: WatchPolicy,
-        load_limits: LoadLimits,
-        tracer: Tracer,
-    ):
-        self.models = models
-        self.executor = executor
-        self.router = router
-        self.gateway_id = gateway_id
-        self.default_max_tokens = default_max_tokens
-        self.watch_policy = watch_policy
-        self.load_limits = load_limits
-        self.tracer = tracer
+    def __init__(self, context: CallContext):
+        self.context = context
 
-    def limits(self, model: ServedModel) -> Limits:
-        return Limits(model.tokenizer.vocab_size, model.max_context, self.default_max_tokens)
-
-    def check_model(self, name: str, caller: Caller, kind: ModelKind | None) -> ServedModel:
-        """The model a request names, if this caller may use it; `kind` None: either kind."""
-        model = self.models.resolve(name, kind)
-        if caller.principal is not None:
-            caller.principal.check_model(model.name)
-        return model
-
-    async def accept(
-        self,
-        request: inference_pb2.GenerateRequest,
-        timeout_s: float | None,
-        caller: Caller,
-        parent: Context,
+    async def generation(
+        self, request: inference_pb2.GenerateRequest, timeout_s: float | None, caller: Caller, parent: Context
     ) -> Generation:
-        """Validate, tokenize and take a lease within the load limits; raises GatewayError with the
-        status to answer. The request's trace starts here, under `parent` (the caller's, if any)."""
+        """Raises GatewayError with what to answer. The request's trace starts here, under `parent`
+        (the caller's, if any)."""
         sampling = jobs_pb2.Sampling()  # resolved by validate(), before the lease is taken
 
         def validate() -> ServedModel:
             nonlocal sampling
-            model = self.check_model(request.model, caller, ModelKind.GENERATE)
-            limits = self.limits(model)
+            model = self.context.check_model(request.model, caller, ModelKind.GENERATE)
+            limits = self.context.limits(model)
             check_input(request, limits)
             sampling = resolve_sampling(request.sampling, limits)
             return model
 
         async def tokenize(model: ServedModel) -> list[int]:
             token_ids = await self.tokenize(request, model.tokenizer)
-            check_prompt_length(len(token_ids), self.limits(model))
+            check_prompt_length(len(token_ids), self.context.limits(model))
             return token_ids
 
-        model, token_ids, lease, request_trace = await self._admit(
-            request.request_id, caller, parent, validate, tokenize
-        )
-        job = self._job(
-            timeout_s, request_trace, prompt_token_ids=token_ids, sampling=sampling, priority=request.priority
-        )
-        return Generation(
-            client_request_id=request.request_id or job.request_id,
-            job=job,
-            text_stream=TextStream(model.tokenizer, tuple(sampling.stop)),
-            jobs=model.jobs,
-            router=self.router,
-            executor=self.executor,
-            watch_policy=self.watch_policy,
-            lease=lease,
-            metrics=model.metrics,
-            trace=request_trace,
-        )
+        def job(token_ids: list[int]) -> dict[str, object]:
+            return {"prompt_token_ids": token_ids, "sampling": sampling, "priority": request.priority}
 
-    async def accept_embed(
-        self,
-        request: inference_pb2.EmbedRequest,
-        timeout_s: float | None,
-        caller: Caller,
-        parent: Context,
+        call = await self._admit(
+            ModelKind.GENERATE, request.request_id, caller, parent, validate, tokenize, job, timeout_s
+        )
+        return Generation(call, TextStream(call.model.tokenizer, tuple(request.sampling.stop)))
+
+    async def embedding(
+        self, request: inference_pb2.EmbedRequest, timeout_s: float | None, caller: Caller, parent: Context
     ) -> EmbeddingCall:
-        """As `accept`, for an embedding call: every input tokenized (and cut, if the request allows)."""
+        """As `generation`, for an embedding call: every input tokenized (and cut, if the request
+        allows)."""
 
         def validate() -> ServedModel:
-            model = self.check_model(request.model, caller, ModelKind.EMBED)
+            model = self.context.check_model(request.model, caller, ModelKind.EMBED)
             check_embed_inputs(request.inputs)
             return model
 
         async def tokenize(model: ServedModel) -> list[list[int]]:
-            truncate_to = model.max_context if request.truncate else None
-            loop = asyncio.get_running_loop()
-            inputs = await loop.run_in_executor(
-                self.executor, model.tokenizer.encode_many, list(request.inputs), truncate_to
+            max_context = self.context.max_context(model)
+            inputs = await asyncio.get_running_loop().run_in_executor(
+                self.context.executor,
+                model.tokenizer.encode_many,
+                list(request.inputs),
+                max_context if request.truncate else None,
             )
-            check_embed_lengths([len(ids) for ids in inputs], model.max_context)
+            check_embed_lengths([len(ids) for ids in inputs], max_context)
             return inputs
 
-        model, inputs, lease, request_trace = await self._admit(
-            request.request_id, caller, parent, validate, tokenize
+        def job(inputs: list[list[int]]) -> dict[str, object]:
+            embed = jobs_pb2.EmbedTask(inputs=[inference_pb2.TokenIds(ids=ids) for ids in inputs])
+            if request.HasField("normalize"):
+                embed.normalize = request.normalize
+            return {"embed": embed}
+
+        call = await self._admit(
+            ModelKind.EMBED, request.request_id, caller, parent, validate, tokenize, job, timeout_s
         )
-        embed = jobs_pb2.EmbedTask(inputs=[inference_pb2.TokenIds(ids=ids) for ids in inputs])
-        if request.HasField("normalize"):
-            embed.normalize = request.normalize
-        job = self._job(timeout_s, request_trace, embed=embed)
-        return EmbeddingCall(
-            client_request_id=request.request_id or job.request_id,
-            model_name=model.name,
-            job=job,
-            jobs=model.jobs,
-            router=self.router,
-            watch_policy=self.watch_policy,
-            lease=lease,
-            metrics=model.metrics,
-            trace=request_trace,
-        )
+        return EmbeddingCall(call)
 
     async def _admit(
         self,
+        kind: ModelKind,
         request_id: str,
         caller: Caller,
         parent: Context,
         validate: Callable[[], ServedModel],
         tokenize: Callable[[ServedModel], Awaitable[T]],
-    ) -> tuple[ServedModel, T, Lease, RequestTrace]:
+        job_fields: Callable[[T], dict[str, object]],
+        timeout_s: float | None,
+    ) -> JobCall:
         """The steps every request takes, each a span of its trace: validate, take a lease (before
         tokenizing: under a flood, refusing must cost nothing), tokenize. The trace ends here if
         the request is refused."""
-        request_trace = RequestTrace.start(self.tracer, parent, **{"conveyor.caller": caller.name})
+        context = self.context
+        noun, span_name = _CALL_NAMES[kind]
+        trace = RequestTrace.start(context.tracer, span_name, parent, **{"conveyor.caller": caller.name})
         try:
-            with request_trace.child("validate"):
+            with trace.child("validate"):
                 check_request_id(request_id)
                 model = validate()
-                request_trace.root.set_attribute("conveyor.model", model.name)
-                lease = self.load_limits.admit(caller.name, model.jobs.num_queued_jobs)
+                trace.root.set_attribute("conveyor.model", model.name)
+                lease = context.load_limits.admit(caller.name, context.queued_jobs(model))
             try:
-                with request_trace.child("tokenize"):
+                with trace.child("tokenize"):
                     tokens = await tokenize(model)
             except BaseException:
                 lease.release()
                 raise
         except GatewayError as error:
-            request_trace.end(error.message)
+            trace.end(error.message)
             raise
         except BaseException:
-            request_trace.end("failed")
+            trace.end("failed")
             raise
-        return model, tokens, lease, request_trace
-
-    def _job(self, timeout_s: float | None, request_trace: RequestTrace, **fields: object) -> jobs_pb2.Job:
-        """A new job, carrying the request's trace context so the worker's spans join its trace."""
         now_ms = int(time.time() * 1000)
         job = jobs_pb2.Job(
             request_id=uuid.uuid4().hex,
-            gateway_id=self.gateway_id,
+            gateway_id=context.queues.gateway_id,
             arrival_unix_ms=now_ms,
             deadline_unix_ms=now_ms + int(timeout_s * 1000) if timeout_s is not None else 0,
-            **fields,  # type: ignore[arg-type]
+            **job_fields(tokens),  # type: ignore[arg-type]
         )
-        request_trace.root.set_attribute("conveyor.request_id", job.request_id)
-        request_trace.carry(job.trace_context)  # type: ignore[arg-type]
-        return job
+        trace.root.set_attribute("conveyor.request_id", job.request_id)
+        trace.carry(job.trace_context)  # type: ignore[arg-type]  # the worker's spans join this trace
+        return JobCall(context, noun, request_id or job.request_id, model, job, lease, trace)
 
     async def tokenize(
         self, request: inference_pb2.GenerateRequest | inference_pb2.TokenizeRequest, tokenizer: Tokenizer
@@ -221,7 +162,7 @@ class Admission:
         if kind == "chat":
             messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
             try:
-                return await loop.run_in_executor(self.executor, tokenizer.encode_chat, messages)
+                return await loop.run_in_executor(self.context.executor, tokenizer.encode_chat, messages)
             except ValueError as error:
-                raise GatewayError(f"chat: {error}", grpc.StatusCode.INVALID_ARGUMENT) from error
-        return await loop.run_in_executor(self.executor, tokenizer.encode, request.prompt)
+                raise InvalidRequest(f"chat: {error}") from error
+        return await loop.run_in_executor(self.context.executor, tokenizer.encode, request.prompt)

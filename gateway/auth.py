@@ -11,9 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
-from gateway.errors import GatewayError
+from gateway.errors import ErrorKind, GatewayError
 
 _SCHEME = "bearer "
 
@@ -28,9 +26,7 @@ class Principal:
 
     def check_model(self, model: str) -> None:
         if not self.may_use(model):
-            raise GatewayError(
-                f"API key {self.name!r} may not use model {model!r}", grpc.StatusCode.PERMISSION_DENIED
-            )
+            raise GatewayError(f"API key {self.name!r} may not use model {model!r}", ErrorKind.FORBIDDEN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,16 +62,16 @@ class ApiKeys:
         header = next((v for k, v in metadata or () if k == "authorization"), None)
         if header is None:
             raise GatewayError(
-                "missing API key: send `authorization: Bearer <key>`", grpc.StatusCode.UNAUTHENTICATED
+                "missing API key: send `authorization: Bearer <key>`", ErrorKind.UNAUTHENTICATED
             )
         value = header.decode() if isinstance(header, bytes) else header
         if not value.lower().startswith(_SCHEME):
-            raise GatewayError("authorization: expected `Bearer <key>`", grpc.StatusCode.UNAUTHENTICATED)
+            raise GatewayError("authorization: expected `Bearer <key>`", ErrorKind.UNAUTHENTICATED)
         presented = value[len(_SCHEME) :].strip().encode()
         found = None
         for entry in self._entries:  # every entry compared, so timing says nothing about which matched
             if hmac.compare_digest(entry.key, presented):
                 found = entry.principal
         if found is None:
-            raise GatewayError("invalid API key", grpc.StatusCode.UNAUTHENTICATED)
+            raise GatewayError("invalid API key", ErrorKind.UNAUTHENTICATED)
         return found

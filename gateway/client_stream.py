@@ -5,11 +5,11 @@ import logging
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator
 
-import grpc
 from opentelemetry.context import Context
 
-from gateway.admission import Admission, Caller
-from gateway.errors import DuplicateRequest, GatewayError, Overloaded
+from gateway.admission import Admission
+from gateway.call_context import Caller
+from gateway.errors import ErrorKind, GatewayError, InvalidRequest, Overloaded
 from protos import inference_pb2
 
 logger = logging.getLogger(__name__)
@@ -47,9 +47,7 @@ class ClientStream:
                 elif kind == "cancel":
                     self._cancel(frame.cancel.request_id)
                 else:
-                    self._error(
-                        "", GatewayError("frame: set generate or cancel", grpc.StatusCode.INVALID_ARGUMENT)
-                    )
+                    self._error("", InvalidRequest("frame: set generate or cancel"))
         finally:
             self._reading = False
             self._outbox.put_nowait(_WAKE)
@@ -74,7 +72,10 @@ class ClientStream:
         client_id = request.request_id
         if client_id and client_id in self._open:
             self._error(
-                client_id, DuplicateRequest(f"request_id: {client_id!r} is already open on this stream")
+                client_id,
+                GatewayError(
+                    f"request_id: {client_id!r} is already open on this stream", ErrorKind.DUPLICATE
+                ),
             )
             return
         if len(self._open) >= self.max_open:
@@ -87,8 +88,7 @@ class ClientStream:
         task = self._open.get(client_id)
         if task is None:
             self._error(
-                client_id,
-                GatewayError(f"request_id: no open request {client_id!r}", grpc.StatusCode.NOT_FOUND),
+                client_id, GatewayError(f"request_id: no open request {client_id!r}", ErrorKind.NOT_FOUND)
             )
             return
         task.cancel()
@@ -96,8 +96,10 @@ class ClientStream:
     async def _run(self, key: str, request: inference_pb2.GenerateRequest) -> None:
         client_id = request.request_id
         try:
-            generation = await self.admission.accept(request, self.timeout_s, self.caller, self.trace_parent)
-            client_id = generation.client_request_id
+            generation = await self.admission.generation(
+                request, self.timeout_s, self.caller, self.trace_parent
+            )
+            client_id = generation.call.client_request_id
             async for response in generation.run():
                 self._outbox.put_nowait(inference_pb2.ServerFrame(request_id=client_id, response=response))
         except asyncio.CancelledError:
@@ -119,10 +121,4 @@ class ClientStream:
             self._outbox.put_nowait(_WAKE)
 
     def _error(self, client_id: str, error: GatewayError) -> None:
-        frame = inference_pb2.ServerFrame(
-            request_id=client_id,
-            error=inference_pb2.Error(
-                code=error.code.value[0], message=error.message, retry_after_ms=error.retry_after_ms
-            ),
-        )
-        self._outbox.put_nowait(frame)
+        self._outbox.put_nowait(inference_pb2.ServerFrame(request_id=client_id, error=error.to_proto()))

@@ -1,19 +1,21 @@
-"""FleetMonitor: watches Redis and the workers' heartbeats; drives gRPC health and the model's limits."""
+"""FleetMonitor: watches Redis and the workers' heartbeats; publishes what it saw as an immutable
+`FleetView` (admission and ListModels read it), drives gRPC health and renews the heartbeat."""
 
 import asyncio
-import contextlib
+import dataclasses
 import logging
 import time
+from dataclasses import dataclass, field
 
 from grpc_health.v1 import health, health_pb2
 from redis.exceptions import RedisError
 
 from gateway.background import stop_task
 from gateway.load_limits import LoadLimits
-from gateway.presence import Presence
+from gateway.queues import GatewayQueues
 from gateway.served_models import ServedModels
 from protos import jobs_pb2
-from protos.probes import LIVENESS, READINESS
+from telemetry.probes import LIVENESS, READINESS
 
 logger = logging.getLogger(__name__)
 
@@ -25,32 +27,48 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+@dataclass(frozen=True, slots=True)
+class ModelFleet:
+    """One model's workers as the last refresh saw them."""
+
+    num_workers: int = 0
+    max_context: int | None = None  # the smallest among live workers; None: none seen
+    serving: bool = False  # a live worker accepts its jobs
+    queued_jobs: int = 0  # queued or running, across the fleet
+
+
+@dataclass(frozen=True, slots=True)
+class FleetView:
+    models: dict[str, ModelFleet] = field(default_factory=dict)
+
+    def of(self, model: str) -> ModelFleet:
+        return self.models.get(model, ModelFleet())
+
+
 class FleetMonitor:
     """SERVING only while Redis answers and every served model has a live worker accepting its jobs.
 
-    Each refresh also renews this gateway's heartbeat, which keeps workers running its jobs, and
-    each model's worker count, context limit and queue length.
+    Each refresh also renews this gateway's heartbeat, which keeps workers running its jobs.
     """
 
     def __init__(
         self,
-        presence: Presence,
+        queues: GatewayQueues,
         models: ServedModels,
         health_servicer: health.aio.HealthServicer,
-        gateway_id: str,
         interval_s: float,
         heartbeat_ttl_s: float,
         load_limits: LoadLimits,
         metrics_url: str,
     ):
-        self.presence = presence
+        self.queues = queues
         self.models = models
-        self.load_limits = load_limits
-        self.metrics_url = metrics_url
-        self.gateway_id = gateway_id
-        self.heartbeat_ttl_s = heartbeat_ttl_s
         self.health_servicer = health_servicer
         self.interval_s = interval_s
+        self.heartbeat_ttl_s = heartbeat_ttl_s
+        self.load_limits = load_limits
+        self.metrics_url = metrics_url
+        self.view = FleetView()  # replaced, never changed, by each refresh
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -68,34 +86,39 @@ class FleetMonitor:
     async def stop(self) -> None:
         if self._task is not None:
             await stop_task(self._task)
-        with contextlib.suppress(RedisError):
-            await self.presence.remove_heartbeat(self.gateway_id)
 
     async def refresh(self) -> None:
-        serving = reachable = False
         try:
             heartbeat = jobs_pb2.GatewayStatus(
-                gateway_id=self.gateway_id,
+                gateway_id=self.queues.gateway_id,
                 model=self.models.first.name,
                 in_flight=self.load_limits.in_flight,
                 metrics_url=self.metrics_url,
                 updated_unix_ms=int(time.time() * 1000),
             )
-            await self.presence.heartbeat(heartbeat, self.heartbeat_ttl_s)
-            statuses = await self.presence.worker_statuses()
+            await self.queues.heartbeat(heartbeat, self.heartbeat_ttl_s)
+            statuses = await self.queues.worker_statuses()
+            view = {}
             for model in self.models:
                 workers = [s for s in statuses if s.model == model.name]
-                model.jobs.num_queued_jobs = await model.jobs.queued_jobs()
-                model.num_workers = len(workers)
-                if workers:
-                    model.max_context = min(s.max_context for s in workers)
-                model.serving = any(s.accepting for s in workers)
-            serving = all(model.serving for model in self.models)
-            reachable = True
+                view[model.name] = ModelFleet(
+                    num_workers=len(workers),
+                    # Once known, kept while no worker is up: a restarted fleet has the same limit.
+                    max_context=min(s.max_context for s in workers)
+                    if workers
+                    else self.view.of(model.name).max_context,
+                    serving=any(s.accepting for s in workers),
+                    queued_jobs=await self.queues.queued_jobs(model.name),
+                )
+            self.view = FleetView(view)
+            serving, reachable = all(m.serving for m in view.values()), True
         except RedisError as error:
             logger.warning("Redis unreachable: %s", error)
-            for model in self.models:
-                model.num_workers = 0
+            models = self.view.models
+            self.view = FleetView(
+                {n: dataclasses.replace(m, num_workers=0, serving=False) for n, m in models.items()}
+            )
+            serving = reachable = False
         if self._closing:
             return
         for service in ("", SERVICE_NAME):

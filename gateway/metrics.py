@@ -4,7 +4,7 @@ client sees them (from the request's arrival at this gateway)."""
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from protos import inference_pb2
-from protos.metrics import (
+from telemetry.metrics import (
     INTER_TOKEN_BUCKETS,
     PREFIX,
     REQUEST_LATENCY_BUCKETS,

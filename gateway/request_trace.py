@@ -6,7 +6,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
-from protos.tracing import inject
+from telemetry.tracing import inject
 
 
 @dataclass(slots=True)
@@ -19,10 +19,9 @@ class RequestTrace:
     root: Span
 
     @classmethod
-    def start(cls, tracer: Tracer, parent: Context, **attributes: str) -> "RequestTrace":
-        root = tracer.start_span(
-            "conveyor.generate", context=parent, kind=SpanKind.SERVER, attributes=attributes
-        )
+    def start(cls, tracer: Tracer, name: str, parent: Context, **attributes: str) -> "RequestTrace":
+        """`name` is the call's: conveyor.generate or conveyor.embed."""
+        root = tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
         return cls(tracer, root)
 
     @property

@@ -1,18 +1,15 @@
-"""ServedModels: the models behind one gateway — each with its kind, tokenizer, request stream and
-metrics — and how a request's `model` field picks one."""
+"""ServedModels: the models behind one gateway — each with its kind, tokenizer and metrics — and
+how a request's `model` field picks one. What the fleet says of each (workers, context) is the
+fleet monitor's `FleetView`, not kept here."""
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
-from gateway.errors import GatewayError
-from gateway.job_queue import JobQueue
+from checkpoints import ModelKind, PoolingConfig, embedding_dimension, generation_max_context
+from gateway.errors import ErrorKind, GatewayError
 from gateway.metrics import ModelMetrics
 from protos import inference_pb2
-from protos.model_kind import ModelKind, PoolingConfig
 from tokenization import Tokenizer
 
 KIND_TO_PROTO = {
@@ -27,35 +24,25 @@ def checkpoint_max_context(path: Path, kind: ModelKind, override: int | None) ->
     """Tokens one input may hold, from the checkpoint's own files, until live workers report theirs."""
     if kind is ModelKind.EMBED:
         return PoolingConfig.of(path).max_length
-    config = json.loads((path / "config.json").read_text())
-    limit = int(config.get("max_position_embeddings", 2048))
-    return min(limit, override) if override else limit
+    return generation_max_context(path, override)
 
 
-def embedding_dimension(path: Path) -> int:
-    return int(json.loads((path / "config.json").read_text()).get("hidden_size", 0))
-
-
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class ServedModel:
     name: str
     kind: ModelKind
     tokenizer: Tokenizer
-    jobs: JobQueue
     metrics: ModelMetrics
-    max_context: int  # the smallest among live workers, once known
+    checkpoint_max_context: int  # until live workers report theirs
     dimension: int  # an embedder's vector size; 0 for a generator
-    num_workers: int = 0
-    serving: bool = False  # a live worker accepts its jobs
 
-    def info(self, is_default: bool) -> inference_pb2.ModelInfo:
-        return inference_pb2.ModelInfo(
-            id=self.name,
-            max_context=self.max_context,
-            num_workers=self.num_workers,
-            is_default=is_default,
-            kind=KIND_TO_PROTO[self.kind],
-            dimension=self.dimension,
+    @classmethod
+    def of(
+        cls, name: str, path: Path, kind: ModelKind, metrics: ModelMetrics, override: int | None
+    ) -> "ServedModel":
+        dimension = embedding_dimension(path) if kind is ModelKind.EMBED else 0
+        return cls(
+            name, kind, Tokenizer(path), metrics, checkpoint_max_context(path, kind, override), dimension
         )
 
 
@@ -79,22 +66,20 @@ class ServedModels:
 
     def resolve(self, name: str, kind: ModelKind | None) -> ServedModel:
         """The model a request names (empty: the default of `kind`, or the first model when any
-        kind will do); NOT_FOUND when none, INVALID_ARGUMENT when it is of the other kind."""
+        kind will do); NOT_FOUND when none, INVALID when it is of the other kind."""
         if not name:
             model = self.first if kind is None else self._defaults.get(kind)
             if model is None:
-                message = f"model: {_NOUNS[kind]} model is not served here"
-                raise GatewayError(message, grpc.StatusCode.NOT_FOUND)
+                raise GatewayError(f"model: {_NOUNS[kind]} model is not served here", ErrorKind.NOT_FOUND)
             return model
         model = self._by_name.get(name)
         if model is None:
             raise GatewayError(
                 f"model: {name!r} is not served here (served: {', '.join(map(repr, self._by_name))})",
-                grpc.StatusCode.NOT_FOUND,
+                ErrorKind.NOT_FOUND,
             )
         if kind is not None and model.kind is not kind:
             raise GatewayError(
-                f"model: {name!r} is {_NOUNS[model.kind]} model: call {_CALLS[model.kind]}",
-                grpc.StatusCode.INVALID_ARGUMENT,
+                f"model: {name!r} is {_NOUNS[model.kind]} model: call {_CALLS[model.kind]}", ErrorKind.INVALID
             )
         return model

@@ -1,26 +1,27 @@
-"""InferenceService: the public gRPC API; GatewayErrors become status codes here and nowhere else."""
+"""InferenceService: the public gRPC API. Short handlers: the work is in Admission, the calls and
+ClientStream; a GatewayError ends a call with the status its table row gives (`abort`)."""
 
 import asyncio
 import logging
 from collections.abc import AsyncIterable, AsyncIterator
+from typing import NoReturn
 
 import grpc
 from opentelemetry.context import Context
 
-from gateway.admission import Admission, Caller
+from gateway.admission import Admission
 from gateway.auth import ApiKeys
+from gateway.call_context import Caller
 from gateway.client_stream import ClientStream
 from gateway.errors import GatewayError
 from gateway.validation import check_input
 from protos import inference_pb2, inference_pb2_grpc
-from protos.tracing import extract
+from telemetry.tracing import extract
 
 logger = logging.getLogger(__name__)
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
-    """Short handlers; the work is in Admission, Generation and ClientStream."""
-
     def __init__(self, admission: Admission, max_open_requests_per_stream: int, api_keys: ApiKeys | None):
         self.admission = admission
         self.max_open_requests_per_stream = max_open_requests_per_stream
@@ -38,15 +39,13 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         try:
-            generation = await self.admission.accept(
+            generation = await self.admission.generation(
                 request, context.time_remaining(), self.identify(context), trace_parent(context)
             )
             async for response in generation.run():
                 yield response
         except GatewayError as error:
-            if error.retry_after_ms:
-                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(error.retry_after_ms)),))
-            await context.abort(error.code, error.message)
+            await abort(context, error)
 
     async def GenerateStream(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterable[inference_pb2.ClientFrame], context: grpc.aio.ServicerContext
@@ -54,7 +53,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         try:
             caller = self.identify(context)
         except GatewayError as error:
-            await context.abort(error.code, error.message)
+            await abort(context, error)
         stream = ClientStream(
             self.admission,
             self.max_open_requests_per_stream,
@@ -73,13 +72,14 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     async def Tokenize(  # noqa: N802 - gRPC method name
         self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.TokenizeResponse:
+        calls = self.admission.context
         try:
-            model = self.admission.check_model(request.model, self.identify(context), None)
-            check_input(request, self.admission.limits(model))
+            model = calls.check_model(request.model, self.identify(context), None)
+            check_input(request, calls.limits(model))
             token_ids = await self.admission.tokenize(request, model.tokenizer)
         except GatewayError as error:
-            await context.abort(error.code, error.message)
-        return inference_pb2.TokenizeResponse(token_ids=token_ids, max_context=model.max_context)
+            await abort(context, error)
+        return inference_pb2.TokenizeResponse(token_ids=token_ids, max_context=calls.max_context(model))
 
     async def ListModels(  # noqa: N802 - gRPC method name
         self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -87,12 +87,12 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         try:
             caller = self.identify(context)
         except GatewayError as error:
-            await context.abort(error.code, error.message)
-        models = self.admission.models
+            await abort(context, error)
+        calls = self.admission.context
         return inference_pb2.ListModelsResponse(
             models=[
-                model.info(models.is_default(model))
-                for model in models
+                calls.info(model)
+                for model in calls.models
                 if caller.principal is None or caller.principal.may_use(model.name)
             ]
         )
@@ -101,14 +101,19 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.EmbedResponse:
         try:
-            call = await self.admission.accept_embed(
+            call = await self.admission.embedding(
                 request, context.time_remaining(), self.identify(context), trace_parent(context)
             )
             return await call.run()
         except GatewayError as error:
-            if error.retry_after_ms:
-                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(error.retry_after_ms)),))
-            await context.abort(error.code, error.message)
+            await abort(context, error)
+
+
+async def abort(context: grpc.aio.ServicerContext, error: GatewayError) -> NoReturn:
+    """End the call with the error's status and message, and its retry hint as a trailer."""
+    if error.trailers():
+        context.set_trailing_metadata(error.trailers())
+    await context.abort(error.code, error.message)
 
 
 def caller_of(context: grpc.aio.ServicerContext) -> str:

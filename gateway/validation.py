@@ -1,4 +1,4 @@
-"""Pure checks of a GenerateRequest: every rule names the field it is about."""
+"""Pure checks of a GenerateRequest or EmbedRequest: every rule names the field it is about."""
 
 import math
 from collections.abc import Sequence
@@ -113,6 +113,10 @@ def resolve_sampling(sampling: inference_pb2.SamplingParams, limits: Limits) -> 
         if not stop or len(stop) > MAX_STOP_LEN:
             raise InvalidRequest(f"sampling.stop[{index}]: must be 1 to {MAX_STOP_LEN} characters")
     check_token_ids("sampling.stop_token_ids", list(sampling.stop_token_ids), limits.vocab_size)
+    if sampling.top_k > limits.vocab_size:
+        raise InvalidRequest(
+            f"sampling.top_k: {sampling.top_k} exceeds the vocabulary size {limits.vocab_size}"
+        )
     if sampling.HasField("logprobs") and sampling.logprobs > MAX_LOGPROBS:
         raise InvalidRequest(f"sampling.logprobs: at most {MAX_LOGPROBS}, got {sampling.logprobs}")
     resolved = jobs_pb2.Sampling(
@@ -135,7 +139,6 @@ def resolve_sampling(sampling: inference_pb2.SamplingParams, limits: Limits) -> 
         ),
         presence_penalty=_range("presence_penalty", sampling.presence_penalty, -2.0, 2.0),
         frequency_penalty=_range("frequency_penalty", sampling.frequency_penalty, -2.0, 2.0),
-        stop=list(sampling.stop),
         stop_token_ids=list(sampling.stop_token_ids),
         ignore_eos=sampling.ignore_eos,
         min_tokens=sampling.min_tokens,

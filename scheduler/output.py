@@ -39,7 +39,6 @@ class SchedulerOutput:
     """One step's batch; `scheduled` is ordered and the runner answers in the same order."""
 
     scheduled: list[ScheduledSeq]
-    preempted_ids: list[str]
     num_batched_tokens: int
 
     @property
@@ -65,7 +64,6 @@ class TokenChunk:
     tokens: tuple[SampledToken, ...]
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
-    stop_string: str | None = None  # the stop string that ended generation, if one did
 
     @property
     def token_ids(self) -> list[int]:

@@ -11,7 +11,6 @@ _FINISHED_STATUS = {
     FinishReason.STOP: SequenceStatus.FINISHED_STOPPED,
     FinishReason.LENGTH: SequenceStatus.FINISHED_LENGTH,
     FinishReason.CANCELLED: SequenceStatus.FINISHED_ABORTED,
-    FinishReason.ERROR: SequenceStatus.FINISHED_ABORTED,
 }
 
 
@@ -44,7 +43,8 @@ class Scheduler:
         self._live[seq.request_id] = seq
 
     def finish(self, request_id: str, reason: FinishReason) -> Sequence | None:
-        """End a sequence now (cancel, stop string, error) and free its blocks; None if unknown."""
+        """End a sequence now (a cancel, a stop string its front matched) and free its blocks; None if
+        unknown."""
         seq = self._live.pop(request_id, None)
         if seq is None:
             return None
@@ -90,9 +90,7 @@ class Scheduler:
         if not preempted:
             budget = self._admit_waiting(scheduled, budget)
         return SchedulerOutput(
-            scheduled=scheduled,
-            preempted_ids=preempted,
-            num_batched_tokens=self.config.max_num_batched_tokens - budget,
+            scheduled=scheduled, num_batched_tokens=self.config.max_num_batched_tokens - budget
         )
 
     def update(self, output: SchedulerOutput, sampled: list[SampledToken | None]) -> list[TokenChunk]:

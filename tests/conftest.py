@@ -5,6 +5,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from client.redis_server import RedisServer
 
@@ -37,3 +38,11 @@ def workload() -> list[dict[str, object]]:
 def redis_server() -> Iterator[RedisServer]:
     with RedisServer() as server:
         yield server
+
+
+@pytest.fixture()
+def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A plain client of the session's Redis."""
+    client = redis.Redis.from_url(redis_server.url)
+    yield client
+    client.close()

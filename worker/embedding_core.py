@@ -8,7 +8,7 @@ import torch
 
 from scheduler.embedding_batcher import EmbedCall, EmbeddingBatcher, EmbeddingBatcherConfig
 from worker.embedding_model import EmbeddingModel
-from worker.engine_core import prepare_device
+from worker.generation_core import prepare_device
 from worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -23,15 +23,22 @@ class Embedded:
     prompt_tokens: int
 
 
+@dataclass(frozen=True, slots=True)
+class EmbeddingStep:
+    """What one batch did: the calls it completed, over how many inputs and padded tokens."""
+
+    finished: list[Embedded]
+    num_inputs: int
+    num_padded_tokens: int
+
+
 @dataclass(slots=True)
 class BatchStats:
-    """What the encoder ran, for metrics, the periodic stats line and the benchmark."""
+    """What the encoder ran, for the periodic stats line and the benchmark."""
 
     num_batches: int = 0
     num_inputs: int = 0
     num_padded_tokens: int = 0  # each group's inputs x its longest, summed over batches
-    last_batch_size: int = 0
-    last_batch_tokens: int = 0
 
 
 class EmbeddingCore:
@@ -76,19 +83,18 @@ class EmbeddingCore:
         """How long until the next batch is due; None when idle."""
         return self.batcher.wait_s(time.monotonic())
 
-    def step(self) -> list[Embedded]:
-        """Run the batch that is due, if one is; returns the calls it completed."""
+    def step(self) -> EmbeddingStep | None:
+        """Run the batch that is due; None when none is."""
         batch = self.batcher.next_batch(time.monotonic())
         if batch is None:
-            return []
+            return None
         vectors = [v for group in batch.groups for v in self.model.encode([i.token_ids for i in group])]
         stats = self.stats
         stats.num_batches += 1
         stats.num_inputs += len(batch.inputs)
         stats.num_padded_tokens += batch.padded_tokens
-        stats.last_batch_size = len(batch.inputs)
-        stats.last_batch_tokens = batch.padded_tokens
-        return [self._finish(call) for call in self.batcher.complete(batch, vectors)]
+        finished = [self._finish(call) for call in self.batcher.complete(batch, vectors)]
+        return EmbeddingStep(finished, len(batch.inputs), batch.padded_tokens)
 
     def _finish(self, call: EmbedCall[torch.Tensor]) -> Embedded:
         stacked = torch.stack(call.vectors)

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModel
 
-from protos.model_kind import PoolingConfig
+from checkpoints import PoolingConfig
 
 
 class EmbeddingModel:

@@ -1,4 +1,5 @@
-"""Lua scripts that make a worker's writes conditional on its heartbeat key.
+"""The Lua scripts that make a worker's writes conditional on its heartbeat key; what each promises
+is part of the Redis layout (`protos/redis_layout.py`).
 
 Once a worker's heartbeat key has expired, other workers may claim its jobs and resume them from
 their recorded progress. From then on the old worker must write nothing for those jobs, or the
@@ -6,11 +7,15 @@ client would see tokens twice: every write it makes to the shared streams goes t
 that first checks the key, atomically, and the heartbeat never re-creates an expired key.
 """
 
-# KEYS[1] heartbeat. ARGV: status, model, ttl ms, "1" when registering a new consumer.
-HEARTBEAT = """
-if ARGV[4] ~= '1' and redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], 'model', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+from protos.redis_layout import DEAD_FIELDS, WORKER_STATUS_FIELD
+
+_JOB, _REASON, _WORKER = DEAD_FIELDS
+
+# KEYS[1] heartbeat. ARGV: status, ttl ms, "1" when registering a new consumer.
+HEARTBEAT = f"""
+if ARGV[3] ~= '1' and redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], '{WORKER_STATUS_FIELD}', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
@@ -20,7 +25,7 @@ return 1
 # n_dead, then n_resp payloads, n_app (byte offset, packed tokens) pairs, n_dead (job, reason) pairs,
 # entry ids to ack. Progress is written at its offset, not appended, so a publish retried after a
 # lost reply leaves it the same (and the gateway drops the chunks it already has, by index).
-PUBLISH = """
+PUBLISH = f"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local n_resp, n_app = tonumber(ARGV[7]), tonumber(ARGV[8])
 local n_del, n_dead = tonumber(ARGV[9]), tonumber(ARGV[10])
@@ -40,11 +45,11 @@ for _ = 1, n_del do
 end
 for _ = 1, n_dead do
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*',
-    'job', ARGV[a], 'reason', ARGV[a + 1], 'worker', ARGV[6])
+    '{_JOB}', ARGV[a], '{_REASON}', ARGV[a + 1], '{_WORKER}', ARGV[6])
   a = a + 2
 end
 if a <= #ARGV then
-  local ids = {unpack(ARGV, a)}
+  local ids = {{unpack(ARGV, a)}}
   redis.call('XACK', KEYS[2], ARGV[1], unpack(ids))
   redis.call('XDEL', KEYS[2], unpack(ids))
 end

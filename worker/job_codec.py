@@ -1,6 +1,5 @@
-"""Protobuf stops here: jobs become scheduler `Sequence`s and scheduler `TokenChunk`s become proto chunks."""
-
-import math
+"""Protobuf stops here: jobs become scheduler `Sequence`s, and what the engines produce becomes
+proto chunks."""
 
 from protos import inference_pb2, jobs_pb2
 from scheduler import FinishReason, SamplingParams, Sequence, TokenChunk
@@ -10,7 +9,6 @@ _FINISH_TO_PROTO = {
     FinishReason.STOP: inference_pb2.FINISH_REASON_STOP,
     FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
     FinishReason.CANCELLED: inference_pb2.FINISH_REASON_CANCELLED,
-    FinishReason.ERROR: inference_pb2.FINISH_REASON_ERROR,
 }
 
 
@@ -25,7 +23,6 @@ def sampling_from_proto(sampling: jobs_pb2.Sampling) -> SamplingParams:
         presence_penalty=sampling.presence_penalty,
         frequency_penalty=sampling.frequency_penalty,
         seed=sampling.seed if sampling.HasField("seed") else None,
-        stop=tuple(sampling.stop),
         stop_token_ids=tuple(sampling.stop_token_ids),
         ignore_eos=sampling.ignore_eos,
         min_tokens=sampling.min_tokens,
@@ -50,7 +47,6 @@ def chunk_to_proto(chunk: TokenChunk) -> jobs_pb2.TokenChunk:
         index=chunk.index,
         token_ids=chunk.token_ids,
         finish_reason=_FINISH_TO_PROTO[chunk.finish_reason],
-        stop_string=chunk.stop_string or "",
         prompt_tokens=chunk.num_prompt_tokens,
     )
     for token in chunk.tokens:
@@ -63,35 +59,22 @@ def chunk_to_proto(chunk: TokenChunk) -> jobs_pb2.TokenChunk:
     return message
 
 
-def error_chunk(request_id: str, code: int, message: str) -> jobs_pb2.TokenChunk:
+def embedded_chunk(request_id: str, vectors: list[list[float]], prompt_tokens: int) -> jobs_pb2.TokenChunk:
+    """An embedding call's only chunk: every vector, in the call's order."""
     return jobs_pb2.TokenChunk(
         request_id=request_id,
-        finish_reason=inference_pb2.FINISH_REASON_ERROR,
-        error=inference_pb2.Error(code=code, message=message),
+        finish_reason=inference_pb2.FINISH_REASON_STOP,
+        prompt_tokens=prompt_tokens,
+        embeddings=[inference_pb2.Embedding(values=vector) for vector in vectors],
     )
 
 
-def job_problem(job: jobs_pb2.Job, vocab_size: int) -> str | None:
-    """Why a job cannot run at all, or None. Gateways validate requests, but anything can write to
-    the stream: a job that would crash the model (an id outside the embedding, a NaN temperature)
-    is caught here and buried instead."""
-    if not job.prompt_token_ids:
-        return "empty prompt"
-    ids = [*job.prompt_token_ids, *job.sampling.stop_token_ids]
-    if max(ids) >= vocab_size:
-        return f"token id {max(ids)} outside the vocabulary (size {vocab_size})"
-    sampling = job.sampling
-    checks = {
-        "max_tokens >= 1": sampling.max_tokens >= 1,
-        "temperature finite and >= 0": math.isfinite(sampling.temperature) and sampling.temperature >= 0,
-        "top_p in (0, 1]": 0 < sampling.top_p <= 1,
-        "min_p in [0, 1]": 0 <= sampling.min_p <= 1,
-        "repetition_penalty finite and > 0": math.isfinite(sampling.repetition_penalty)
-        and sampling.repetition_penalty > 0,
-        "presence_penalty finite": math.isfinite(sampling.presence_penalty),
-        "frequency_penalty finite": math.isfinite(sampling.frequency_penalty),
-        "top_k <= vocabulary size": sampling.top_k <= vocab_size,
-        "logprobs <= 20": sampling.logprobs <= 20,
-    }
-    broken = [rule for rule, ok in checks.items() if not ok]
-    return f"malformed sampling: {', '.join(broken)}" if broken else None
+def failure_chunk(request_id: str, failure: int, message: str) -> jobs_pb2.TokenChunk:
+    """The last chunk of a job that did not finish: the reason from the queue contract, never a
+    status code (the gateway picks that)."""
+    return jobs_pb2.TokenChunk(
+        request_id=request_id,
+        finish_reason=inference_pb2.FINISH_REASON_ERROR,
+        failure=failure,
+        failure_message=message,
+    )

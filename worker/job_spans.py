@@ -8,8 +8,8 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Status, StatusCode, Tracer
 
 from protos import jobs_pb2
-from protos.log_format import request_fields
-from protos.tracing import extract
+from telemetry.logs import request_fields
+from telemetry.tracing import extract
 
 
 @dataclass(slots=True)

@@ -1,12 +1,12 @@
-"""JobStream: the worker's side of Redis — jobs in, cancels in, token batches out, heartbeats.
+"""JobStream: the worker's side of Redis — jobs in, cancels in, token batches out, heartbeats, and
+the group queries that claiming orphans takes. Every Redis call a worker makes is here.
 
-Every write for a job is fenced by the worker's heartbeat (see `fenced_scripts`): a worker whose
-heartbeat expired gets `FencedOut` and must drop what it holds, because others may resume it.
+Every write for a job is fenced by the worker's heartbeat (see `protos/redis_layout.py`): a worker
+whose heartbeat expired gets `FencedOut` and must drop what it holds, because others may resume it.
 """
 
 import dataclasses
 import logging
-import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -15,13 +15,24 @@ from dataclasses import dataclass
 import redis
 from google.protobuf.message import DecodeError
 
+from bootstrap.process import incarnation
 from protos import jobs_pb2
-from protos.streams import DEAD_MAXLEN, FIELD, GROUP, RESPONSES_MAXLEN, StreamKeys, pack_tokens, unpack_tokens
+from protos.redis_layout import (
+    DEAD_MAXLEN,
+    FIELD,
+    GROUP,
+    RESPONSES_MAXLEN,
+    StreamKeys,
+    pack_tokens,
+    unpack_tokens,
+)
 from worker import fenced_scripts
+from worker.outbox import Burial, Outbox
 
 logger = logging.getLogger(__name__)
 
 _REMEMBERED_CANCELS = 10_000
+_MAX_OWNED_LISTED = 10_000
 
 
 class FencedOut(Exception):
@@ -36,15 +47,6 @@ class ReceivedJob:
     job: jobs_pb2.Job
     received_unix_ms: int
     delivered_token_ids: tuple[int, ...] = ()  # tokens a previous worker already streamed back
-
-
-@dataclass(frozen=True, slots=True)
-class Burial:
-    """A job that goes to the dead stream instead of running, and why."""
-
-    entry_id: bytes
-    payload: bytes
-    reason: str
 
 
 def now_ms() -> int:
@@ -77,7 +79,7 @@ class JobStream:
 
     def new_incarnation(self) -> None:
         """A fresh consumer name; the next heartbeat registers it."""
-        self.worker_id = f"{self.worker_name}-{secrets.token_hex(3)}"
+        self.worker_id = incarnation(self.worker_name)
         self._registered = False
 
     def join_group(self) -> None:
@@ -93,22 +95,25 @@ class JobStream:
             last = self.client.xrevrange(self.keys.cancel, count=1)
             self._cancel_cursor = last[0][0] if last else b"0-0"
 
-    def read(self, max_jobs: int, block_ms: int | None) -> tuple[list[ReceivedJob], list[str]]:
-        """New jobs (at most `max_jobs`, blocking up to `block_ms` if given) and cancels, one round trip."""
+    def read(
+        self, max_jobs: int, block_ms: int | None, outbox: Outbox
+    ) -> tuple[list[ReceivedJob], list[str]]:
+        """New jobs (at most `max_jobs`, blocking up to `block_ms` if given) and cancels, one round
+        trip; entries that are no job go to the outbox (see `parse_jobs`)."""
         pipe = self.client.pipeline(transaction=False)
         if max_jobs > 0:
             pipe.xreadgroup(GROUP, self.worker_id, {self.requests_key: ">"}, count=max_jobs, block=block_ms)
         pipe.xread({self.keys.cancel: self._cancel_cursor}, count=1000)
         results = pipe.execute()
         cancels = self._take_cancels(results[-1])
-        jobs = self.parse_jobs(results[0][0][1] if max_jobs > 0 and results[0] else [])
+        jobs = self.parse_jobs(results[0][0][1] if max_jobs > 0 and results[0] else [], outbox)
         return jobs, cancels
 
-    def own_pending(self) -> list[ReceivedJob]:
+    def own_pending(self, outbox: Outbox) -> list[ReceivedJob]:
         """Every job this consumer was handed and has not acknowledged, with its progress: after a
         Redis error, a reply may have been lost between Redis handing jobs over and us reading them."""
         reply = self.client.xreadgroup(GROUP, self.worker_id, {self.requests_key: "0"}, count=10_000)
-        return self.with_progress(self.parse_jobs(reply[0][1] if reply else []))
+        return self.with_progress(self.parse_jobs(reply[0][1] if reply else [], outbox))
 
     def with_progress(self, received: list[ReceivedJob]) -> list[ReceivedJob]:
         """The jobs with the tokens already delivered for them, to resume where they stopped."""
@@ -123,6 +128,12 @@ class JobStream:
     def was_cancelled(self, request_id: str) -> bool:
         """True if a cancel for this id arrived before its job did."""
         return request_id in self._recent_cancels
+
+    def flush(self, outbox: Outbox) -> None:
+        """Publish what the outbox holds and empty it; on an error it keeps everything."""
+        if not outbox.is_empty:
+            self.publish(outbox.batches, outbox.finished, outbox.buried)
+            outbox.clear()
 
     def publish(
         self,
@@ -177,7 +188,7 @@ class JobStream:
     def heartbeat(self, status: jobs_pb2.WorkerStatus, ttl_s: float) -> None:
         """Refresh the heartbeat; FencedOut if it expired since the last one (it is not re-created)."""
         key = self.keys.worker(self.worker_id)
-        args = [status.SerializeToString(), status.model, int(ttl_s * 1000), "0" if self._registered else "1"]
+        args = [status.SerializeToString(), int(ttl_s * 1000), "0" if self._registered else "1"]
         if not self._heartbeat_script(keys=[key], args=args):
             raise FencedOut(f"heartbeat of {self.worker_id} expired")
         self._registered = True
@@ -196,19 +207,54 @@ class JobStream:
             pipe.exists(self.keys.gateway(gateway_id))
         return {g for g, exists in zip(ordered, pipe.execute(), strict=True) if not exists}
 
+    def dead_consumers(self) -> list[tuple[str, int]]:
+        """(name, pending entries) of the group's other consumers that have no heartbeat."""
+        consumers = [
+            (c["name"].decode(), int(c["pending"]))
+            for c in self.client.xinfo_consumers(self.requests_key, GROUP)
+            if c["name"].decode() != self.worker_id
+        ]
+        if not consumers:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for name, _ in consumers:
+            pipe.exists(self.keys.worker(name))
+        return [c for c, alive in zip(consumers, pipe.execute(), strict=True) if not alive]
+
+    def deliveries(self, consumer: str, count: int) -> dict[bytes, int]:
+        """Up to `count` of a consumer's pending entries, each with how often it was delivered."""
+        pending = self.client.xpending_range(self.requests_key, GROUP, "-", "+", count, consumername=consumer)
+        return {p["message_id"]: int(p["times_delivered"]) for p in pending}
+
+    def claim(
+        self, entry_ids: list[bytes], min_idle_ms: int
+    ) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
+        """Take the entries over (XCLAIM); one claimed by someone else within `min_idle_ms` is left
+        out. A job deleted from the stream meanwhile comes back with no fields, if it is now ours."""
+        reply = self.client.xclaim(self.requests_key, GROUP, self.worker_id, min_idle_ms, entry_ids)
+        claimed = [(entry_id, fields) for entry_id, fields in reply if entry_id is not None]
+        if len(claimed) < len(reply):
+            found = {entry_id for entry_id, _ in claimed}
+            ours = self.deliveries(self.worker_id, _MAX_OWNED_LISTED)
+            claimed += [
+                (entry_id, None) for entry_id in entry_ids if entry_id in ours and entry_id not in found
+            ]
+        return claimed
+
     def forget_consumer(self, consumer: str) -> None:
         """Delete a dead consumer that holds nothing from the group (the script re-checks both)."""
         self._forget_script(keys=[self.requests_key, self.keys.worker(consumer)], args=[GROUP, consumer])
 
-    def parse_jobs(self, entries: list[tuple[bytes, dict[bytes, bytes] | None]]) -> list[ReceivedJob]:
+    def parse_jobs(
+        self, entries: list[tuple[bytes, dict[bytes, bytes] | None]], outbox: Outbox
+    ) -> list[ReceivedJob]:
         """Decode stream entries. Malformed ones are buried with the reason; entries deleted from the
-        stream (no fields) are acknowledged, as there is nothing left to run."""
+        stream (no fields) are acknowledged, as there is nothing left to run: both through the
+        outbox, whose next flush writes them."""
         jobs: list[ReceivedJob] = []
-        burials: list[Burial] = []
-        vanished: list[tuple[str, bytes]] = []
         for entry_id, fields in entries:
             if not fields:
-                vanished.append(("", entry_id))
+                outbox.acknowledge("", entry_id)
                 continue
             payload = fields.get(FIELD, b"")
             problem = ""
@@ -223,10 +269,9 @@ class JobStream:
                     problem = "malformed Job: no request_id or gateway_id"
             if problem:
                 logger.warning("job %s buried: %s", entry_id, problem)
-                burials.append(Burial(entry_id, payload, problem))
+                outbox.bury(Burial(entry_id, payload, problem))
             else:
                 jobs.append(ReceivedJob(entry_id, job, now_ms()))
-        self.publish({}, vanished, burials)
         return jobs
 
     def _take_cancels(self, reply: list[object] | None) -> list[str]:

@@ -5,9 +5,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from checkpoints import model_dir_of
 from scheduler import FinishReason, SamplingParams, Sequence
-from tokenization import TextStream
-from worker.engine_core import EngineCore
+from tokenization import TextStream, Tokenizer
+from worker.generation_core import GenerationCore
 from worker.settings import EngineSettings
 
 
@@ -25,16 +26,14 @@ class Completion:
 
 
 class LLM:
-    """Runs the same EngineCore step as a serving worker, without Redis or gRPC."""
+    """Runs the same GenerationCore step as a serving worker, without Redis or gRPC. Like the
+    gateway, it detokenizes, so it matches stop strings and ends a sequence at one."""
 
     def __init__(self, settings: EngineSettings | None = None, **overrides: Any):
         self.settings = settings or EngineSettings(**overrides)
-        self.engine = EngineCore.from_settings(self.settings)
+        self.engine = GenerationCore.from_settings(self.settings)
+        self.tokenizer = Tokenizer(model_dir_of(self.settings.model))
         self._ids = itertools.count()
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.engine.tokenizer
 
     def generate(
         self,
@@ -52,13 +51,19 @@ class LLM:
             completions[request_id] = Completion(request_id, token_ids, submitted_s=time.perf_counter())
             streams[request_id] = TextStream(self.tokenizer, sampling_params.stop)
         while not self.engine.scheduler.is_idle:
-            for chunk in self.engine.step():
+            step = self.engine.step()
+            for chunk in step.chunks if step is not None else []:
                 now = time.perf_counter()
                 completion = completions[chunk.request_id]
+                stream = streams[chunk.request_id]
                 completion.token_ids.extend(chunk.token_ids)
                 completion.token_times_s.extend(now for _ in chunk.tokens)
-                completion.text += streams[chunk.request_id].push(chunk.token_ids)
-                if chunk.finish_reason is not None:
-                    completion.finish_reason = chunk.finish_reason
-                    completion.text += streams[chunk.request_id].flush()
+                completion.text += stream.push(chunk.token_ids)
+                finish_reason = chunk.finish_reason
+                if stream.matched_stop is not None and finish_reason is None:
+                    self.engine.abort(chunk.request_id)
+                    finish_reason = FinishReason.STOP
+                if finish_reason is not None:
+                    completion.finish_reason = finish_reason
+                    completion.text += stream.flush()
         return list(completions.values())

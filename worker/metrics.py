@@ -3,8 +3,8 @@
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from protos.metrics import ITERATION_TOKENS_BUCKETS, PREFIX
 from scheduler import Scheduler
+from telemetry.metrics import ITERATION_TOKENS_BUCKETS, PREFIX
 
 
 class StepMetrics:

@@ -3,12 +3,20 @@
 from dataclasses import dataclass, field
 
 from protos import jobs_pb2
-from worker.job_stream import Burial, JobStream
+
+
+@dataclass(frozen=True, slots=True)
+class Burial:
+    """A job that goes to the dead stream instead of running, and why."""
+
+    entry_id: bytes
+    payload: bytes
+    reason: str
 
 
 @dataclass(slots=True)
 class Outbox:
-    """Chunks per gateway and jobs to acknowledge, in the order they were produced.
+    """Chunks per gateway, jobs to acknowledge and jobs to bury, in the order they were produced.
 
     A publish that fails (Redis unreachable) leaves everything here; the next flush sends it all in
     one script, before anything newer, so no chunk is skipped and none is sent twice.
@@ -25,22 +33,21 @@ class Outbox:
             self.finished.append((chunk.request_id, entry_id))
 
     def bury(self, burial: Burial) -> None:
-        """To the dead stream, acknowledged (the client's error chunk goes through `add`)."""
+        """To the dead stream, acknowledged (the client's failure chunk goes through `add`)."""
         self.buried.append(burial)
 
     def acknowledge(self, request_id: str, entry_id: bytes) -> None:
-        """Acknowledge a job without telling its gateway anything (it is gone); with a request_id,
-        its progress is dropped too."""
+        """Acknowledge a job without telling its gateway anything (it is gone, or the job vanished
+        from the stream); with a request_id, its progress is dropped too."""
         self.finished.append((request_id, entry_id))
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.batches or self.finished or self.buried)
 
     @property
     def entry_ids(self) -> set[bytes]:
         return {entry_id for _, entry_id in self.finished} | {b.entry_id for b in self.buried}
-
-    def flush(self, jobs: JobStream) -> None:
-        if self.batches or self.finished or self.buried:
-            jobs.publish(self.batches, self.finished, self.buried)
-            self.clear()
 
     def clear(self) -> None:
         self.batches = {}

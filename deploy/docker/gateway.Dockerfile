@@ -9,6 +9,9 @@ WORKDIR /src
 RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 COPY pyproject.toml ./
 COPY protos protos
+COPY bootstrap bootstrap
+COPY telemetry telemetry
+COPY checkpoints checkpoints
 COPY gateway gateway
 COPY worker worker
 COPY scheduler scheduler
@@ -26,6 +29,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 WORKDIR /app
 COPY pyproject.toml ./
 COPY protos protos
+COPY bootstrap bootstrap
+COPY telemetry telemetry
+COPY checkpoints checkpoints
 COPY gateway gateway
 COPY worker worker
 COPY scheduler scheduler

@@ -16,6 +16,9 @@ RUN apt-get update \
 WORKDIR /app
 COPY pyproject.toml ./
 COPY protos protos
+COPY bootstrap bootstrap
+COPY telemetry telemetry
+COPY checkpoints checkpoints
 COPY gateway gateway
 COPY worker worker
 COPY scheduler scheduler

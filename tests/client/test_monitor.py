@@ -8,7 +8,7 @@ from rich.console import Console
 from client.fleet_snapshot import FleetReader
 from client.monitor import FleetHistory, render
 from client.redis_server import free_port
-from protos.streams import StreamKeys
+from protos.redis_layout import StreamKeys
 
 
 def test_unreachable_redis_is_reported_in_the_frame() -> None:

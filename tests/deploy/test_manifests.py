@@ -13,9 +13,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from checkpoints import model_id
 from gateway.settings import GatewaySettings
-from protos.probes import LIVENESS, READINESS
-from protos.streams import GROUP, StreamKeys, model_id
+from protos.redis_layout import GROUP, StreamKeys
+from telemetry.probes import LIVENESS, READINESS
 from tests.deploy.keda_schemas import SCHEMAS
 from worker.settings import WorkerSettings
 

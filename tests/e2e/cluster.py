@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.redis_server import free_port
 from protos import jobs_pb2
-from protos.streams import StreamKeys
+from protos.redis_layout import StreamKeys
 
 # A small KV pool and context keep worker start-up and memory low on CI's two cores.
 TEST_WORKER_ARGS = ("--kv-cache-bytes", str(256 << 20), "--max-model-len", "2048")

@@ -15,7 +15,7 @@ import redis
 from client.library import ConveyorClient, vectors_of
 from client.redis_server import RedisServer
 from protos import inference_pb2
-from protos.streams import GROUP, StreamKeys
+from protos.redis_layout import GROUP, StreamKeys
 from tests.e2e.cluster import (
     FAST_FAILOVER_ARGS,
     start_gateway,

@@ -14,7 +14,7 @@ import redis
 from client.library import ConveyorClient
 from client.redis_server import RedisServer, free_port
 from protos import inference_pb2, jobs_pb2
-from protos.streams import FIELD, StreamKeys
+from protos.redis_layout import FIELD, StreamKeys
 from tests.e2e.cluster import (
     TEST_WORKER_ARGS,
     start_gateway,

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protos import inference_pb2, inference_pb2_grpc
-from protos.streams import StreamKeys
+from protos.redis_layout import StreamKeys
 from tests.e2e.cluster import wait_for, wait_until_serving, worker_statuses
 from tests.e2e.conftest import Cluster
 

@@ -5,7 +5,7 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 
 from client.library import ConveyorClient
-from protos.metrics import TTFT_BUCKETS
+from telemetry.metrics import TTFT_BUCKETS
 from tests.e2e.cluster import wait_for
 from tests.e2e.conftest import Cluster
 

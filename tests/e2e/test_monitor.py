@@ -16,7 +16,7 @@ from rich.console import Console
 from client.fleet_snapshot import FleetReader, Snapshot
 from client.library import ConveyorClient
 from client.monitor import FleetHistory, render
-from protos.streams import StreamKeys
+from protos.redis_layout import StreamKeys
 from tests.e2e.cluster import FAST_FAILOVER_ARGS, start_worker, stop_process
 from tests.e2e.conftest import Cluster
 

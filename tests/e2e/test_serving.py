@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from client.library import AsyncConveyorClient, ConveyorClient, build_request
 from protos import inference_pb2, inference_pb2_grpc, jobs_pb2
-from protos.streams import FIELD, StreamKeys
+from protos.redis_layout import FIELD, StreamKeys
 from tests.e2e.cluster import wait_for, worker_statuses
 from tests.e2e.conftest import Cluster
 
@@ -248,8 +248,8 @@ def test_a_job_whose_deadline_passed_in_the_queue_is_never_started(cluster: Clus
         deadline_unix_ms=int(time.time() * 1000) - 1,
     )
     chunk = answer_to(cluster, job)
-    assert chunk.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
-    assert "deadline passed while queued" in chunk.error.message
+    assert chunk.failure == jobs_pb2.JOB_FAILURE_DEADLINE
+    assert "deadline passed while queued" in chunk.failure_message
     assert not chunk.token_ids, "it never ran: its only chunk carries no token"
 
 
@@ -295,10 +295,7 @@ def test_worker_refuses_a_job_it_cannot_run_in_band_and_acknowledges_it(cluster:
     )
     chunk = answer_to(cluster, job)
     assert chunk.finish_reason == inference_pb2.FINISH_REASON_ERROR
-    assert (
-        chunk.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-        and "context limit of 2048" in chunk.error.message
-    )
+    assert chunk.failure == jobs_pb2.JOB_FAILURE_INVALID and "context limit of 2048" in chunk.failure_message
 
 
 def test_a_job_that_would_crash_the_model_is_buried_and_its_gateway_told(
@@ -314,8 +311,8 @@ def test_a_job_that_would_crash_the_model_is_buried_and_its_gateway_told(
         sampling=jobs_pb2.Sampling(max_tokens=4, temperature=float("nan"), top_p=1.0, repetition_penalty=1.0),
     )
     chunk = answer_to(cluster, job)
-    assert chunk.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-    assert "token id 999999 outside the vocabulary" in chunk.error.message
+    assert chunk.failure == jobs_pb2.JOB_FAILURE_INVALID
+    assert "token id 999999 outside the vocabulary" in chunk.failure_message
     assert client.xlen(keys.dead) == dead_before + 1
     assert client.xrevrange(keys.dead, count=1)[0][1][b"reason"].startswith(b"token id 999999")
     client.close()

@@ -5,34 +5,22 @@ from pathlib import Path
 
 import grpc
 import pytest
-import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 from transformers import AutoTokenizer
 
+from checkpoints import ModelKind
 from gateway.errors import GatewayError
-from gateway.job_queue import JobQueue
 from gateway.metrics import GatewayMetrics
-from gateway.served_models import ServedModel, ServedModels, checkpoint_max_context
-from protos.model_kind import ModelKind
-from protos.streams import StreamKeys
+from gateway.served_models import ServedModel, ServedModels
 from tokenization import Tokenizer
 
 
 @pytest.fixture(scope="module")
 def models(model_dir: Path, embedder_dir: Path) -> ServedModels:
     metrics = GatewayMetrics(CollectorRegistry(), 2048)
-    client = aioredis.Redis()  # never connects here: only resolution is tested
 
     def served(name: str, path: Path, kind: ModelKind) -> ServedModel:
-        return ServedModel(
-            name,
-            kind,
-            Tokenizer(path),
-            JobQueue(client, StreamKeys("t"), name),
-            metrics.model(name),
-            checkpoint_max_context(path, kind, None),
-            0,
-        )
+        return ServedModel.of(name, path, kind, metrics.model(name), None)
 
     return ServedModels(
         [
@@ -49,7 +37,7 @@ def test_empty_names_pick_each_kinds_first_model(models: ServedModels) -> None:
     assert models.resolve("", None).name == "gen"  # Tokenize: any kind, the first model
     assert models.resolve("emb2", ModelKind.EMBED).name == "emb2"
     assert [m.name for m in models if models.is_default(m)] == ["gen", "emb"]
-    assert models.resolve("emb", ModelKind.EMBED).max_context == 256
+    assert models.resolve("emb", ModelKind.EMBED).checkpoint_max_context == 256
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ def sampling(**fields: object) -> inference_pb2.SamplingParams:
         (sampling(stop=["x"] * 17), "sampling.stop"),
         (sampling(stop_token_ids=[5, 1000]), "sampling.stop_token_ids[1]"),
         (sampling(logprobs=21), "sampling.logprobs"),
+        (sampling(top_k=1001), "sampling.top_k"),  # a worker would refuse it: found by test_fuzz
     ],
 )
 def test_bad_sampling_value_names_its_field(params: inference_pb2.SamplingParams, field: str) -> None:

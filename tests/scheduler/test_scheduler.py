@@ -88,8 +88,8 @@ def test_preempts_newest_sequence_when_blocks_run_out() -> None:
     scheduler.add(new)
     preempted: list[str] = []
     for _ in range(12):
-        output, _ = run_step(scheduler)
-        preempted += output.preempted_ids
+        run_step(scheduler)
+        preempted = [seq.request_id for seq in (old, new) if seq.num_preemptions]
         if preempted:
             break
     assert preempted == [new.request_id]
@@ -106,9 +106,10 @@ def test_preempts_lowest_priority_before_newer_higher_priority() -> None:
     scheduler.add(low)
     scheduler.add(high)
     for _ in range(12):
-        output, _ = run_step(scheduler)
-        if output.preempted_ids:
-            assert output.preempted_ids == [low.request_id]
+        run_step(scheduler)
+        preempted = [seq.request_id for seq in (low, high) if seq.num_preemptions]
+        if preempted:
+            assert preempted == [low.request_id]
             return
     pytest.fail("no preemption happened")
 
@@ -271,10 +272,14 @@ def test_recompute_after_preemption_is_not_a_decode() -> None:
     for seq in seqs:
         scheduler.add(seq)
     preempted: set[str] = set()
+    seen_preemptions = {seq.request_id: 0 for seq in seqs}
     recomputes = []
     while not scheduler.is_idle:
         output, _ = run_step(scheduler)
         recomputes += [item for item in output.scheduled if item.request_id in preempted]
-        preempted.update(output.preempted_ids)
+        for seq in seqs:
+            if seq.num_preemptions > seen_preemptions[seq.request_id]:
+                seen_preemptions[seq.request_id] = seq.num_preemptions
+                preempted.add(seq.request_id)
         preempted -= {item.request_id for item in recomputes}
     assert recomputes and all(not item.is_decode and item.num_new_tokens > 1 for item in recomputes)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from protos.model_kind import ModelKind, PoolingConfig, model_kind
+from checkpoints import ModelKind, PoolingConfig, model_kind
 from scheduler.embedding_batcher import EmbeddingBatcherConfig
 from tests.embedding_reference import TEXTS as ALL_TEXTS
 from tests.embedding_reference import reference_vectors
@@ -30,7 +30,8 @@ def embed_all(core: EmbeddingCore) -> dict[str, Embedded]:
     done: dict[str, Embedded] = {}
     while core.wait_s() is not None:
         time.sleep(core.wait_s() or 0.0)
-        done.update((call.request_id, call) for call in core.step())
+        step = core.step()
+        done.update((call.request_id, call) for call in (step.finished if step is not None else []))
     return done
 
 

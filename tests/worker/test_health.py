@@ -5,7 +5,7 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos.probes import LIVENESS, READINESS
+from telemetry.probes import LIVENESS, READINESS
 from worker.health import LoopHealth, serve_health
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

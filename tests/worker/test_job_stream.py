@@ -2,28 +2,19 @@
 
 import itertools
 import time
-from collections.abc import Iterator
 
-import grpc
 import pytest
 import redis
 
-from client.redis_server import RedisServer
 from protos import inference_pb2, jobs_pb2
-from protos.streams import FIELD, GROUP, StreamKeys, unpack_tokens
-from worker.job_stream import FencedOut, JobStream
+from protos.redis_layout import FIELD, GROUP, StreamKeys, unpack_tokens
+from worker.job_stream import FencedOut, JobStream, ReceivedJob
 from worker.orphan_claimer import OrphanClaimer
+from worker.outbox import Outbox
 
 MODEL = "m"
 TTL_S = 30.0
 _namespaces = itertools.count()
-
-
-@pytest.fixture()
-def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server.url)
-    yield client
-    client.close()
 
 
 @pytest.fixture()
@@ -42,6 +33,21 @@ def worker(client: redis.Redis, keys: StreamKeys, name: str) -> JobStream:
 def submit(client: redis.Redis, keys: StreamKeys, request_id: str, gateway: str = "gw") -> None:
     job = jobs_pb2.Job(request_id=request_id, gateway_id=gateway, prompt_token_ids=[1, 2, 3])
     client.xadd(keys.requests(MODEL), {FIELD: job.SerializeToString()})
+
+
+def read(stream: JobStream, max_jobs: int) -> tuple[list[ReceivedJob], list[str]]:
+    """A read whose burials and acknowledgements are flushed at once, as the serving loop does."""
+    outbox = Outbox()
+    received = stream.read(max_jobs, None, outbox)
+    stream.flush(outbox)
+    return received
+
+
+def claim(claimer: OrphanClaimer, max_jobs: int) -> list[ReceivedJob]:
+    outbox = Outbox()
+    claimed = claimer.claim(max_jobs, outbox)
+    claimer.jobs.flush(outbox)
+    return claimed
 
 
 def chunk(request_id: str, index: int, token_ids: list[int], finish: int = 0) -> jobs_pb2.TokenChunk:
@@ -66,7 +72,7 @@ def test_progress_follows_what_is_published_and_goes_with_the_ack(
 ) -> None:
     stream = worker(client, keys, "a")
     submit(client, keys, "r1")
-    ((job,), _) = stream.read(4, None)
+    ((job,), _) = read(stream, 4)
     stream.publish({"gw": [chunk("r1", 0, [7])]})
     stream.publish({"gw": [chunk("r1", 1, [8, 9])]})
     stream.publish({"gw": [chunk("r1", 1, [8, 9])]})  # retried after a lost reply
@@ -86,7 +92,7 @@ def test_a_worker_whose_heartbeat_expired_writes_nothing_and_is_not_revived(
 ) -> None:
     stream = worker(client, keys, "a")
     submit(client, keys, "r1")
-    ((job,), _) = stream.read(4, None)
+    ((job,), _) = read(stream, 4)
     die(client, keys, stream)
     with pytest.raises(FencedOut):
         stream.publish({"gw": [chunk("r1", 0, [7])]}, [("r1", job.entry_id)])
@@ -107,32 +113,32 @@ def test_orphans_of_a_dead_worker_are_resumed_from_their_progress(
     dead, alive = worker(client, keys, "dead"), worker(client, keys, "alive")
     for request_id in ("r1", "r2"):
         submit(client, keys, request_id)
-    dead.read(2, None)
+    read(dead, 2)
     submit(client, keys, "r3")
-    alive.read(1, None)
+    read(alive, 1)
     dead.publish({"gw": [chunk("r1", 0, [5]), chunk("r1", 1, [6])]})
     die(client, keys, dead)
     claimer_stream = worker(client, keys, "claimer")
     time.sleep(0.02)
-    claimed = OrphanClaimer(claimer_stream, min_idle_ms=10, max_attempts=3).claim(8)
+    claimed = claim(OrphanClaimer(claimer_stream, min_idle_ms=10, max_attempts=3), 8)
     assert sorted((j.job.request_id, j.delivered_token_ids) for j in claimed) == [("r1", (5, 6)), ("r2", ())]
     owners = {
         p["consumer"].decode() for p in client.xpending_range(keys.requests(MODEL), GROUP, "-", "+", 10)
     }
     assert owners == {claimer_stream.worker_id, alive.worker_id}, "the live worker keeps its job"
     rival = OrphanClaimer(worker(client, keys, "rival"), min_idle_ms=10_000, max_attempts=3)
-    assert rival.claim(8) == [], "a job just claimed is not claimed again"
+    assert claim(rival, 8) == [], "a job just claimed is not claimed again"
 
 
 def test_a_dead_consumer_with_nothing_pending_is_forgotten(client: redis.Redis, keys: StreamKeys) -> None:
     dead, live = worker(client, keys, "dead"), worker(client, keys, "live")
     submit(client, keys, "done")
-    ((job,), _) = dead.read(1, None)
+    ((job,), _) = read(dead, 1)
     dead.publish({}, [("done", job.entry_id)])
     die(client, keys, dead)
     submit(client, keys, "running")
-    live.read(1, None)
-    assert OrphanClaimer(live, min_idle_ms=10, max_attempts=3).claim(8) == []
+    read(live, 1)
+    assert claim(OrphanClaimer(live, min_idle_ms=10, max_attempts=3), 8) == []
     names = {c["name"].decode() for c in client.xinfo_consumers(keys.requests(MODEL), GROUP)}
     assert names == {live.worker_id}
 
@@ -142,24 +148,24 @@ def test_a_job_that_outlived_its_workers_is_buried_and_its_client_told(
 ) -> None:
     submit(client, keys, "poison")
     holder = worker(client, keys, "w0")
-    holder.read(1, None)
+    read(holder, 1)
     holder.publish({"gw": [chunk("poison", 0, [5])]})
     for attempt in range(1, 3):  # two more workers claim it and die too
         die(client, keys, holder)
         holder = worker(client, keys, f"w{attempt}")
         time.sleep(0.02)
-        assert len(OrphanClaimer(holder, min_idle_ms=10, max_attempts=3).claim(8)) == 1
+        assert len(claim(OrphanClaimer(holder, min_idle_ms=10, max_attempts=3), 8)) == 1
     die(client, keys, holder)
     survivor = worker(client, keys, "survivor")
     time.sleep(0.02)
-    assert OrphanClaimer(survivor, min_idle_ms=10, max_attempts=3).claim(8) == []
+    assert claim(OrphanClaimer(survivor, min_idle_ms=10, max_attempts=3), 8) == []
     ((_, fields),) = client.xrange(keys.dead)
     assert (
         fields[b"reason"] == b"3 workers died running it" and fields[b"worker"] == survivor.worker_id.encode()
     )
     last = responses(client, keys)[-1]
     assert last.finish_reason == inference_pb2.FINISH_REASON_ERROR
-    assert last.error.code == grpc.StatusCode.INTERNAL.value[0] and "3 workers died" in last.error.message
+    assert last.failure == jobs_pb2.JOB_FAILURE_WORKERS_DIED and "3 workers died" in last.failure_message
     assert client.xlen(keys.requests(MODEL)) == 0 and client.get(keys.progress("poison")) is None
 
 
@@ -168,12 +174,12 @@ def test_a_claimed_entry_deleted_from_the_stream_is_acknowledged(
 ) -> None:
     dead = worker(client, keys, "dead")
     submit(client, keys, "gone")
-    ((job,), _) = dead.read(1, None)
+    ((job,), _) = read(dead, 1)
     client.xdel(keys.requests(MODEL), job.entry_id)
     die(client, keys, dead)
     live = worker(client, keys, "live")
     time.sleep(0.02)
-    assert OrphanClaimer(live, min_idle_ms=10, max_attempts=3).claim(8) == []
+    assert claim(OrphanClaimer(live, min_idle_ms=10, max_attempts=3), 8) == []
     assert client.xpending(keys.requests(MODEL), GROUP)["pending"] == 0
 
 
@@ -190,9 +196,9 @@ def test_own_pending_lists_what_was_handed_over_with_its_progress(
     stream = worker(client, keys, "a")
     for request_id in ("r1", "r2"):
         submit(client, keys, request_id)
-    stream.read(2, None)  # as if the reply had been lost on the way
+    read(stream, 2)  # as if the reply had been lost on the way
     stream.publish({"gw": [chunk("r2", 0, [4, 2])]})
-    pending = stream.own_pending()
+    pending = stream.own_pending(Outbox())
     assert [(j.job.request_id, j.delivered_token_ids) for j in pending] == [("r1", ()), ("r2", (4, 2))]
 
 
@@ -213,7 +219,7 @@ def test_malformed_entries_are_buried_with_the_reason(
     stream = worker(client, keys, "a")
     client.xadd(keys.requests(MODEL), fields)
     submit(client, keys, "good")
-    jobs, _ = stream.read(4, None)
+    jobs, _ = read(stream, 4)
     assert [j.job.request_id for j in jobs] == ["good"]
     ((_, dead),) = client.xrange(keys.dead)
     assert dead[b"reason"].startswith(reason)

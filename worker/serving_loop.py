@@ -1,4 +1,5 @@
-"""Engine: the worker's serving loop — admit jobs, apply cancels, step the model, publish, ack."""
+"""ServingLoop: the worker's one loop — admit jobs, apply cancels, step the backend, publish, ack,
+heartbeat, claim orphans — for a generation model and an embedding model alike."""
 
 import contextlib
 import logging
@@ -6,18 +7,18 @@ import threading
 import time
 from dataclasses import dataclass
 
-import grpc
 from opentelemetry.trace import Tracer
 from redis.exceptions import RedisError
 
 from protos import inference_pb2, jobs_pb2
+from worker.backend import Backend
 from worker.health import LoopHealth
-from worker.job_codec import error_chunk
-from worker.job_runner import JobRunner
+from worker.job_check import refusal
+from worker.job_codec import failure_chunk
 from worker.job_spans import JobSpans
-from worker.job_stream import Burial, FencedOut, JobStream, ReceivedJob, now_ms
+from worker.job_stream import FencedOut, JobStream, ReceivedJob, now_ms
 from worker.orphan_claimer import OrphanClaimer
-from worker.outbox import Outbox
+from worker.outbox import Burial, Outbox
 from worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -38,20 +39,20 @@ class _Running:
     spans: JobSpans
 
 
-class Engine:
-    """One thread owns the model and its scheduler (the runner); Redis is polled between steps,
-    blocking only while nothing is due."""
+class ServingLoop:
+    """One thread owns the model and what feeds it (the backend); Redis is polled between steps,
+    blocking only while nothing is due. Every Redis call goes through the job stream."""
 
     def __init__(
         self,
-        runner: JobRunner,
+        backend: Backend,
         jobs: JobStream,
         settings: WorkerSettings,
         tracer: Tracer,
         metrics_url: str,
         health: LoopHealth,
     ):
-        self.runner = runner
+        self.backend = backend
         self.metrics_url = metrics_url
         self.health = health
         self.jobs = jobs
@@ -102,14 +103,14 @@ class Engine:
         and the loop retries with backoff; once back, jobs Redis handed over unseen are adopted."""
         self.health.turned()
         try:
-            self._outbox.flush(self.jobs)
+            self.jobs.flush(self._outbox)
             if self._retry_s:
                 self._recover()
             self._admit_and_cancel()
-            for chunk in self.runner.step():
+            for chunk in self.backend.step():
                 self._queue_chunk(chunk)
             self._expire_deadlines()
-            self._outbox.flush(self.jobs)
+            self.jobs.flush(self._outbox)
             self._tick()
             self.health.ready = not self._draining.is_set()
         except FencedOut as error:
@@ -130,7 +131,7 @@ class Engine:
         claimed and not admitted): adopt every pending entry of ours that we do not hold."""
         self.jobs.join_group()  # a Redis that lost its data lost the group too
         known = {r.entry_id for r in self._running.values()} | self._outbox.entry_ids
-        adopted = [job for job in self.jobs.own_pending() if job.entry_id not in known]
+        adopted = [job for job in self.jobs.own_pending(self._outbox) if job.entry_id not in known]
         self._admit_all(adopted)
         logger.warning("Redis is back; adopted %d jobs handed over unseen", len(adopted))
         self._retry_s = 0.0
@@ -140,7 +141,7 @@ class Engine:
         """Presumed dead: others may be resuming our jobs, so drop them all and rejoin as a new consumer."""
         logger.error("%s: dropping %d jobs for other workers to resume", error, len(self._running))
         for request_id in self._running:
-            self.runner.abort(request_id)
+            self.backend.abort(request_id)
         self._running.clear()
         self._outbox.clear()
         self.jobs.new_incarnation()
@@ -151,11 +152,11 @@ class Engine:
         """Read jobs and cancels; jobs refused at once get their last chunk in the outbox."""
         accepting = not self._draining.is_set()
         # Take only what can run now, so idle workers in the group get the rest.
-        capacity = self.runner.max_jobs - len(self._running)
-        block_ms = self.runner.block_ms(self.settings.idle_block_ms)
-        received, cancels = self.jobs.read(capacity if accepting else 0, block_ms)
+        capacity = self.backend.max_jobs - len(self._running)
+        block_ms = self.backend.block_ms(self.settings.idle_block_ms)
+        received, cancels = self.jobs.read(capacity if accepting else 0, block_ms, self._outbox)
         for request_id in cancels:
-            self._finish_early(request_id, grpc.StatusCode.CANCELLED, "cancelled")
+            self._finish_early(request_id, jobs_pb2.JOB_FAILURE_CANCELLED, "cancelled")
         self._admit_all(received)
 
     def _admit_all(self, received: list[ReceivedJob]) -> None:
@@ -164,30 +165,27 @@ class Engine:
                 logger.warning("duplicate job for request_id=%s dropped", item.job.request_id)
                 self._outbox.acknowledge("", item.entry_id)
                 continue
-            problem = self._admit(item)
-            if problem is not None:
-                self._outbox.add(item.job.gateway_id, problem, item.entry_id)
+            failure = self._admit(item)
+            if failure is not None:
+                self._outbox.add(item.job.gateway_id, failure, item.entry_id)
 
     def _admit(self, item: ReceivedJob) -> jobs_pb2.TokenChunk | None:
         """Start a job, or return the chunk that ends it at once."""
         job = item.job
-        problem = self.runner.problem(job)
+        problem = refusal(job, len(item.delivered_token_ids), self.backend.limits)
         if problem is not None:
             logger.warning("job %s request_id=%s buried: %s", item.entry_id, job.request_id, problem)
             self._outbox.bury(Burial(item.entry_id, job.SerializeToString(), problem))
-            return error_chunk(job.request_id, grpc.StatusCode.INVALID_ARGUMENT.value[0], problem)
+            return failure_chunk(job.request_id, jobs_pb2.JOB_FAILURE_INVALID, problem)
         if self.jobs.was_cancelled(job.request_id):
-            return error_chunk(
-                job.request_id, grpc.StatusCode.CANCELLED.value[0], "cancelled before it started"
+            return failure_chunk(
+                job.request_id, jobs_pb2.JOB_FAILURE_CANCELLED, "cancelled before it started"
             )
         if job.deadline_unix_ms and job.deadline_unix_ms <= item.received_unix_ms:
-            return error_chunk(
-                job.request_id, grpc.StatusCode.DEADLINE_EXCEEDED.value[0], "deadline passed while queued"
+            return failure_chunk(
+                job.request_id, jobs_pb2.JOB_FAILURE_DEADLINE, "deadline passed while queued"
             )
-        try:
-            self.runner.start(job, item.delivered_token_ids)
-        except ValueError as error:
-            return error_chunk(job.request_id, grpc.StatusCode.INVALID_ARGUMENT.value[0], str(error))
+        self.backend.start(job, item.delivered_token_ids)
         self._running[job.request_id] = _Running(
             job.gateway_id,
             item.entry_id,
@@ -197,17 +195,15 @@ class Engine:
         )
         return None
 
-    def _finish_early(self, request_id: str, code: grpc.StatusCode, message: str) -> None:
+    def _finish_early(self, request_id: str, failure: int, message: str) -> None:
         """Cancel or expire a running job: free its blocks now, tell its gateway, acknowledge it."""
         running = self._running.pop(request_id, None)
         if running is None:
             return
-        self.runner.abort(request_id)
+        self.backend.abort(request_id)
         running.spans.end(self.tracer, self.jobs.worker_id, message)
         logger.info("job ended early: %s", message, extra=running.spans.log_fields(request_id))
-        self._outbox.add(
-            running.gateway_id, error_chunk(request_id, code.value[0], message), running.entry_id
-        )
+        self._outbox.add(running.gateway_id, failure_chunk(request_id, failure, message), running.entry_id)
 
     def _expire_deadlines(self) -> None:
         now = now_ms()
@@ -215,7 +211,7 @@ class Engine:
             rid for rid, r in self._running.items() if r.deadline_unix_ms and r.deadline_unix_ms <= now
         ]
         for request_id in expired:
-            self._finish_early(request_id, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+            self._finish_early(request_id, jobs_pb2.JOB_FAILURE_DEADLINE, "deadline exceeded")
 
     def _queue_chunk(self, message: jobs_pb2.TokenChunk) -> None:
         running = self._running[message.request_id]
@@ -247,11 +243,11 @@ class Engine:
         if now < self._next_heartbeat:
             return
         self._send_heartbeat()
-        self.runner.refresh_metrics()
+        self.backend.refresh_metrics()
         self._drop_work_of_lost_gateways()
-        capacity = self.runner.max_jobs - len(self._running)
+        capacity = self.backend.max_jobs - len(self._running)
         if capacity > 0 and not self._draining.is_set():
-            self._admit_all(self.claimer.claim(capacity))
+            self._admit_all(self.claimer.claim(capacity, self._outbox))
 
     def _drop_work_of_lost_gateways(self) -> None:
         """No one would hear the answer: cancel and acknowledge without publishing."""
@@ -261,7 +257,7 @@ class Engine:
         dropped = [rid for rid, r in self._running.items() if r.gateway_id in lost]
         logger.warning("gateways %s are gone: cancelling their %d jobs", sorted(lost), len(dropped))
         for request_id in dropped:
-            self.runner.abort(request_id)
+            self.backend.abort(request_id)
             self._outbox.acknowledge(request_id, self._running.pop(request_id).entry_id)
 
     def _send_heartbeat(self) -> None:
@@ -269,14 +265,14 @@ class Engine:
         status = jobs_pb2.WorkerStatus(
             worker_id=self.jobs.worker_id,
             model=self.model_name,
-            max_context=self.runner.max_context,
+            max_context=self.backend.limits.max_context,
             accepting=not self._draining.is_set(),
             updated_unix_ms=now_ms(),
             num_finished=self._num_finished,
             metrics_url=self.metrics_url,
         )
-        self.runner.load(status)
+        self.backend.load(status)
         self.jobs.heartbeat(status, self.settings.heartbeat_ttl_s)
 
     def _log_stats(self) -> None:
-        logger.info("%s", self.runner.stats_line())
+        logger.info("%s", self.backend.stats_line())

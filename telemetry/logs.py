@@ -2,10 +2,8 @@
 pipeline (Kubernetes, Loki, Cloud Logging). A line about one request carries its request id and the
 id of its trace, so a log line leads to the trace and back."""
 
-import faulthandler
 import json
 import logging
-import signal
 import time
 from typing import Literal
 
@@ -56,12 +54,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, process: str, log_format: LogFormat) -> None:
-    """Root logging for one process (`process` is "gateway" or "worker").
-
-    `kill -USR1 <pid>` also writes every thread's stack to stderr, beside the log: how an operator
-    (or a test) sees where a process that does not stop is stuck.
-    """
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    """Root logging for one process (`process` is "gateway" or "worker")."""
     handler = logging.StreamHandler()
     if log_format == "json":
         handler.setFormatter(JsonFormatter(process))

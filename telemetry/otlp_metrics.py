@@ -30,7 +30,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric as PrometheusFamily
 
-from protos.metrics import PREFIX, metrics_url, serve_metrics
+from telemetry.metrics import PREFIX, metrics_url, serve_metrics
 
 _SCOPE = InstrumentationScope("conveyor")
 

@@ -1,6 +1,6 @@
-"""What a checkpoint directory holds, read from its own files (no torch): a generator or an
-embedder, and for an embedder how its vectors are pooled and normalized (sentence-transformers'
-`modules.json`, `1_Pooling/config.json`, `sentence_bert_config.json`)."""
+"""A checkpoint directory's own files (config.json, sentence-transformers' `modules.json`,
+`1_Pooling/config.json`, `sentence_bert_config.json`): a generator or an embedder, its context,
+and for an embedder how its vectors are pooled and normalized."""
 
 import json
 from dataclasses import dataclass
@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 _GENERATIVE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+# A config without `max_position_embeddings` gets transformers' Llama default.
+DEFAULT_MAX_POSITIONS = 2048
 
 
 class ModelKind(Enum):
@@ -18,6 +20,19 @@ class ModelKind(Enum):
 
 def _json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def model_dir_of(path: Path) -> Path:
+    """The directory holding the tokenizer and config: the path itself, or a GGUF file's folder."""
+    return path.parent if path.suffix == ".gguf" else path
+
+
+def model_id(model: Path, name: str = "") -> str:
+    """The id a model is served under (and its request stream named after): `name`, else the
+    checkpoint folder's name, or a GGUF file's stem."""
+    if name:
+        return name
+    return model.stem if model.suffix == ".gguf" else model.name
 
 
 def model_kind(model: Path) -> ModelKind:
@@ -31,6 +46,20 @@ def model_kind(model: Path) -> ModelKind:
     return ModelKind.EMBED
 
 
+def _max_positions(config: dict[str, Any]) -> int:
+    return int(config.get("max_position_embeddings", DEFAULT_MAX_POSITIONS))
+
+
+def generation_max_context(model: Path, override: int | None) -> int:
+    """A generator's context (prompt and completion), capped by `override` when given."""
+    limit = _max_positions(_json(model_dir_of(model) / "config.json"))
+    return min(limit, override) if override else limit
+
+
+def embedding_dimension(model: Path) -> int:
+    return int(_json(model / "config.json").get("hidden_size", 0))
+
+
 @dataclass(frozen=True, slots=True)
 class PoolingConfig:
     mode: Literal["mean", "cls", "max"]
@@ -41,7 +70,6 @@ class PoolingConfig:
     def of(cls, model: Path) -> "PoolingConfig":
         """As sentence-transformers would run the folder; without its files: mean pooling,
         normalized, up to the model's position limit."""
-        config = _json(model / "config.json")
         modules_path = model / "modules.json"
         modules = json.loads(modules_path.read_text()) if modules_path.exists() else None
         pooling_path = "1_Pooling"
@@ -56,6 +84,6 @@ class PoolingConfig:
             mode = "cls"
         elif pooling.get("pooling_mode_max_tokens"):
             mode = "max"
-        limit = int(config.get("max_position_embeddings", 512))
+        limit = _max_positions(_json(model / "config.json"))
         max_length = int(_json(model / "sentence_bert_config.json").get("max_seq_length", limit))
         return cls(mode, normalize, min(max_length, limit))

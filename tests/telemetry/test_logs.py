@@ -5,7 +5,7 @@ import logging
 
 from opentelemetry.trace import NonRecordingSpan, SpanContext
 
-from protos.log_format import JsonFormatter, TextFormatter, request_fields
+from telemetry.logs import JsonFormatter, TextFormatter, request_fields
 
 TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
 

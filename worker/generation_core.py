@@ -1,9 +1,8 @@
-"""EngineCore: scheduler + model runner + stop strings; one `step()` is one forward pass.
+"""GenerationCore: the scheduler and the model runner; one `step()` is one forward pass.
 
 The worker's serving loop and the in-process `LLM` (and so the benchmark) drive the same step.
 """
 
-import dataclasses
 import logging
 import time
 from collections import Counter
@@ -12,11 +11,10 @@ from dataclasses import dataclass, field
 import torch
 
 from scheduler import FinishReason, Scheduler, SchedulerConfig, Sequence, TokenChunk
-from tokenization import TextStream, Tokenizer
 from worker.cpu_kernels import keep_freed_memory, pack_linears
 from worker.kernels import PagedDecodeKernel
 from worker.kv_cache import KVCache, num_blocks_for_budget
-from worker.model_loader import load_model, model_dir_of
+from worker.model_loader import load_model
 from worker.model_runner import ModelRunner
 from worker.settings import EngineSettings
 
@@ -36,22 +34,27 @@ class StepStats:
     num_tokens: int = 0  # tokens fed to the model
     num_generated: int = 0  # tokens sampled
     batch_sizes: Counter[int] = field(default_factory=Counter)  # sequences per step -> steps
-    last_step_tokens: int = 0
-    last_step_seqs: int = 0
 
 
-class EngineCore:
+@dataclass(frozen=True, slots=True)
+class GenerationStep:
+    """What one step did: each sequence's new tokens, over how many tokens and sequences."""
+
+    chunks: list[TokenChunk]
+    num_tokens: int  # tokens fed to the model
+    num_seqs: int
+
+
+class GenerationCore:
     """Owns one model on one device and the scheduler feeding it."""
 
-    def __init__(self, scheduler: Scheduler, runner: ModelRunner, tokenizer: Tokenizer):
+    def __init__(self, scheduler: Scheduler, runner: ModelRunner):
         self.scheduler = scheduler
         self.runner = runner
-        self.tokenizer = tokenizer
         self.stats = StepStats()
-        self._stop_streams: dict[str, TextStream] = {}
 
     @classmethod
-    def from_settings(cls, settings: EngineSettings) -> "EngineCore":
+    def from_settings(cls, settings: EngineSettings) -> "GenerationCore":
         device = prepare_device(settings)
         model, config, max_model_len = load_model(settings.model, device, settings.max_model_len)
         if device.type == "cpu":
@@ -86,12 +89,11 @@ class EngineCore:
             num_blocks,
             kv_cache.num_bytes / 2**20,
         )
-        tokenizer = Tokenizer(model_dir_of(settings.model))
         kernel = None
         if device.type == "cpu" and settings.cpu_decode_kernel:
             kernel = PagedDecodeKernel.load()
         runner = ModelRunner(model, kv_cache, device, kernel)
-        return cls(Scheduler(scheduler_config), runner, tokenizer)
+        return cls(Scheduler(scheduler_config), runner)
 
     @property
     def vocab_size(self) -> int:
@@ -103,24 +105,19 @@ class EngineCore:
 
     def add(self, seq: Sequence) -> None:
         self.scheduler.add(seq)
-        if seq.sampling.stop:
-            stream = TextStream(self.tokenizer, seq.sampling.stop)
-            stream.push(seq.output_token_ids)  # a resumed sequence's text so far
-            self._stop_streams[seq.request_id] = stream
 
-    def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> bool:
+    def abort(self, request_id: str) -> bool:
         """Stop a sequence and free its blocks now; False if it is not here."""
-        self._stop_streams.pop(request_id, None)
-        return self.scheduler.finish(request_id, reason) is not None
+        return self.scheduler.finish(request_id, FinishReason.CANCELLED) is not None
 
-    def step(self) -> list[TokenChunk]:
-        """Schedule, run the model once, sample, and return each sequence's new tokens."""
+    def step(self) -> GenerationStep | None:
+        """Schedule, run the model once, sample; None when nothing was due."""
         started = time.perf_counter()
         output = self.scheduler.schedule()
         if output.is_empty:
-            return []
+            return None
         sampled = self.runner.execute(output)
-        chunks = [self._apply_stop_strings(c) for c in self.scheduler.update(output, sampled)]
+        chunks = self.scheduler.update(output, sampled)
         stats = self.stats
         seconds = time.perf_counter() - started
         stats.num_steps += 1
@@ -131,24 +128,7 @@ class EngineCore:
         stats.num_tokens += output.num_batched_tokens
         stats.num_generated += sum(len(chunk.tokens) for chunk in chunks)
         stats.batch_sizes[len(output.scheduled)] += 1
-        stats.last_step_tokens = output.num_batched_tokens
-        stats.last_step_seqs = len(output.scheduled)
-        return chunks
-
-    def _apply_stop_strings(self, chunk: TokenChunk) -> TokenChunk:
-        stream = self._stop_streams.get(chunk.request_id)
-        if stream is None:
-            return chunk
-        stream.push(chunk.token_ids)
-        if stream.matched_stop is not None:
-            if chunk.finish_reason is None:
-                self.scheduler.finish(chunk.request_id, FinishReason.STOP)
-            chunk = dataclasses.replace(
-                chunk, finish_reason=FinishReason.STOP, stop_string=stream.matched_stop
-            )
-        if chunk.finish_reason is not None:
-            del self._stop_streams[chunk.request_id]
-        return chunk
+        return GenerationStep(chunks, output.num_batched_tokens, len(output.scheduled))
 
 
 def prepare_device(settings: EngineSettings) -> torch.device:

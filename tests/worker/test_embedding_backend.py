@@ -10,18 +10,19 @@ from prometheus_client import CollectorRegistry
 
 from protos import inference_pb2, jobs_pb2
 from scheduler.embedding_batcher import EmbeddingBatcherConfig
+from worker.embedding_backend import EmbeddingBackend
 from worker.embedding_core import EmbeddingCore
 from worker.embedding_model import EmbeddingModel
-from worker.embedding_runner import EmbeddingRunner
+from worker.job_check import refusal
 from worker.metrics import StepMetrics
 
 
 @pytest.fixture(scope="module")
-def runner(embedder_dir: Path) -> EmbeddingRunner:
+def runner(embedder_dir: Path) -> EmbeddingBackend:
     core = EmbeddingCore(
         EmbeddingModel(embedder_dir, torch.device("cpu")), EmbeddingBatcherConfig(4096, 4, max_wait_s=0.2)
     )
-    return EmbeddingRunner(core, StepMetrics(CollectorRegistry(), "emb"))
+    return EmbeddingBackend(core, StepMetrics(CollectorRegistry(), "emb"))
 
 
 def embed_job(request_id: str, *inputs: list[int]) -> jobs_pb2.Job:
@@ -38,16 +39,17 @@ def embed_job(request_id: str, *inputs: list[int]) -> jobs_pb2.Job:
         (embed_job("e"), "no inputs"),
         (embed_job("e", [101, 102], []), "input 1 is empty"),
         (embed_job("e", [101, 999_999]), "input 0: token id 999999 outside the vocabulary (30522)"),
+        (embed_job("e", [101] * 257), "input 0: 257 tokens exceed the model's 256"),
     ],
 )
-def test_jobs_it_can_never_run_are_named(runner: EmbeddingRunner, job: jobs_pb2.Job, problem: str) -> None:
-    assert runner.problem(job) == problem
+def test_jobs_it_can_never_run_are_named(runner: EmbeddingBackend, job: jobs_pb2.Job, problem: str) -> None:
+    assert refusal(job, 0, runner.limits) == problem
 
 
-def test_a_call_waits_for_its_batch_then_comes_back_on_one_chunk(runner: EmbeddingRunner) -> None:
+def test_a_call_waits_for_its_batch_then_comes_back_on_one_chunk(runner: EmbeddingBackend) -> None:
     assert runner.block_ms(100) == 100  # idle: block as long as the loop likes
     job = embed_job("call", [101, 7592, 102], [101, 2088, 2003, 102])
-    assert runner.problem(job) is None
+    assert refusal(job, 0, runner.limits) is None
     runner.start(job, ())
     wait_ms = runner.block_ms(100)
     assert wait_ms is not None and 1 <= wait_ms <= 200  # the batch fills for at most max_wait_s

@@ -7,13 +7,9 @@ client sees them. Each process has its own registry and serves it on `/metrics`.
 
 import socket
 
-import prometheus_client
 from prometheus_client import CollectorRegistry, start_http_server
 
 PREFIX = "conveyor:"
-
-# No `*_created` series: vLLM exposes none, and scrapers built for it need none.
-prometheus_client.disable_created_metrics()
 
 TTFT_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,

@@ -1,31 +1,25 @@
-"""GenerationRunner: a generation model's EngineCore behind the serving loop."""
+"""GenerationBackend: a generation model's GenerationCore behind the serving loop."""
 
+from checkpoints import ModelKind
 from protos import jobs_pb2
-from worker.engine_core import EngineCore
-from worker.job_codec import chunk_to_proto, job_problem, sequence_from_job
+from worker.generation_core import GenerationCore
+from worker.job_check import JobLimits
+from worker.job_codec import chunk_to_proto, sequence_from_job
 from worker.metrics import GenerationMetrics
 
 
-class GenerationRunner:
-    def __init__(self, core: EngineCore, metrics: GenerationMetrics):
+class GenerationBackend:
+    def __init__(self, core: GenerationCore, metrics: GenerationMetrics):
         self.core = core
         self.metrics = metrics
+        self.limits = JobLimits(ModelKind.GENERATE, core.vocab_size, core.max_model_len)
 
     @property
     def max_jobs(self) -> int:
         return self.core.scheduler.config.max_num_seqs
 
-    @property
-    def max_context(self) -> int:
-        return self.core.max_model_len
-
     def block_ms(self, idle_block_ms: int) -> int | None:
         return idle_block_ms if self.core.scheduler.is_idle else None
-
-    def problem(self, job: jobs_pb2.Job) -> str | None:
-        if job.HasField("embed"):
-            return "an embedding job sent to a generation model"
-        return job_problem(job, self.core.vocab_size)
 
     def start(self, job: jobs_pb2.Job, delivered_token_ids: tuple[int, ...]) -> None:
         self.core.add(sequence_from_job(job, delivered_token_ids))
@@ -34,12 +28,11 @@ class GenerationRunner:
         self.core.abort(request_id)
 
     def step(self) -> list[jobs_pb2.TokenChunk]:
-        stats = self.core.stats
-        steps_before = stats.num_steps
-        chunks = [chunk_to_proto(chunk) for chunk in self.core.step()]
-        if stats.num_steps != steps_before:
-            self.metrics.observe_step(stats.last_step_tokens, stats.last_step_seqs)
-        return chunks
+        step = self.core.step()
+        if step is None:
+            return []
+        self.metrics.observe_step(step.num_tokens, step.num_seqs)
+        return [chunk_to_proto(chunk) for chunk in step.chunks]
 
     def load(self, status: jobs_pb2.WorkerStatus) -> None:
         scheduler = self.core.scheduler

@@ -1,0 +1,22 @@
+"""What a checkpoint holds, read from its own files without torch: shared by the gateway (which
+never loads weights), the worker and the client."""
+
+from checkpoints.files import (
+    ModelKind,
+    PoolingConfig,
+    embedding_dimension,
+    generation_max_context,
+    model_dir_of,
+    model_id,
+    model_kind,
+)
+
+__all__ = [
+    "ModelKind",
+    "PoolingConfig",
+    "embedding_dimension",
+    "generation_max_context",
+    "model_dir_of",
+    "model_id",
+    "model_kind",
+]

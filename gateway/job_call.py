@@ -1,0 +1,78 @@
+"""JobCall: one accepted call and its job — the one path both call kinds run: submit the job, read
+its chunks back (watching a quiet one), cancel it if the call leaves early, and at the end one log
+line, the end of the trace and the release of the lease."""
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from gateway.call_context import CallContext
+from gateway.errors import GatewayError
+from gateway.job_watch import JobWatch
+from gateway.load_limits import Lease
+from gateway.request_trace import RequestTrace
+from gateway.served_models import ServedModel
+from protos import inference_pb2, jobs_pb2
+from telemetry.logs import request_fields
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class JobCall:
+    context: CallContext
+    noun: str  # "generation" or "embedding", for the log line
+    client_request_id: str
+    model: ServedModel
+    job: jobs_pb2.Job
+    lease: Lease  # the call's place within the load limits
+    trace: RequestTrace
+    accepted_s: float = field(default_factory=time.time)
+    _outcome: str | None = "ended early"  # what the log and the trace record; None: finished
+
+    def finish(self) -> None:
+        """The call has its answer before the job's last chunk (a stop string matched): leaving now
+        cancels the job but is no early exit."""
+        self._outcome = None
+
+    async def chunks(self, describe: Callable[[], str]) -> AsyncIterator[jobs_pb2.TokenChunk]:
+        """The job's chunks up to its last; a failure chunk raises its status, a lost job raises
+        UNAVAILABLE. `describe` says, for the final log line, what the call did. Use under
+        `contextlib.aclosing`."""
+        queues, policy = self.context.queues, self.context.watch_policy
+        request_id = self.job.request_id
+        queue = queues.register(request_id)
+        last_seen = False
+        try:
+            watch = JobWatch(queues, self.model.name, await queues.submit(self.model.name, self.job), policy)
+            while not last_seen:
+                try:
+                    chunk = await asyncio.wait_for(queue.get(), policy.interval_s)
+                except TimeoutError:
+                    await watch.check()
+                    continue
+                last_seen = chunk.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED
+                if chunk.finish_reason == inference_pb2.FINISH_REASON_ERROR:
+                    raise GatewayError.of_failure(chunk)
+                yield chunk
+            self._outcome = None
+        except GatewayError as error:
+            self._outcome = error.message
+            raise
+        finally:
+            queues.unregister(request_id)
+            if not last_seen:
+                await asyncio.shield(queues.cancel(request_id))
+            logger.info(
+                "%s %s after %.3f s: %s; client's id %s",
+                self.noun,
+                self._outcome or "finished",
+                time.time() - self.accepted_s,
+                describe(),
+                self.client_request_id,
+                extra=request_fields(request_id, self.trace.root),
+            )
+            self.trace.end(self._outcome)
+            self.lease.release()
