@@ -87,14 +87,14 @@ def run_conveyor(
         SamplingParams(max_tokens=row["max_tokens"], temperature=0.0, ignore_eos=True) for row in workload
     ]
     llm.generate([prompts[0]], SamplingParams(max_tokens=2, temperature=0.0))  # warm-up
-    before = dataclasses.replace(llm.engine.stats)
-    model_s_before = llm.engine.runner.model_s
+    before = dataclasses.replace(llm.core.stats)
+    model_s_before = llm.core.runner.model_s
     started = time.perf_counter()
     completions = llm.generate(prompts, params)
     seconds = time.perf_counter() - started
-    stats = llm.engine.stats
+    stats = llm.core.stats
     step_s = stats.step_s - before.step_s
-    model_s = llm.engine.runner.model_s - model_s_before
+    model_s = llm.core.runner.model_s - model_s_before
     num_steps = stats.num_steps - before.num_steps
     num_prefill_steps = stats.num_prefill_steps - before.num_prefill_steps
     prefill_step_s = stats.prefill_step_s - before.prefill_step_s
@@ -109,7 +109,7 @@ def run_conveyor(
     itl = [_itl(c.token_times_s) for c in completions]
     ours = Row("conveyor (in-process)", len(workload), output_tokens, seconds, ttft, itl)
     ceiling = Row("model forward only", len(workload), output_tokens, model_s, [], [])
-    scheduler = llm.engine.scheduler
+    scheduler = llm.core.scheduler
     batch_sizes = stats.batch_sizes
     details = {
         "kv_blocks": scheduler.block_manager.num_blocks,

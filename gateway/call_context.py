@@ -50,7 +50,7 @@ class CallContext:
         return Limits(model.tokenizer.vocab_size, self.max_context(model), self.default_max_tokens)
 
     def queued_jobs(self, model: ServedModel) -> int:
-        return self.fleet.view.of(model.name).queued_jobs + self.queues.submitted_since_measured(model.name)
+        return self.fleet.view.of(model.name).queued_now(self.queues.submitted(model.name))
 
     def info(self, model: ServedModel) -> inference_pb2.ModelInfo:
         return inference_pb2.ModelInfo(

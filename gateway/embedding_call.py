@@ -17,7 +17,11 @@ class EmbeddingCall:
         response = inference_pb2.EmbedResponse()
         async with aclosing(self.call.chunks(self._describe)) as chunks:
             async for chunk in chunks:  # the only chunk is the last
-                response = self._response(chunk)
+                try:
+                    response = self._response(chunk)
+                except GatewayError as error:
+                    self.call.fail(error)
+                    raise
         return response
 
     def _response(self, chunk: jobs_pb2.TokenChunk) -> inference_pb2.EmbedResponse:

@@ -5,7 +5,9 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from grpc_health.v1 import health, health_pb2
 from redis.exceptions import RedisError
@@ -34,12 +36,18 @@ class ModelFleet:
     num_workers: int = 0
     max_context: int | None = None  # the smallest among live workers; None: none seen
     serving: bool = False  # a live worker accepts its jobs
-    queued_jobs: int = 0  # queued or running, across the fleet
+    queued_jobs: int = 0  # queued or running, across the fleet, when measured
+    submitted_before: int = 0  # this gateway's submissions counted when it was measured
+
+    def queued_now(self, submitted: int) -> int:
+        """The measured queue plus what this gateway submitted since: a flood counts against the
+        queue limit before the next measurement."""
+        return self.queued_jobs + submitted - self.submitted_before
 
 
 @dataclass(frozen=True, slots=True)
 class FleetView:
-    models: dict[str, ModelFleet] = field(default_factory=dict)
+    models: Mapping[str, ModelFleet] = field(default_factory=lambda: MappingProxyType({}))
 
     def of(self, model: str) -> ModelFleet:
         return self.models.get(model, ModelFleet())
@@ -101,6 +109,7 @@ class FleetMonitor:
             view = {}
             for model in self.models:
                 workers = [s for s in statuses if s.model == model.name]
+                submitted = self.queues.submitted(model.name)
                 view[model.name] = ModelFleet(
                     num_workers=len(workers),
                     # Once known, kept while no worker is up: a restarted fleet has the same limit.
@@ -109,14 +118,17 @@ class FleetMonitor:
                     else self.view.of(model.name).max_context,
                     serving=any(s.accepting for s in workers),
                     queued_jobs=await self.queues.queued_jobs(model.name),
+                    submitted_before=submitted,
                 )
-            self.view = FleetView(view)
+            self.view = FleetView(MappingProxyType(view))
             serving, reachable = all(m.serving for m in view.values()), True
         except RedisError as error:
             logger.warning("Redis unreachable: %s", error)
             models = self.view.models
             self.view = FleetView(
-                {n: dataclasses.replace(m, num_workers=0, serving=False) for n, m in models.items()}
+                MappingProxyType(
+                    {n: dataclasses.replace(m, num_workers=0, serving=False) for n, m in models.items()}
+                )
             )
             serving = reachable = False
         if self._closing:

@@ -43,19 +43,18 @@ class Generation:
                 finished = chunk.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED
                 if len(chunk.token_ids) <= skip and not finished:
                     continue
-                piece = await asyncio.get_running_loop().run_in_executor(
-                    call.context.executor, self._piece, chunk, skip
-                )
-                now = time.time()
+                now, num_new = time.time(), len(chunk.token_ids) - skip
                 if not first_token_s:  # observed now, as vLLM does: a long generation shows at once
                     first_token_s = now
                     metrics.ttft.observe(now - call.accepted_s)
-                if piece.token_ids:
+                if num_new > 0:
                     if last_token_s:  # tokens that came together share the gap since the last ones
-                        gap = (now - last_token_s) / len(piece.token_ids)
-                        for _ in piece.token_ids:
-                            metrics.inter_token.observe(gap)
+                        for _ in range(num_new):
+                            metrics.inter_token.observe((now - last_token_s) / num_new)
                     last_token_s = now
+                piece = await asyncio.get_running_loop().run_in_executor(
+                    call.context.executor, self._piece, chunk, skip
+                )
                 response = inference_pb2.GenerateResponse(
                     request_id=call.client_request_id,
                     text=piece.text,
@@ -73,8 +72,8 @@ class Generation:
                 yield response
 
     def _piece(self, chunk: jobs_pb2.TokenChunk, skip: int) -> _Piece:
-        """The chunk's new tokens and their text; with stop strings, token by token, so the tokens
-        stop where the matched stop string ends."""
+        """The chunk's new tokens and their text, pushed token by token so that, when a stop string
+        matches, the tokens end with the one that completed it."""
         token_ids, logprobs = list(chunk.token_ids)[skip:], list(chunk.logprobs)[skip:]
         stream, text = self.text_stream, ""
         for count, token_id in enumerate(token_ids, 1):

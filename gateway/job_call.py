@@ -33,9 +33,13 @@ class JobCall:
     _outcome: str | None = "ended early"  # what the log and the trace record; None: finished
 
     def finish(self) -> None:
-        """The call has its answer before the job's last chunk (a stop string matched): leaving now
-        cancels the job but is no early exit."""
+        """The call has its answer (its last frame is out): leaving now is no early exit, even
+        before the job's last chunk (a stop string matched), when the job is stopped."""
         self._outcome = None
+
+    def fail(self, error: GatewayError) -> None:
+        """The call fails on a chunk that came whole (a worker's answer that does not fit)."""
+        self._outcome = error.message
 
     async def chunks(self, describe: Callable[[], str]) -> AsyncIterator[jobs_pb2.TokenChunk]:
         """The job's chunks up to its last; a failure chunk raises its status, a lost job raises
@@ -63,16 +67,22 @@ class JobCall:
             raise
         finally:
             queues.unregister(request_id)
-            if not last_seen:
-                await asyncio.shield(queues.cancel(request_id))
-            logger.info(
-                "%s %s after %.3f s: %s; client's id %s",
-                self.noun,
-                self._outcome or "finished",
-                time.time() - self.accepted_s,
-                describe(),
-                self.client_request_id,
-                extra=request_fields(request_id, self.trace.root),
-            )
-            self.trace.end(self._outcome)
-            self.lease.release()
+            try:
+                if not last_seen:  # a finished call stops its job, one left early cancels it
+                    await asyncio.shield(queues.cancel(request_id, stopped=self._outcome is None))
+            finally:
+                self._end(describe())
+
+    def _end(self, description: str) -> None:
+        """The log line, the trace's end and the lease's release: once per call, whatever happened."""
+        logger.info(
+            "%s %s after %.3f s: %s; client's id %s",
+            self.noun,
+            self._outcome or "finished",
+            time.time() - self.accepted_s,
+            description,
+            self.client_request_id,
+            extra=request_fields(self.job.request_id, self.trace.root),
+        )
+        self.trace.end(self._outcome)
+        self.lease.release()

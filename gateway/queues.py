@@ -28,11 +28,11 @@ class GatewayQueues:
         self.gateway_id = gateway_id
         self.responses_key = keys.responses(gateway_id)
         self._queues: dict[str, asyncio.Queue[jobs_pb2.TokenChunk]] = {}
-        self._submitted: dict[str, int] = {}  # jobs submitted per model since its stream was measured
+        self._submitted: dict[str, int] = {}  # jobs this gateway has submitted, per model
         self._reader: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._reader = asyncio.create_task(self._read_responses(), name="response-router")
+        self._reader = asyncio.create_task(self._read_responses(), name="responses")
 
     async def stop(self) -> None:
         """Stop reading, and drop this gateway's response stream and heartbeat."""
@@ -61,18 +61,18 @@ class GatewayQueues:
         self._submitted[model] = self._submitted.get(model, 0) + 1
         return entry_id
 
-    def submitted_since_measured(self, model: str) -> int:
-        """Jobs this gateway queued since `queued_jobs` last measured the model's stream: a flood
-        counts against the queue limit before the next measurement."""
+    def submitted(self, model: str) -> int:
+        """Jobs this gateway has submitted for the model since it started."""
         return self._submitted.get(model, 0)
 
     async def is_pending(self, model: str, entry_id: bytes) -> bool:
         """Whether the job is still queued or running (an acknowledged job leaves its stream)."""
         return bool(await self.client.xrange(self.keys.requests(model), entry_id, entry_id, count=1))
 
-    async def cancel(self, request_id: str) -> None:
-        """Tell every worker to drop the request; best effort (the job may already be done)."""
-        payload = jobs_pb2.Cancel(request_id=request_id).SerializeToString()
+    async def cancel(self, request_id: str, stopped: bool = False) -> None:
+        """Tell every worker to drop the request (`stopped`: it is answered, its job done); best
+        effort (the job may already have ended)."""
+        payload = jobs_pb2.Cancel(request_id=request_id, stopped=stopped).SerializeToString()
         try:
             await self.client.xadd(self.keys.cancel, {FIELD: payload}, maxlen=CANCEL_MAXLEN, approximate=True)
         except RedisError as error:
@@ -80,7 +80,6 @@ class GatewayQueues:
 
     async def queued_jobs(self, model: str) -> int:
         """Jobs queued or running for a model: its stream's length (acknowledged jobs leave it)."""
-        self._submitted[model] = 0
         return int(await self.client.xlen(self.keys.requests(model)))
 
     async def heartbeat(self, status: jobs_pb2.GatewayStatus, ttl_s: float) -> None:

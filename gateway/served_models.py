@@ -38,12 +38,11 @@ class ServedModel:
 
     @classmethod
     def of(
-        cls, name: str, path: Path, kind: ModelKind, metrics: ModelMetrics, override: int | None
+        cls, name: str, path: Path, kind: ModelKind, metrics: ModelMetrics, max_context: int
     ) -> "ServedModel":
+        """`max_context` from `checkpoint_max_context`."""
         dimension = embedding_dimension(path) if kind is ModelKind.EMBED else 0
-        return cls(
-            name, kind, Tokenizer(path), metrics, checkpoint_max_context(path, kind, override), dimension
-        )
+        return cls(name, kind, Tokenizer(path), metrics, max_context, dimension)
 
 
 class ServedModels:

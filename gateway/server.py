@@ -130,8 +130,8 @@ def served_models(settings: GatewaySettings, registry: CollectorRegistry) -> Ser
     metrics = GatewayMetrics(registry, max(limits))
     return ServedModels(
         [
-            ServedModel.of(name, path, kind, metrics.model(name), override)
-            for (name, path, kind), override in zip(kinds, overrides, strict=True)
+            ServedModel.of(name, path, kind, metrics.model(name), limit)
+            for (name, path, kind), limit in zip(kinds, limits, strict=True)
         ]
     )
 

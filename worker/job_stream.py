@@ -97,7 +97,7 @@ class JobStream:
 
     def read(
         self, max_jobs: int, block_ms: int | None, outbox: Outbox
-    ) -> tuple[list[ReceivedJob], list[str]]:
+    ) -> tuple[list[ReceivedJob], list[jobs_pb2.Cancel]]:
         """New jobs (at most `max_jobs`, blocking up to `block_ms` if given) and cancels, one round
         trip; entries that are no job go to the outbox (see `parse_jobs`)."""
         pipe = self.client.pipeline(transaction=False)
@@ -231,6 +231,8 @@ class JobStream:
     ) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
         """Take the entries over (XCLAIM); one claimed by someone else within `min_idle_ms` is left
         out. A job deleted from the stream meanwhile comes back with no fields, if it is now ours."""
+        if not entry_ids:
+            return []
         reply = self.client.xclaim(self.requests_key, GROUP, self.worker_id, min_idle_ms, entry_ids)
         claimed = [(entry_id, fields) for entry_id, fields in reply if entry_id is not None]
         if len(claimed) < len(reply):
@@ -274,18 +276,18 @@ class JobStream:
                 jobs.append(ReceivedJob(entry_id, job, now_ms()))
         return jobs
 
-    def _take_cancels(self, reply: list[object] | None) -> list[str]:
-        request_ids: list[str] = []
+    def _take_cancels(self, reply: list[object] | None) -> list[jobs_pb2.Cancel]:
+        cancels: list[jobs_pb2.Cancel] = []
         for _stream, entries in reply or []:  # type: ignore[misc]
             for entry_id, fields in entries:
                 self._cancel_cursor = entry_id
                 try:
-                    request_id = jobs_pb2.Cancel.FromString(fields.get(FIELD, b"")).request_id
+                    cancel = jobs_pb2.Cancel.FromString(fields.get(FIELD, b""))
                 except DecodeError:
                     logger.warning("unreadable cancel %s ignored", entry_id)
                     continue
-                request_ids.append(request_id)
-                self._recent_cancels[request_id] = None
+                cancels.append(cancel)
+                self._recent_cancels[cancel.request_id] = None
         while len(self._recent_cancels) > _REMEMBERED_CANCELS:
             self._recent_cancels.popitem(last=False)
-        return request_ids
+        return cancels

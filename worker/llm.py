@@ -31,7 +31,7 @@ class LLM:
 
     def __init__(self, settings: EngineSettings | None = None, **overrides: Any):
         self.settings = settings or EngineSettings(**overrides)
-        self.engine = GenerationCore.from_settings(self.settings)
+        self.core = GenerationCore.from_settings(self.settings)
         self.tokenizer = Tokenizer(model_dir_of(self.settings.model))
         self._ids = itertools.count()
 
@@ -47,11 +47,11 @@ class LLM:
         for prompt, sampling_params in zip(prompts, params, strict=True):
             token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             request_id = f"llm-{next(self._ids)}"
-            self.engine.add(Sequence(request_id, token_ids, sampling_params))
+            self.core.add(Sequence(request_id, token_ids, sampling_params))
             completions[request_id] = Completion(request_id, token_ids, submitted_s=time.perf_counter())
             streams[request_id] = TextStream(self.tokenizer, sampling_params.stop)
-        while not self.engine.scheduler.is_idle:
-            step = self.engine.step()
+        while not self.core.scheduler.is_idle:
+            step = self.core.step()
             for chunk in step.chunks if step is not None else []:
                 now = time.perf_counter()
                 completion = completions[chunk.request_id]
@@ -61,8 +61,8 @@ class LLM:
                 completion.text += stream.push(chunk.token_ids)
                 finish_reason = chunk.finish_reason
                 if stream.matched_stop is not None and finish_reason is None:
-                    self.engine.abort(chunk.request_id)
                     finish_reason = FinishReason.STOP
+                    self.core.scheduler.finish(chunk.request_id, finish_reason)
                 if finish_reason is not None:
                     completion.finish_reason = finish_reason
                     completion.text += stream.flush()

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
+from checkpoints import model_dir_of
 from worker.model import CausalLM, RotaryTables
 from worker.model_config import ModelConfig, model_config_from_hf
 
@@ -20,11 +21,6 @@ _RENAMES = {
     "input_layernorm.weight": "input_layernorm.weight",
     "post_attention_layernorm.weight": "post_attention_layernorm.weight",
 }
-
-
-def model_dir_of(path: Path) -> Path:
-    """The directory holding the tokenizer and config: the path itself, or a GGUF file's folder."""
-    return path.parent if path.suffix == ".gguf" else path
 
 
 def _read_hf_weights(path: Path) -> tuple[object, dict[str, torch.Tensor]]:

@@ -36,6 +36,8 @@ class OrphanClaimer:
                 self.jobs.forget_consumer(name)
             elif len(entries) < max_jobs:
                 attempts = self.jobs.deliveries(name, max_jobs - len(entries))
+                if not attempts:  # another worker claimed them since the consumers were listed
+                    continue
                 for entry_id, fields in self.jobs.claim(list(attempts), self.min_idle_ms):
                     if fields and attempts[entry_id] >= self.max_attempts:
                         self._bury_poison(entry_id, fields.get(FIELD, b""), attempts[entry_id], outbox)

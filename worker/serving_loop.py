@@ -155,8 +155,11 @@ class ServingLoop:
         capacity = self.backend.max_jobs - len(self._running)
         block_ms = self.backend.block_ms(self.settings.idle_block_ms)
         received, cancels = self.jobs.read(capacity if accepting else 0, block_ms, self._outbox)
-        for request_id in cancels:
-            self._finish_early(request_id, jobs_pb2.JOB_FAILURE_CANCELLED, "cancelled")
+        for cancel in cancels:
+            if cancel.stopped:
+                self._stopped_by_gateway(cancel.request_id)
+            else:
+                self._finish_early(cancel.request_id, jobs_pb2.JOB_FAILURE_CANCELLED, "cancelled")
         self._admit_all(received)
 
     def _admit_all(self, received: list[ReceivedJob]) -> None:
@@ -204,6 +207,21 @@ class ServingLoop:
         running.spans.end(self.tracer, self.jobs.worker_id, message)
         logger.info("job ended early: %s", message, extra=running.spans.log_fields(request_id))
         self._outbox.add(running.gateway_id, failure_chunk(request_id, failure, message), running.entry_id)
+
+    def _stopped_by_gateway(self, request_id: str) -> None:
+        """The gateway matched a stop string and answered its client: the job is done. Free it now
+        and acknowledge it; nothing more goes out for it."""
+        running = self._running.pop(request_id, None)
+        if running is None:
+            return
+        self.backend.abort(request_id)
+        running.spans.end(self.tracer, self.jobs.worker_id)
+        logger.info(
+            "job finished (stop): its gateway matched a stop string",
+            extra=running.spans.log_fields(request_id),
+        )
+        self._outbox.acknowledge(request_id, running.entry_id)
+        self._num_finished += 1
 
     def _expire_deadlines(self) -> None:
         now = now_ms()

@@ -54,8 +54,8 @@ def models(model_dir: Path, embedder_dir: Path) -> ServedModels:
     metrics = GatewayMetrics(CollectorRegistry(), 2048)
     return ServedModels(
         [
-            ServedModel.of(GENERATOR, model_dir, ModelKind.GENERATE, metrics.model(GENERATOR), None),
-            ServedModel.of(EMBEDDER, embedder_dir, ModelKind.EMBED, metrics.model(EMBEDDER), None),
+            ServedModel.of(GENERATOR, model_dir, ModelKind.GENERATE, metrics.model(GENERATOR), 2048),
+            ServedModel.of(EMBEDDER, embedder_dir, ModelKind.EMBED, metrics.model(EMBEDDER), 256),
         ]
     )
 
@@ -91,7 +91,7 @@ def on_gateway(
 async def next_job(context: CallContext, model: str) -> jobs_pb2.Job:
     """The next job a worker would read off the model's stream."""
     client, key = context.queues.client, context.queues.keys.requests(model)
-    for _ in range(200):
+    for _ in range(1000):
         entries = await client.xrange(key)
         if entries:
             await client.xdel(key, entries[0][0])  # as a worker acknowledges it
@@ -105,9 +105,10 @@ async def answer(context: CallContext, *chunks: jobs_pb2.TokenChunk) -> None:
     await context.queues.client.xadd(context.queues.responses_key, {FIELD: batch})
 
 
-async def cancels(context: CallContext) -> list[str]:
+async def cancels(context: CallContext) -> list[tuple[str, bool]]:
+    """(request id, stopped) of every cancel published."""
     entries = await context.queues.client.xrange(context.queues.keys.cancel)
-    return [jobs_pb2.Cancel.FromString(fields[FIELD]).request_id for _, fields in entries]
+    return [(c.request_id, c.stopped) for c in (jobs_pb2.Cancel.FromString(f[FIELD]) for _, f in entries)]
 
 
 def chunk(job: jobs_pb2.Job, index: int, token_ids: list[int], **fields: object) -> jobs_pb2.TokenChunk:
@@ -175,7 +176,7 @@ def test_a_stop_string_ends_the_generation_at_the_gateway_and_cancels_the_job(
         assert "".join(f.text for f in out) == " Paris"
         assert out[-1].finish_reason == inference_pb2.FINISH_REASON_STOP
         assert tokenizer.decode([t for f in out for t in f.token_ids]) == " Paris.", "tokens end at the stop"
-        assert await cancels(context) == [job.request_id], "the worker is told to stop"
+        assert await cancels(context) == [(job.request_id, True)], "the job is stopped, not cancelled"
         assert context.load_limits.in_flight == 0
 
     on_gateway(scenario)
@@ -223,7 +224,7 @@ def test_a_client_that_leaves_early_cancels_its_job(
         assert list((await first).token_ids) == [42]
         with caplog.at_level(logging.INFO, logger="gateway.job_call"):
             await responses.aclose()
-        assert await cancels(context) == [job.request_id]
+        assert await cancels(context) == [(job.request_id, False)]
         assert context.load_limits.in_flight == 0 and "generation ended early" in caplog.text
 
     on_gateway(scenario)

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from checkpoints import ModelKind
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
-from gateway.served_models import ServedModel, ServedModels
+from gateway.served_models import ServedModel, ServedModels, checkpoint_max_context
 from tokenization import Tokenizer
 
 
@@ -20,7 +20,7 @@ def models(model_dir: Path, embedder_dir: Path) -> ServedModels:
     metrics = GatewayMetrics(CollectorRegistry(), 2048)
 
     def served(name: str, path: Path, kind: ModelKind) -> ServedModel:
-        return ServedModel.of(name, path, kind, metrics.model(name), None)
+        return ServedModel.of(name, path, kind, metrics.model(name), checkpoint_max_context(path, kind, None))
 
     return ServedModels(
         [

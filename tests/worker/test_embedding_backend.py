@@ -18,7 +18,7 @@ from worker.metrics import StepMetrics
 
 
 @pytest.fixture(scope="module")
-def runner(embedder_dir: Path) -> EmbeddingBackend:
+def backend(embedder_dir: Path) -> EmbeddingBackend:
     core = EmbeddingCore(
         EmbeddingModel(embedder_dir, torch.device("cpu")), EmbeddingBatcherConfig(4096, 4, max_wait_s=0.2)
     )
@@ -33,7 +33,7 @@ def embed_job(request_id: str, *inputs: list[int]) -> jobs_pb2.Job:
 
 
 @pytest.mark.parametrize(
-    ("job", "problem"),
+    ("job", "refusal_text"),
     [
         (jobs_pb2.Job(request_id="g", prompt_token_ids=[1]), "a generation job sent to an embedding model"),
         (embed_job("e"), "no inputs"),
@@ -42,27 +42,29 @@ def embed_job(request_id: str, *inputs: list[int]) -> jobs_pb2.Job:
         (embed_job("e", [101] * 257), "input 0: 257 tokens exceed the model's 256"),
     ],
 )
-def test_jobs_it_can_never_run_are_named(runner: EmbeddingBackend, job: jobs_pb2.Job, problem: str) -> None:
-    assert refusal(job, 0, runner.limits) == problem
+def test_jobs_it_can_never_run_are_named(
+    backend: EmbeddingBackend, job: jobs_pb2.Job, refusal_text: str
+) -> None:
+    assert refusal(job, 0, backend.limits) == refusal_text
 
 
-def test_a_call_waits_for_its_batch_then_comes_back_on_one_chunk(runner: EmbeddingBackend) -> None:
-    assert runner.block_ms(100) == 100  # idle: block as long as the loop likes
+def test_a_call_waits_for_its_batch_then_comes_back_on_one_chunk(backend: EmbeddingBackend) -> None:
+    assert backend.block_ms(100) == 100  # idle: block as long as the loop likes
     job = embed_job("call", [101, 7592, 102], [101, 2088, 2003, 102])
-    assert refusal(job, 0, runner.limits) is None
-    runner.start(job, ())
-    wait_ms = runner.block_ms(100)
+    assert refusal(job, 0, backend.limits) is None
+    backend.start(job, ())
+    wait_ms = backend.block_ms(100)
     assert wait_ms is not None and 1 <= wait_ms <= 200  # the batch fills for at most max_wait_s
-    assert runner.step() == []
+    assert backend.step() == []
     for n in range(3):  # five inputs queued, four fit a batch: it is full, due now
-        runner.start(embed_job(f"more{n}", [101, 2000 + n, 102]), ())
-    assert runner.block_ms(100) is None
+        backend.start(embed_job(f"more{n}", [101, 2000 + n, 102]), ())
+    assert backend.block_ms(100) is None
     # The oldest input and the three nearest to it in length: the call's longer input waits.
-    chunks = runner.step()
+    chunks = backend.step()
     assert [c.request_id for c in chunks] == ["more0", "more1", "more2"]
     assert [len(c.embeddings) for c in chunks] == [1, 1, 1]
     time.sleep(0.25)
-    (call,) = runner.step()
+    (call,) = backend.step()
     assert call.request_id == "call" and call.finish_reason == inference_pb2.FINISH_REASON_STOP
     assert call.prompt_tokens == 7 and [len(e.values) for e in call.embeddings] == [384, 384]
-    assert runner.block_ms(100) == 100
+    assert backend.block_ms(100) == 100

@@ -224,3 +224,8 @@ def test_malformed_entries_are_buried_with_the_reason(
     ((_, dead),) = client.xrange(keys.dead)
     assert dead[b"reason"].startswith(reason)
     assert client.xlen(keys.requests(MODEL)) == 1
+
+
+def test_claiming_nothing_is_no_redis_call(client: redis.Redis, keys: StreamKeys) -> None:
+    """Another worker may take a dead consumer's entries between listing and claiming them."""
+    assert worker(client, keys, "a").claim([], 10) == []

@@ -59,9 +59,9 @@ def test_greedy_matches_transformers(
     llm = LLM(model=model_dir, **{"kv_cache_bytes": SMALL_KV, **engine_args})
     completions = llm.generate(mixed_prompts, GREEDY)
     assert [c.token_ids for c in completions] == expected
-    llm.engine.scheduler.check_invariants()
+    llm.core.scheduler.check_invariants()
     if "kv_cache_bytes" in engine_args:
-        assert llm.engine.scheduler.num_preemptions > 0
+        assert llm.core.scheduler.num_preemptions > 0
 
 
 def test_greedy_matches_transformers_with_prefix_cache_hits(
@@ -73,7 +73,7 @@ def test_greedy_matches_transformers_with_prefix_cache_hits(
     llm = LLM(model=model_dir, kv_cache_bytes=SMALL_KV)
     first = llm.generate(prompts[:1], GREEDY)
     rest = llm.generate(prompts[1:], GREEDY)
-    assert llm.engine.scheduler.block_manager.num_hit_tokens >= 5 * 192
+    assert llm.core.scheduler.block_manager.num_hit_tokens >= 5 * 192
     assert [c.token_ids for c in first + rest] == hf_greedy(hf_model, prompts)
 
 

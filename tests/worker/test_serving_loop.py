@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from checkpoints import ModelKind
 from protos import inference_pb2, jobs_pb2
-from protos.redis_layout import FIELD, GROUP, StreamKeys
+from protos.redis_layout import FIELD, GROUP, WORKER_STATUS_FIELD, StreamKeys
 from worker.health import LoopHealth
 from worker.job_check import JobLimits
 from worker.job_stream import JobStream
@@ -173,6 +173,24 @@ def test_a_cancel_stops_a_running_job_and_frees_it(
     assert client.xlen(keys.requests(MODEL)) == 0 and client.get(keys.progress("long")) is None
 
 
+def test_a_job_its_gateway_stopped_is_done_and_acknowledged_without_a_word(
+    loop: ServingLoop, client: redis.Redis, keys: StreamKeys, backend: FakeBackend
+) -> None:
+    submit(client, keys, job("stop", max_tokens=40))
+    step_until(loop, lambda: len(responses(client, keys)) >= 2)
+    client.xadd(keys.cancel, {FIELD: jobs_pb2.Cancel(request_id="stop", stopped=True).SerializeToString()})
+    step_until(loop, lambda: client.xlen(keys.requests(MODEL)) == 0)
+    assert backend.aborted == ["stop"] and finished(client, keys, "stop") == []
+    assert client.get(keys.progress("stop")) is None
+
+    def heartbeat() -> jobs_pb2.WorkerStatus:
+        return jobs_pb2.WorkerStatus.FromString(
+            client.hget(keys.worker(loop.jobs.worker_id), WORKER_STATUS_FIELD)
+        )
+
+    step_until(loop, lambda: heartbeat().num_finished == 1)  # it counts as finished
+
+
 def test_a_cancel_that_came_first_means_the_job_never_starts(
     loop: ServingLoop, client: redis.Redis, keys: StreamKeys, backend: FakeBackend
 ) -> None:
@@ -196,7 +214,7 @@ def test_deadlines_end_jobs_queued_or_running(
         client,
         keys,
         job("late", deadline_unix_ms=now_ms - 1),
-        job("soon", 10**6, deadline_unix_ms=now_ms + 300),
+        job("soon", 10**6, deadline_unix_ms=now_ms + 2000),
     )
     step_until(loop, lambda: bool(finished(client, keys, "late")) and bool(finished(client, keys, "soon")))
     (late,) = finished(client, keys, "late")
