@@ -15,6 +15,7 @@ DEFAULT_EMBEDDER = Path("models") / EMBEDDER_NAME
 
 def _serve(args: argparse.Namespace) -> int:
     from client.serve import ServeOptions, serve
+    from client.supervisor import RestartPolicy
     from worker.fetch_model import fetch_default_embedder, fetch_default_model
 
     if args.model == DEFAULT_MODEL and not (DEFAULT_MODEL / "config.json").exists():
@@ -31,6 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
             args.redis_url,
             tuple(args.worker_args),
             embedder,
+            RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window_s),
         )
     )
 
@@ -149,13 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="private Redis + gateway + workers, until Ctrl-C")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=50051)
-    serve.add_argument("--workers", type=int, default=1)
-    serve.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    serve.add_argument("--host", default="127.0.0.1", help="where the gateway listens")
+    serve.add_argument("--port", type=int, default=50051, help="the gateway's gRPC port")
+    serve.add_argument("--workers", type=int, default=1, help="generation workers to run")
+    serve.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the generation checkpoint")
     serve.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
     serve.add_argument("--embedding-model", type=Path, default=DEFAULT_EMBEDDER, help="served beside --model")
     serve.add_argument("--no-embedder", action="store_true", help="serve the generation model only")
+    serve.add_argument(
+        "--max-restarts",
+        type=int,
+        default=5,
+        help="a child that dies more often than this within --restart-window-s stops the tree",
+    )
+    serve.add_argument("--restart-window-s", type=float, default=60.0, help="see --max-restarts")
     serve.add_argument(
         "--worker-args", nargs=argparse.REMAINDER, default=[], help="passed to every generation worker"
     )

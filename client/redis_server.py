@@ -32,10 +32,17 @@ class RedisServer:
     and `start()` after `stop()` or `kill()` comes back with the data, as a persistent Redis does.
     """
 
-    def __init__(self, port: int | None = None, appendonly: bool = False, extra_args: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        port: int | None = None,
+        appendonly: bool = False,
+        extra_args: tuple[str, ...] = (),
+        launcher: tuple[str, ...] = (),
+    ):
         self.port = port or free_port()
         self.appendonly = appendonly
         self.extra_args = extra_args  # e.g. an ACL user: ("--user", "alice", "on", ">secret", "~*", "+@all")
+        self.launcher = launcher  # a command that runs the server (a supervisor's die_with_parent)
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._dir = tempfile.TemporaryDirectory(prefix="conveyor-redis-")
         self.process: subprocess.Popen[bytes] | None = None
@@ -43,6 +50,7 @@ class RedisServer:
     def start(self, timeout_s: float = 10.0) -> "RedisServer":
         self.process = subprocess.Popen(
             [
+                *self.launcher,
                 redis_server_binary(),
                 "--port",
                 str(self.port),

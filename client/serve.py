@@ -1,19 +1,23 @@
 """`conveyor serve`: a private Redis, N generation workers, an embeddings worker and a gateway in
-front of both, as one process tree that ends together."""
+front of both, as one supervised process tree: a child that dies is restarted, the tree says
+"serving" once every worker serves, and nothing outlives it."""
 
 import logging
 import signal
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from client.redis_server import RedisServer
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client.redis_server import RedisServer, free_port
+from client.supervisor import Child, RestartPolicy, Supervisor, orphan_guard
+from telemetry.probes import READINESS
 
 logger = logging.getLogger(__name__)
-
-_STOP_TIMEOUT_S = 40.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,27 +29,68 @@ class ServeOptions:
     redis_url: str | None
     extra_worker_args: tuple[str, ...] = ()  # for the generation workers
     embedding_model: Path | None = None  # served beside `model` by one worker of its own
+    policy: RestartPolicy = field(default_factory=RestartPolicy)
 
 
-def _start(module: str, args: list[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", module, *args])
+def health_probe(address: str, service: str) -> Callable[[], bool]:
+    """True while the grpc.health.v1 server at `address` says `service` is SERVING."""
+    # Reconnect quickly: the probe is asked every 0.2 s while the child starts.
+    options = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 200)]
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(address, options=options))
 
-
-def _stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
-    for process in processes:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + _STOP_TIMEOUT_S
-    for process in processes:
+    def ready() -> bool:
         try:
-            process.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=0.5)
+        except grpc.RpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    return ready
+
+
+def _python_child(name: str, module: str, args: list[str], ready: Callable[[], bool]) -> Child:
+    command = [*orphan_guard(), sys.executable, "-m", module, *args]
+    return Child(name, lambda: subprocess.Popen(command), ready)
+
+
+def _worker(name: str, model: Path, redis_url: str, metrics_port: int, extra: tuple[str, ...]) -> Child:
+    """A worker with a health port of its own: it is ready once it has joined the group."""
+    args = ["--model", str(model), "--redis-url", redis_url]
+    if "--metrics-port" not in extra:
+        args += ["--metrics-port", str(metrics_port)]
+    health_port = free_port()
+    args += ["--health-port", str(health_port)]
+    return _python_child(name, "worker", [*args, *extra], health_probe(f"127.0.0.1:{health_port}", READINESS))
+
+
+def children(options: ServeOptions, redis_url: str) -> list[Child]:
+    """The gateway and the workers, in start order."""
+    embedder = options.embedding_model
+    gateway_args = ["--model", str(options.model), "--redis-url", redis_url]
+    gateway_args += [] if embedder is None else ["--extra-models", str(embedder)]
+    gateway_args += ["--host", options.host, "--port", str(options.port)]
+    probe_host = "127.0.0.1" if options.host in ("0.0.0.0", "::", "") else options.host
+    # "" is SERVING once every served model has a live worker.
+    tree = [
+        _python_child("gateway", "gateway", gateway_args, health_probe(f"{probe_host}:{options.port}", ""))
+    ]
+    for index in range(options.num_workers):
+        name = f"worker {index + 1}"
+        tree.append(_worker(name, options.model, redis_url, 9401 + index, options.extra_worker_args))
+    if embedder is not None:
+        tree.append(_worker("embedder", embedder, redis_url, 9401 + options.num_workers, ()))
+    return tree
+
+
+def _start_redis(server: RedisServer) -> "subprocess.Popen[bytes]":
+    """Start (or restart, on the same port) the private Redis; returns once it answers."""
+    process = server.start().process
+    assert process is not None
+    return process
 
 
 def serve(options: ServeOptions) -> int:
-    """Run until Ctrl-C or SIGTERM (exit 0) or until a child dies (exit 1); every child is stopped."""
+    """Run until Ctrl-C or SIGTERM (exit 0) or until a child dies too often (exit 1)."""
     stopping = False
 
     def request_stop(*_: object) -> None:
@@ -54,42 +99,30 @@ def serve(options: ServeOptions) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    redis_server = None if options.redis_url else RedisServer().start()
+    tree: list[Child] = []
+    redis_server = None if options.redis_url else RedisServer(launcher=orphan_guard())
     redis_url = options.redis_url or redis_server.url  # type: ignore[union-attr]
-    common = ["--model", str(options.model), "--redis-url", redis_url]
-    processes: list[subprocess.Popen[bytes]] = []
-    try:
-        embedder = options.embedding_model
-        extra_models = [] if embedder is None else ["--extra-models", str(embedder)]
-        gateway_args = [*common, *extra_models, "--host", options.host, "--port", str(options.port)]
-        processes.append(_start("gateway", gateway_args))
-        for index in range(options.num_workers):
-            metrics = (
-                [] if "--metrics-port" in options.extra_worker_args else ["--metrics-port", str(9401 + index)]
-            )
-            processes.append(_start("worker", [*common, *metrics, *options.extra_worker_args]))
-        if embedder is not None:
-            metrics_port = str(9401 + options.num_workers)
-            embedder_args = ["--model", str(embedder), "--redis-url", redis_url]
-            processes.append(_start("worker", [*embedder_args, "--metrics-port", metrics_port]))
+    if redis_server is not None:
+        tree.append(Child("redis", lambda: _start_redis(redis_server), lambda: True, stop_last=True))
+    tree += children(options, redis_url)
+
+    def ready() -> None:
         logger.info(
             "serving on %s:%d with %d generation worker(s)%s; Ctrl-C stops; "
             "watch: conveyor monitor --redis-url %s",
             options.host,
             options.port,
             options.num_workers,
-            "" if embedder is None else f" and an embeddings worker ({embedder})",
-            redis_url if redis_server is not None else "<the URL given>",  # a given URL may hold a password
+            ""
+            if options.embedding_model is None
+            else f" and an embeddings worker ({options.embedding_model})",
+            redis_url if not options.redis_url else "<the URL given>",  # a given URL may hold a password
         )
-        while not stopping:
-            dead = [p for p in processes if p.poll() is not None]
-            if dead:
-                logger.error("a child process exited with %s; stopping", dead[0].returncode)
-                return 1
-            time.sleep(0.2)
-        return 0
-    finally:
-        _stop_all(processes)
-        if redis_server is not None:
-            redis_server.close()
-        logger.info("stopped")
+
+    logger.info("starting %s", ", ".join(child.name for child in tree))
+    supervisor = Supervisor(tree, options.policy, ready)
+    code = supervisor.run(lambda: stopping)
+    if redis_server is not None:
+        redis_server.close()
+    logger.info("stopped%s", f": {supervisor.give_up_reason}" if supervisor.give_up_reason else "")
+    return code

@@ -2,6 +2,7 @@
 
 import logging
 import sys
+import time
 
 from prometheus_client import CollectorRegistry
 
@@ -46,11 +47,16 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _backend(settings: WorkerSettings, registry: CollectorRegistry) -> Backend:
-    """What the checkpoint calls for: a generation scheduler, or an embeddings batcher."""
+    """What the checkpoint calls for: a generation scheduler, or an embeddings batcher; warmed up
+    before the loop joins the group, so the first job runs at full speed."""
     if model_kind(settings.model) is ModelKind.EMBED:
         embedder = EmbeddingCore.from_settings(settings)
+        embedder.warm_up()
         return EmbeddingBackend(embedder, StepMetrics(registry, settings.served_model_name))
     core = GenerationCore.from_settings(settings)
+    started = time.monotonic()
+    core.warm_up()
+    logger.info("warmed up in %.1f s", time.monotonic() - started)
     return GenerationBackend(core, GenerationMetrics(registry, settings.served_model_name, core.scheduler))
 
 

@@ -68,6 +68,12 @@ class EmbeddingCore:
         )
         return cls(model, config)
 
+    def warm_up(self) -> None:
+        """One batch of made-up inputs before serving (short and as long as the model takes), so
+        the first call does not pay for the encoder's first forwards."""
+        pad = self.model.pad_token_id
+        self.model.encode([[pad] * 8, [pad] * self.model.pooling.max_length])
+
     def add(self, request_id: str, inputs: list[list[int]], normalize: bool | None = None) -> None:
         """Queue a call; `normalize` None follows the model's own configuration."""
         if any(len(ids) > self.model.pooling.max_length for ids in inputs):

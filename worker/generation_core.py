@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from scheduler import FinishReason, Scheduler, SchedulerConfig, Sequence, TokenChunk
+from scheduler import FinishReason, SamplingParams, Scheduler, SchedulerConfig, Sequence, TokenChunk
 from worker.cpu_kernels import keep_freed_memory, pack_linears
 from worker.kernels import PagedDecodeKernel
 from worker.kv_cache import KVCache, num_blocks_for_budget
@@ -102,6 +102,22 @@ class GenerationCore:
     @property
     def max_model_len(self) -> int:
         return self.scheduler.config.max_model_len
+
+    def warm_up(self) -> None:
+        """A few steps on made-up tokens before serving — one prefill of a whole step's budget and
+        a batch of decodes — so that the C kernel's build, torch's lazy setup and the allocator's
+        first pools are paid here, not by the first client. Leaves no sequence and no stats."""
+        config = self.scheduler.config
+        long_prompt = min(config.max_num_batched_tokens, config.max_model_len - 2)
+        greedy = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+        for index in range(min(config.max_num_seqs, 8)):
+            length = long_prompt if index == 0 else 8
+            self.add(
+                Sequence(f"warm-up-{index}", [(index + t) % self.vocab_size for t in range(length)], greedy)
+            )
+        while not self.scheduler.is_idle:
+            self.step()
+        self.stats = StepStats()
 
     def add(self, seq: Sequence) -> None:
         self.scheduler.add(seq)

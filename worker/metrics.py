@@ -82,9 +82,10 @@ class GenerationMetrics(StepMetrics):
             labels,
             registry=registry,
         ).labels(model_name)
-        self._seen_preemptions = 0
-        self._seen_queries = 0
-        self._seen_hits = 0
+        # Counted from now: a warm-up before serving is not traffic.
+        self._seen_preemptions = scheduler.num_preemptions
+        self._seen_queries = scheduler.block_manager.num_queried_tokens
+        self._seen_hits = scheduler.block_manager.num_hit_tokens
 
     def observe_step(self, num_tokens: int, num_seqs: int) -> None:
         super().observe_step(num_tokens, num_seqs)
