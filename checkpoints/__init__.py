@@ -9,6 +9,7 @@ from checkpoints.files import (
     model_dir_of,
     model_id,
     model_kind,
+    vocab_size,
 )
 
 __all__ = [
@@ -19,4 +20,5 @@ __all__ = [
     "model_dir_of",
     "model_id",
     "model_kind",
+    "vocab_size",
 ]

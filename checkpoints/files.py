@@ -56,6 +56,10 @@ def generation_max_context(model: Path, override: int | None) -> int:
     return min(limit, override) if override else limit
 
 
+def vocab_size(model: Path) -> int:
+    return int(_json(model_dir_of(model) / "config.json").get("vocab_size", 0))
+
+
 def embedding_dimension(model: Path) -> int:
     return int(_json(model / "config.json").get("hidden_size", 0))
 

@@ -106,9 +106,41 @@ def _bench(args: argparse.Namespace) -> int:
         return run_embed_bench(args)
     if args.address:
         return _load(args)
+    if args.fleet_sim:
+        return _fleet_sim(args)
     from client.bench import run_bench
 
     return run_bench(args)
+
+
+def _fleet_sim(args: argparse.Namespace) -> int:
+    import json
+    import tempfile
+
+    from client.fleet_sim import HEADER, SimOptions, format_level, run_fleet_sim
+
+    options = SimOptions(
+        model=args.model,
+        steps_per_s=args.sim_steps_per_s,
+        seqs_per_worker=args.sim_seqs,
+        max_tokens=args.sim_max_tokens,
+        gateways=args.sim_gateways,
+        max_workers=args.sim_max_workers,
+        seconds_per_level=args.sim_seconds,
+        redis_cpu_limit=args.sim_redis_cpu_limit,
+        transit_p99_limit_s=args.sim_transit_p99_ms / 1000,
+    )
+    print(
+        f"simulated workers: {options.seqs_per_worker} sequences at {options.steps_per_s:g} steps/s each, "
+        f"through {options.gateways} gateway(s) and one Redis"
+    )
+    print(HEADER)
+    levels = run_fleet_sim(
+        options, Path(tempfile.mkdtemp(prefix="fleet-sim-")), lambda level: print(format_level(level))
+    )
+    if args.json:
+        args.json.write_text(json.dumps([level.figures() for level in levels], indent=2) + "\n")
+    return 0
 
 
 def _load(args: argparse.Namespace) -> int:
@@ -232,6 +264,24 @@ def build_parser() -> argparse.ArgumentParser:
     embeddings.add_argument("--embedding-model", type=Path, default=DEFAULT_EMBEDDER)
     embeddings.add_argument("--num-texts", type=int, default=512, help="texts to embed")
     embeddings.add_argument("--texts-per-call", type=int, default=1, help="inputs in each Embed call")
+    sim = bench.add_argument_group("how far one Redis carries a fleet (--fleet-sim)")
+    sim.add_argument(
+        "--fleet-sim", action="store_true", help="real gateways and worker loops, simulated models, one Redis"
+    )
+    sim.add_argument(
+        "--sim-steps-per-s", type=float, default=50.0, help="engine steps a simulated worker runs"
+    )
+    sim.add_argument("--sim-seqs", type=int, default=64, help="sequences a simulated worker runs at once")
+    sim.add_argument("--sim-max-tokens", type=int, default=256, help="tokens of each simulated generation")
+    sim.add_argument("--sim-gateways", type=int, default=1, help="gateway processes in front")
+    sim.add_argument("--sim-max-workers", type=int, default=8, help="the largest fleet tried")
+    sim.add_argument("--sim-seconds", type=float, default=8.0, help="measuring window of each fleet size")
+    sim.add_argument(
+        "--sim-redis-cpu-limit", type=float, default=0.8, help="stop once Redis uses this share of a core"
+    )
+    sim.add_argument(
+        "--sim-transit-p99-ms", type=float, default=100.0, help="stop once the chunk latency p99 passes this"
+    )
     live = bench.add_argument_group("against a live gateway (load generator)")
     live.add_argument("--address", default=None, help="host:port of a gateway: send the workload there")
     live.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")

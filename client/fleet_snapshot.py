@@ -151,12 +151,12 @@ class FleetReader:
         return GatewayView(status, parse_histograms(text))
 
 
-def parse_histograms(text: str) -> dict[str, Histogram]:
-    """The histograms the monitor shows, summed over their labels (one model per gateway)."""
+def parse_histograms(text: str, names: tuple[str, ...] = SCRAPED) -> dict[str, Histogram]:
+    """The histograms named (by default, those the monitor shows), summed over their labels."""
     found: dict[str, Histogram] = {}
     for family in text_string_to_metric_families(text):
         name = family.name.removeprefix(PREFIX)
-        if family.type != "histogram" or name not in SCRAPED:
+        if family.type != "histogram" or name not in names:
             continue
         buckets: dict[float, float] = {}
         count = 0.0

@@ -8,6 +8,7 @@ from telemetry.metrics import (
     INTER_TOKEN_BUCKETS,
     PREFIX,
     REQUEST_LATENCY_BUCKETS,
+    TRANSIT_BUCKETS,
     TTFT_BUCKETS,
     token_count_buckets,
 )
@@ -56,6 +57,12 @@ class GatewayMetrics:
         )
         self.prompt_tokens = counter("prompt_tokens", "Number of prefill tokens processed.")
         self.generation_tokens = counter("generation_tokens", "Number of generation tokens processed.")
+        self.response_transit = Histogram(
+            f"{PREFIX}response_transit_seconds",
+            "Histogram of time from a worker publishing a batch of tokens to this gateway reading it.",
+            buckets=TRANSIT_BUCKETS,
+            registry=registry,
+        )
         self.success = Counter(
             f"{PREFIX}request_success",
             "Count of successfully processed requests.",

@@ -5,9 +5,11 @@ routes each chunk to the call waiting for it), its heartbeat out and the workers
 import asyncio
 import contextlib
 import logging
+import time
 
 import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError
+from prometheus_client import Histogram
 from redis.exceptions import RedisError
 
 from gateway.background import stop_task
@@ -22,8 +24,9 @@ _RETRY_S = 0.5
 
 
 class GatewayQueues:
-    def __init__(self, client: aioredis.Redis, keys: StreamKeys, gateway_id: str):
+    def __init__(self, client: aioredis.Redis, keys: StreamKeys, gateway_id: str, transit: Histogram):
         self.client = client
+        self.transit = transit  # observes how long each batch took from its worker to here
         self.keys = keys
         self.gateway_id = gateway_id
         self.responses_key = keys.responses(gateway_id)
@@ -116,6 +119,8 @@ class GatewayQueues:
                     except DecodeError:
                         logger.error("unreadable entry %s on %s skipped", entry_id, self.responses_key)
                         continue
+                    if batch.published_unix_us:
+                        self.transit.observe(max(time.time() - batch.published_unix_us / 1e6, 0.0))
                     for chunk in batch.chunks:
                         queue = self._queues.get(chunk.request_id)
                         if queue is not None:  # else the call already ended (cancelled, client gone)

@@ -36,9 +36,9 @@ async def serve(settings: GatewaySettings, process: Process) -> None:
     api_keys = ApiKeys.load(settings.api_keys_file, settings.api_keys.get_secret_value())
     client = connect_async(settings)
     executor = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenizer")
-    queues = GatewayQueues(client, StreamKeys(settings.namespace), gateway_id)
+    models, metrics = served_models(settings, telemetry.registry)
+    queues = GatewayQueues(client, StreamKeys(settings.namespace), gateway_id, metrics.response_transit)
     health_servicer = health.aio.HealthServicer()
-    models = served_models(settings, telemetry.registry)
     load_limits = LoadLimits(
         LimitSettings(
             max_queued_jobs=settings.max_queued_jobs,
@@ -120,20 +120,21 @@ async def serve(settings: GatewaySettings, process: Process) -> None:
     logger.info("gateway %s stopped after %.2f s", gateway_id, loop.time() - stopping_at)
 
 
-def served_models(settings: GatewaySettings, registry: CollectorRegistry) -> ServedModels:
-    """Each configured checkpoint with its kind, tokenizer and metric series."""
+def served_models(
+    settings: GatewaySettings, registry: CollectorRegistry
+) -> tuple[ServedModels, GatewayMetrics]:
+    """Each configured checkpoint with its kind, tokenizer and metric series; and the metrics."""
     kinds = [(name, path, model_kind(path)) for name, path in settings.served_models]
     overrides = [settings.max_model_len] + [None] * (len(kinds) - 1)  # --max-model-len is the main model's
     limits = [
         checkpoint_max_context(path, kind, o) for (_, path, kind), o in zip(kinds, overrides, strict=True)
     ]
     metrics = GatewayMetrics(registry, max(limits))
-    return ServedModels(
-        [
-            ServedModel.of(name, path, kind, metrics.model(name), limit)
-            for (name, path, kind), limit in zip(kinds, limits, strict=True)
-        ]
-    )
+    models = [
+        ServedModel.of(name, path, kind, metrics.model(name), limit)
+        for (name, path, kind), limit in zip(kinds, limits, strict=True)
+    ]
+    return ServedModels(models), metrics
 
 
 def server_credentials(settings: GatewaySettings) -> grpc.ServerCredentials | None:

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry
 
 from bootstrap.process import Process, on_stop_signals
 from bootstrap.redis import connect
-from checkpoints import ModelKind, model_kind
+from checkpoints import ModelKind, generation_max_context, model_kind, vocab_size
 from protos.redis_layout import StreamKeys
 from worker.backend import Backend
 from worker.embedding_backend import EmbeddingBackend
@@ -20,6 +20,7 @@ from worker.job_stream import JobStream
 from worker.metrics import GenerationMetrics, StepMetrics
 from worker.serving_loop import ServingLoop
 from worker.settings import WorkerSettings
+from worker.simulated_backend import SimulatedBackend
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,14 @@ def main(argv: list[str] | None = None) -> None:
 def _backend(settings: WorkerSettings, registry: CollectorRegistry) -> Backend:
     """What the checkpoint calls for: a generation scheduler, or an embeddings batcher; warmed up
     before the loop joins the group, so the first job runs at full speed."""
+    if settings.simulate_steps_per_s:
+        return SimulatedBackend(
+            vocab_size(settings.model),
+            generation_max_context(settings.model, settings.max_model_len),
+            settings.max_num_seqs,
+            settings.simulate_steps_per_s,
+            StepMetrics(registry, settings.served_model_name),
+        )
     if model_kind(settings.model) is ModelKind.EMBED:
         embedder = EmbeddingCore.from_settings(settings)
         embedder.warm_up()

@@ -149,9 +149,12 @@ class JobStream:
             return
         response_keys, payloads = [], []
         progress: dict[str, tuple[int, list[int]]] = {}  # request -> (first index, tokens from it)
+        published_unix_us = time.time_ns() // 1000
         for gateway_id, chunks in batches.items():
             response_keys.append(self.keys.responses(gateway_id))
-            payloads.append(jobs_pb2.TokenBatch(chunks=chunks).SerializeToString())
+            payloads.append(
+                jobs_pb2.TokenBatch(chunks=chunks, published_unix_us=published_unix_us).SerializeToString()
+            )
             for chunk in chunks:
                 if chunk.token_ids and not chunk.finish_reason:
                     progress.setdefault(chunk.request_id, (chunk.index, []))[1].extend(chunk.token_ids)

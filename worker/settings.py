@@ -61,3 +61,6 @@ class WorkerSettings(EngineSettings, RedisSettings, TelemetrySettings):
     """Embedding model: inputs per batch (and calls held at once)."""
     embed_max_wait_ms: float = Field(5.0, ge=0)
     """Embedding model: how long the oldest input waits for a batch to fill."""
+    simulate_steps_per_s: float = Field(0.0, ge=0)
+    """Capacity planning only: load no weights, give every running job one token per step at this
+    many steps per second (conveyor bench --fleet-sim); 0 = run the model."""

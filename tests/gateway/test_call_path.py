@@ -6,6 +6,7 @@ on the gateway's response stream."""
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,8 +51,17 @@ Scenario = Callable[[CallContext], Awaitable[None]]
 
 
 @pytest.fixture(scope="module")
-def models(model_dir: Path, embedder_dir: Path) -> ServedModels:
-    metrics = GatewayMetrics(CollectorRegistry(), 2048)
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture(scope="module")
+def metrics(registry: CollectorRegistry) -> GatewayMetrics:
+    return GatewayMetrics(registry, 2048)
+
+
+@pytest.fixture(scope="module")
+def models(model_dir: Path, embedder_dir: Path, metrics: GatewayMetrics) -> ServedModels:
     return ServedModels(
         [
             ServedModel.of(GENERATOR, model_dir, ModelKind.GENERATE, metrics.model(GENERATOR), 2048),
@@ -62,13 +72,13 @@ def models(model_dir: Path, embedder_dir: Path) -> ServedModels:
 
 @pytest.fixture()
 def on_gateway(
-    redis_server: RedisServer, models: ServedModels, spans: InMemorySpanExporter
+    redis_server: RedisServer, models: ServedModels, metrics: GatewayMetrics, spans: InMemorySpanExporter
 ) -> Callable[[Scenario], None]:
     """Runs a scenario against a fresh gateway context (its own namespace) on a fresh event loop."""
 
     async def run(scenario: Scenario) -> None:
         client = aioredis.Redis.from_url(redis_server.url)
-        queues = GatewayQueues(client, StreamKeys(f"call{next(_namespaces)}"), "gw")
+        queues = GatewayQueues(client, StreamKeys(f"call{next(_namespaces)}"), "gw", metrics.response_transit)
         limits = LoadLimits(LimitSettings(100, 100, 0, 0.0, 1000))
         fleet = FleetMonitor(queues, models, health.aio.HealthServicer(), 1.0, 5.0, limits, "")
         tracers = TracerProvider()
@@ -101,7 +111,8 @@ async def next_job(context: CallContext, model: str) -> jobs_pb2.Job:
 
 
 async def answer(context: CallContext, *chunks: jobs_pb2.TokenChunk) -> None:
-    batch = jobs_pb2.TokenBatch(chunks=chunks).SerializeToString()
+    """As a worker publishes: one batch, stamped with when it was sent."""
+    batch = jobs_pb2.TokenBatch(chunks=chunks, published_unix_us=time.time_ns() // 1000).SerializeToString()
     await context.queues.client.xadd(context.queues.responses_key, {FIELD: batch})
 
 
@@ -137,8 +148,13 @@ async def frames(
 
 
 def test_a_generation_streams_its_chunks_and_ends_cleanly(
-    on_gateway: Callable[[Scenario], None], spans: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
+    on_gateway: Callable[[Scenario], None],
+    spans: InMemorySpanExporter,
+    caplog: pytest.LogCaptureFixture,
+    registry: CollectorRegistry,
 ) -> None:
+    transits_before = registry.get_sample_value("conveyor:response_transit_seconds_count") or 0.0
+
     async def scenario(context: CallContext) -> None:
         ids = context.models.resolve(GENERATOR, None).tokenizer.encode(" Paris, a city")
         running = asyncio.create_task(frames(context, generate_request(max_tokens=len(ids))))
@@ -161,6 +177,8 @@ def test_a_generation_streams_its_chunks_and_ends_cleanly(
         assert "generation finished after" in caplog.text
 
     on_gateway(scenario)
+    transits = registry.get_sample_value("conveyor:response_transit_seconds_count")
+    assert transits == transits_before + 2, "each batch's transit is observed"
 
 
 def test_a_stop_string_ends_the_generation_at_the_gateway_and_cancels_the_job(

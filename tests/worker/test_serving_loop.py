@@ -1,4 +1,4 @@
-"""The serving loop over a fake backend and a real redis-server: what it answers for each job it
+"""The serving loop over the simulated backend and a real redis-server: what it answers for each job it
 reads (a run, a refusal, a cancel, a deadline, a duplicate), what it acknowledges and buries, and
 how it drains. The real backends are tested on their own and, with real models, end to end."""
 
@@ -9,69 +9,37 @@ from collections.abc import Callable
 import pytest
 import redis
 from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry
 
-from checkpoints import ModelKind
 from protos import inference_pb2, jobs_pb2
 from protos.redis_layout import FIELD, GROUP, WORKER_STATUS_FIELD, StreamKeys
 from worker.health import LoopHealth
-from worker.job_check import JobLimits
 from worker.job_stream import JobStream
+from worker.metrics import StepMetrics
 from worker.outbox import Outbox
 from worker.serving_loop import ServingLoop
 from worker.settings import WorkerSettings
+from worker.simulated_backend import SimulatedBackend
 
 MODEL = "fake"
 _namespaces = itertools.count()
 
 
-class FakeBackend:
-    """One token per running job per step (its index as the token id), LENGTH at max_tokens."""
+class FakeBackend(SimulatedBackend):
+    """The simulated model at full speed, remembering which jobs it was given and which it dropped."""
 
     def __init__(self) -> None:
-        self.limits = JobLimits(ModelKind.GENERATE, vocab_size=100, max_context=64)
-        self.max_jobs = 4
-        self.running: dict[str, list[int]] = {}  # request id -> [tokens so far, max_tokens]
+        super().__init__(100, 64, 4, 1e6, StepMetrics(CollectorRegistry(), MODEL))
         self.started: list[tuple[str, tuple[int, ...]]] = []
         self.aborted: list[str] = []
 
-    def block_ms(self, idle_block_ms: int) -> int | None:
-        return None if self.running else 10
-
     def start(self, job: jobs_pb2.Job, delivered_token_ids: tuple[int, ...]) -> None:
         self.started.append((job.request_id, delivered_token_ids))
-        self.running[job.request_id] = [len(delivered_token_ids), job.sampling.max_tokens]
+        super().start(job, delivered_token_ids)
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
-        self.running.pop(request_id, None)
-
-    def step(self) -> list[jobs_pb2.TokenChunk]:
-        chunks = []
-        for request_id, state in list(self.running.items()):
-            index, max_tokens = state
-            state[0] += 1
-            done = state[0] >= max_tokens
-            chunks.append(
-                jobs_pb2.TokenChunk(
-                    request_id=request_id,
-                    index=index,
-                    token_ids=[index],
-                    finish_reason=inference_pb2.FINISH_REASON_LENGTH if done else 0,
-                    prompt_tokens=3,
-                )
-            )
-            if done:
-                del self.running[request_id]
-        return chunks
-
-    def load(self, status: jobs_pb2.WorkerStatus) -> None:
-        status.num_running = len(self.running)
-
-    def refresh_metrics(self) -> None:
-        pass
-
-    def stats_line(self) -> str:
-        return f"running={len(self.running)}"
+        super().abort(request_id)
 
 
 @pytest.fixture()
@@ -139,7 +107,7 @@ def test_a_job_streams_its_tokens_and_leaves_the_stream_when_done(
     submit(client, keys, job("r1", max_tokens=3))
     step_until(loop, lambda: bool(finished(client, keys, "r1")))
     chunks = responses(client, keys)
-    assert [(c.index, list(c.token_ids)) for c in chunks] == [(0, [0]), (1, [1]), (2, [2])]
+    assert [(c.index, len(c.token_ids)) for c in chunks] == [(0, 1), (1, 1), (2, 1)]
     assert chunks[0].started_unix_ms > 0, "the first chunk says when the job began"
     assert chunks[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
     assert client.xlen(keys.requests(MODEL)) == 0 and client.get(keys.progress("r1")) is None
@@ -256,7 +224,7 @@ def test_drain_finishes_what_runs_and_takes_nothing_new(
     loop: ServingLoop, client: redis.Redis, keys: StreamKeys, backend: FakeBackend
 ) -> None:
     submit(client, keys, job("running", max_tokens=3))
-    step_until(loop, lambda: bool(backend.running))
+    step_until(loop, lambda: bool(backend.started))
     loop.drain()
     submit(client, keys, job("later"))
     loop.run()  # returns once "running" is done
