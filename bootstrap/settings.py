@@ -27,7 +27,8 @@ class RedisSettings(BaseSettings):
     model_config = SETTINGS_CONFIG
 
     redis_url: str = "redis://127.0.0.1:6379/0"
-    """redis://user:password@host:port/db; rediss:// for TLS. Never logged."""
+    """redis://user:password@host:port/db; rediss:// for TLS; redis+cluster://host:port (any node)
+    for a Redis Cluster. Never logged."""
     redis_ca_file: Path | None = None
     """PEM file that verifies a rediss:// server."""
     redis_timeout_s: float = Field(5.0, gt=1)

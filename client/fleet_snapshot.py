@@ -126,7 +126,7 @@ class FleetReader:
         return [value for value in pipe.execute() if value]
 
     def _stream(self, key: str) -> StreamView:
-        model = key.removeprefix(self.keys.requests(""))
+        model = self.keys.model_of(key)
         length = int(self.client.xlen(key))
         for group in self.client.xinfo_groups(key):
             if group["name"] in (GROUP, GROUP.encode()):

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 
+from gateway.errors import Unavailable
 from gateway.job_call import JobCall
 from protos import inference_pb2, jobs_pb2
 from tokenization import TextStream
@@ -39,6 +40,11 @@ class Generation:
             async for chunk in chunks:
                 if chunk.started_unix_ms:
                     started_s = chunk.started_unix_ms / 1000
+                if chunk.index > self.next_index:  # never a gap: Redis lost an entry (a failover)
+                    raise Unavailable(
+                        f"tokens {self.next_index} to {chunk.index - 1} were lost on the way "
+                        "(a Redis failover?): retry"
+                    )
                 skip = max(self.next_index - chunk.index, 0)  # a chunk resent after a worker handover
                 finished = chunk.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED
                 if len(chunk.token_ids) <= skip and not finished:

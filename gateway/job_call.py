@@ -69,7 +69,9 @@ class JobCall:
             queues.unregister(request_id)
             try:
                 if not last_seen:  # a finished call stops its job, one left early cancels it
-                    await asyncio.shield(queues.cancel(request_id, stopped=self._outcome is None))
+                    await asyncio.shield(
+                        queues.cancel(self.model.name, request_id, stopped=self._outcome is None)
+                    )
             finally:
                 self._end(describe())
 

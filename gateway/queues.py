@@ -1,6 +1,6 @@
 """GatewayQueues: the gateway's side of the Redis layout (`protos/redis_layout.py`), every Redis
-call a gateway makes — jobs and cancels out, its own response stream in (one reader task that
-routes each chunk to the call waiting for it), its heartbeat out and the workers' heartbeats in."""
+call a gateway makes — jobs and cancels out, its own response streams in (one reader task a model,
+each routing a chunk to the call waiting for it), its heartbeat out and the workers' heartbeats in."""
 
 import asyncio
 import contextlib
@@ -24,25 +24,37 @@ _RETRY_S = 0.5
 
 
 class GatewayQueues:
-    def __init__(self, client: aioredis.Redis, keys: StreamKeys, gateway_id: str, transit: Histogram):
+    def __init__(
+        self,
+        client: aioredis.Redis | aioredis.RedisCluster,
+        keys: StreamKeys,
+        gateway_id: str,
+        models: list[str],
+        transit: Histogram,
+    ):
         self.client = client
         self.transit = transit  # observes how long each batch took from its worker to here
         self.keys = keys
         self.gateway_id = gateway_id
-        self.responses_key = keys.responses(gateway_id)
+        self.responses_keys = [keys.responses(model, gateway_id) for model in models]
         self._queues: dict[str, asyncio.Queue[jobs_pb2.TokenChunk]] = {}
         self._submitted: dict[str, int] = {}  # jobs this gateway has submitted, per model
-        self._reader: asyncio.Task[None] | None = None
+        self._readers: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        self._reader = asyncio.create_task(self._read_responses(), name="responses")
+        self._readers = [
+            asyncio.create_task(self._read_responses(key), name=f"responses {key}")
+            for key in self.responses_keys
+        ]
 
     async def stop(self) -> None:
-        """Stop reading, and drop this gateway's response stream and heartbeat."""
-        if self._reader is not None:
-            await stop_task(self._reader)
+        """Stop reading, and drop this gateway's response streams and heartbeat (a key at a time:
+        in a cluster they live in different slots)."""
+        for reader in self._readers:
+            await stop_task(reader)
         with contextlib.suppress(RedisError):
-            await self.client.delete(self.responses_key, self.keys.gateway(self.gateway_id))
+            for key in [*self.responses_keys, self.keys.gateway(self.gateway_id)]:
+                await self.client.delete(key)
 
     def register(self, request_id: str) -> asyncio.Queue[jobs_pb2.TokenChunk]:
         """Where the chunks of a job go from now on; `unregister` when the call ends."""
@@ -72,12 +84,14 @@ class GatewayQueues:
         """Whether the job is still queued or running (an acknowledged job leaves its stream)."""
         return bool(await self.client.xrange(self.keys.requests(model), entry_id, entry_id, count=1))
 
-    async def cancel(self, request_id: str, stopped: bool = False) -> None:
+    async def cancel(self, model: str, request_id: str, stopped: bool = False) -> None:
         """Tell every worker to drop the request (`stopped`: it is answered, its job done); best
         effort (the job may already have ended)."""
         payload = jobs_pb2.Cancel(request_id=request_id, stopped=stopped).SerializeToString()
         try:
-            await self.client.xadd(self.keys.cancel, {FIELD: payload}, maxlen=CANCEL_MAXLEN, approximate=True)
+            await self.client.xadd(
+                self.keys.cancel(model), {FIELD: payload}, maxlen=CANCEL_MAXLEN, approximate=True
+            )
         except RedisError as error:
             logger.warning("cancel of request_id=%s not published: %s", request_id, error)
 
@@ -102,11 +116,11 @@ class GatewayQueues:
                 logger.warning("unreadable worker status under %s ignored", key)
         return statuses
 
-    async def _read_responses(self) -> None:
+    async def _read_responses(self, key: str) -> None:
         cursor = b"0-0"
         while True:
             try:
-                reply = await self.client.xread({self.responses_key: cursor}, count=1000, block=_BLOCK_MS)
+                reply = await self.client.xread({key: cursor}, count=1000, block=_BLOCK_MS)
             except RedisError as error:
                 logger.warning("response stream read failed, retrying: %s", error)
                 await asyncio.sleep(_RETRY_S)
@@ -117,7 +131,7 @@ class GatewayQueues:
                     try:
                         batch = jobs_pb2.TokenBatch.FromString(fields.get(FIELD, b""))
                     except DecodeError:
-                        logger.error("unreadable entry %s on %s skipped", entry_id, self.responses_key)
+                        logger.error("unreadable entry %s on %s skipped", entry_id, key)
                         continue
                     if batch.published_unix_us:
                         self.transit.observe(max(time.time() - batch.published_unix_us / 1e6, 0.0))

@@ -37,7 +37,10 @@ async def serve(settings: GatewaySettings, process: Process) -> None:
     client = connect_async(settings)
     executor = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenizer")
     models, metrics = served_models(settings, telemetry.registry)
-    queues = GatewayQueues(client, StreamKeys(settings.namespace), gateway_id, metrics.response_transit)
+    names = [model.name for model in models]
+    queues = GatewayQueues(
+        client, StreamKeys(settings.namespace), gateway_id, names, metrics.response_transit
+    )
     health_servicer = health.aio.HealthServicer()
     load_limits = LoadLimits(
         LimitSettings(

@@ -1,17 +1,20 @@
 """The whole Redis layout shared by gateways, workers and `conveyor monitor`: every key, group,
 field and rule that more than one process depends on. Nothing here talks to Redis.
 
-Keys, all under one namespace `{ns}`:
+Keys, all under one namespace `ns`:
 
 | key | type | written by | read by |
 |---|---|---|---|
-| `{ns}:requests:{model}` | stream, group `workers` | gateways (XADD a `Job`) | workers (XREADGROUP, XCLAIM) |
-| `{ns}:responses:{gateway}` | stream, MAXLEN ~ | workers (a `TokenBatch`) | that gateway (XREAD) |
-| `{ns}:cancel` | stream, MAXLEN ~ | gateways (a `Cancel`) | every worker (XREAD) |
-| `{ns}:worker:{worker}` | hash, TTL, field `status` | its worker (`WorkerStatus`) | all, monitor |
-| `{ns}:gateway:{gateway}` | string with a TTL | its gateway (a `GatewayStatus`) | workers, monitor |
-| `{ns}:progress:{request}` | string with a TTL | workers | the worker that resumes the job |
-| `{ns}:dead` | stream, MAXLEN ~ | workers (`job`, `reason`, `worker`) | operators |
+| `ns:requests:{model}` | stream, group `workers` | gateways (XADD a `Job`) | workers (XREADGROUP, XCLAIM) |
+| `ns:responses:{model}:gateway` | stream, MAXLEN ~ | workers (a `TokenBatch`) | that gateway (XREAD) |
+| `ns:cancel:{model}` | stream, MAXLEN ~ | gateways (a `Cancel`) | the model's workers (XREAD) |
+| `ns:worker:{model}:worker` | hash, TTL, field `status` | its worker (`WorkerStatus`) | all, monitor |
+| `ns:gateway:gateway` | string with a TTL | its gateway (a `GatewayStatus`) | workers, monitor |
+| `ns:progress:{model}:request` | string with a TTL | workers | the worker that resumes the job |
+| `ns:dead:{model}` | stream, MAXLEN ~ | workers (`job`, `reason`, `worker`) | operators |
+
+`{model}` is literal: the model id in braces is the keys' hash tag, so every key of one model lives
+in one Redis Cluster slot, and every script (whose keys are all the model's) runs on one node.
 
 Every stream entry but the dead stream's holds one serialized protobuf under the field `m`.
 
@@ -48,34 +51,39 @@ DEAD_MAXLEN = 10_000
 
 @dataclass(frozen=True, slots=True)
 class StreamKeys:
-    """Key names under one namespace."""
+    """Key names under one namespace. Every key of one model carries the hash tag `{model}`, so a
+    Redis Cluster keeps them in one slot and each script's keys on one node."""
 
     namespace: str
 
+    def _of(self, kind: str, model: str) -> str:
+        if "{" in model or "}" in model:
+            raise ValueError(f"model id {model!r}: braces would break its keys' hash tag")
+        return f"{self.namespace}:{kind}:{{{model}}}"
+
     def requests(self, model: str) -> str:
         """Jobs for one model (stream, group `workers`)."""
-        return f"{self.namespace}:requests:{model}"
+        return self._of("requests", model)
 
-    def responses(self, gateway_id: str) -> str:
-        """Token batches for one gateway (stream)."""
-        return f"{self.namespace}:responses:{gateway_id}"
+    def responses(self, model: str, gateway_id: str) -> str:
+        """Token batches of one model's workers for one gateway (stream)."""
+        return f"{self._of('responses', model)}:{gateway_id}"
 
-    @property
-    def cancel(self) -> str:
-        """Cancels, read by every worker (stream)."""
-        return f"{self.namespace}:cancel"
+    def cancel(self, model: str) -> str:
+        """Cancels of one model's jobs, read by each of its workers (stream)."""
+        return self._of("cancel", model)
 
-    @property
-    def requests_pattern(self) -> str:
-        return self.requests("*")
-
-    def worker(self, worker_id: str) -> str:
+    def worker(self, model: str, worker_id: str) -> str:
         """One worker's heartbeat (hash with a TTL, field `status`)."""
-        return f"{self.namespace}:worker:{worker_id}"
+        return f"{self._of('worker', model)}:{worker_id}"
 
-    @property
-    def worker_pattern(self) -> str:
-        return self.worker("*")
+    def progress(self, model: str, request_id: str) -> str:
+        """Token ids already delivered for a running job (see `pack_tokens`), to resume it."""
+        return f"{self._of('progress', model)}:{request_id}"
+
+    def dead(self, model: str) -> str:
+        """One model's jobs that no worker could run, with the reason (stream)."""
+        return self._of("dead", model)
 
     def gateway(self, gateway_id: str) -> str:
         """One gateway's heartbeat (a GatewayStatus with a TTL): workers drop the jobs of a gateway
@@ -83,17 +91,20 @@ class StreamKeys:
         return f"{self.namespace}:gateway:{gateway_id}"
 
     @property
-    def gateway_pattern(self) -> str:
-        return self.gateway("*")
-
-    def progress(self, request_id: str) -> str:
-        """Token ids already delivered for a running job (see `pack_tokens`), to resume it."""
-        return f"{self.namespace}:progress:{request_id}"
+    def requests_pattern(self) -> str:
+        return f"{self.namespace}:requests:*"
 
     @property
-    def dead(self) -> str:
-        """Jobs no worker could run, with the reason (stream)."""
-        return f"{self.namespace}:dead"
+    def worker_pattern(self) -> str:
+        return f"{self.namespace}:worker:*"
+
+    @property
+    def gateway_pattern(self) -> str:
+        return f"{self.namespace}:gateway:*"
+
+    def model_of(self, requests_key: str) -> str:
+        """The model whose requests stream this is."""
+        return requests_key.removeprefix(f"{self.namespace}:requests:").strip("{}")
 
 
 def pack_tokens(token_ids: list[int]) -> bytes:

@@ -65,7 +65,9 @@ class JobStream:
     ):
         self.client = client
         self.keys = keys
+        self.model = model
         self.requests_key = keys.requests(model)
+        self.cancel_key = keys.cancel(model)
         self.worker_name = worker_name
         self.worker_id = ""
         self.progress_ttl_ms = int(progress_ttl_s * 1000)
@@ -92,7 +94,7 @@ class JobStream:
             if "BUSYGROUP" not in str(error):
                 raise
         if self._cancel_cursor == b"$":
-            last = self.client.xrevrange(self.keys.cancel, count=1)
+            last = self.client.xrevrange(self.cancel_key, count=1)
             self._cancel_cursor = last[0][0] if last else b"0-0"
 
     def read(
@@ -103,7 +105,7 @@ class JobStream:
         pipe = self.client.pipeline(transaction=False)
         if max_jobs > 0:
             pipe.xreadgroup(GROUP, self.worker_id, {self.requests_key: ">"}, count=max_jobs, block=block_ms)
-        pipe.xread({self.keys.cancel: self._cancel_cursor}, count=1000)
+        pipe.xread({self.cancel_key: self._cancel_cursor}, count=1000)
         results = pipe.execute()
         cancels = self._take_cancels(results[-1])
         jobs = self.parse_jobs(results[0][0][1] if max_jobs > 0 and results[0] else [], outbox)
@@ -119,7 +121,7 @@ class JobStream:
         """The jobs with the tokens already delivered for them, to resume where they stopped."""
         if not received:
             return []
-        progress = self.client.mget([self.keys.progress(r.job.request_id) for r in received])
+        progress = self.client.mget([self.keys.progress(self.model, r.job.request_id) for r in received])
         return [
             dataclasses.replace(r, delivered_token_ids=tuple(unpack_tokens(p)))
             for r, p in zip(received, progress, strict=True)
@@ -151,7 +153,7 @@ class JobStream:
         progress: dict[str, tuple[int, list[int]]] = {}  # request -> (first index, tokens from it)
         published_unix_us = time.time_ns() // 1000
         for gateway_id, chunks in batches.items():
-            response_keys.append(self.keys.responses(gateway_id))
+            response_keys.append(self.keys.responses(self.model, gateway_id))
             payloads.append(
                 jobs_pb2.TokenBatch(chunks=chunks, published_unix_us=published_unix_us).SerializeToString()
             )
@@ -160,12 +162,12 @@ class JobStream:
                     progress.setdefault(chunk.request_id, (chunk.index, []))[1].extend(chunk.token_ids)
         done = [request_id for request_id, _ in finished if request_id]
         keys = [
-            self.keys.worker(self.worker_id),
+            self.keys.worker(self.model, self.worker_id),
             self.requests_key,
-            self.keys.dead,
+            self.keys.dead(self.model),
             *response_keys,
-            *(self.keys.progress(r) for r in progress),
-            *(self.keys.progress(r) for r in done),
+            *(self.keys.progress(self.model, r) for r in progress),
+            *(self.keys.progress(self.model, r) for r in done),
         ]
         args: list[bytes | str | int] = [
             GROUP,
@@ -190,7 +192,7 @@ class JobStream:
 
     def heartbeat(self, status: jobs_pb2.WorkerStatus, ttl_s: float) -> None:
         """Refresh the heartbeat; FencedOut if it expired since the last one (it is not re-created)."""
-        key = self.keys.worker(self.worker_id)
+        key = self.keys.worker(self.model, self.worker_id)
         args = [status.SerializeToString(), int(ttl_s * 1000), "0" if self._registered else "1"]
         if not self._heartbeat_script(keys=[key], args=args):
             raise FencedOut(f"heartbeat of {self.worker_id} expired")
@@ -198,7 +200,7 @@ class JobStream:
 
     def remove_heartbeat(self) -> None:
         """Leave the fleet: whatever this worker still holds becomes claimable at once."""
-        self.client.delete(self.keys.worker(self.worker_id))
+        self.client.delete(self.keys.worker(self.model, self.worker_id))
 
     def missing_gateways(self, gateway_ids: set[str]) -> set[str]:
         """The gateways among these whose heartbeat has expired."""
@@ -221,7 +223,7 @@ class JobStream:
             return []
         pipe = self.client.pipeline(transaction=False)
         for name, _ in consumers:
-            pipe.exists(self.keys.worker(name))
+            pipe.exists(self.keys.worker(self.model, name))
         return [c for c, alive in zip(consumers, pipe.execute(), strict=True) if not alive]
 
     def deliveries(self, consumer: str, count: int) -> dict[bytes, int]:
@@ -248,7 +250,9 @@ class JobStream:
 
     def forget_consumer(self, consumer: str) -> None:
         """Delete a dead consumer that holds nothing from the group (the script re-checks both)."""
-        self._forget_script(keys=[self.requests_key, self.keys.worker(consumer)], args=[GROUP, consumer])
+        self._forget_script(
+            keys=[self.requests_key, self.keys.worker(self.model, consumer)], args=[GROUP, consumer]
+        )
 
     def parse_jobs(
         self, entries: list[tuple[bytes, dict[bytes, bytes] | None]], outbox: Outbox

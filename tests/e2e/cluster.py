@@ -8,12 +8,13 @@ import time
 from pathlib import Path
 
 import grpc
-import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bootstrap.redis import connect
+from bootstrap.settings import RedisSettings
 from client.redis_server import free_port
 from protos import jobs_pb2
-from protos.redis_layout import StreamKeys
+from protos.redis_layout import WORKER_STATUS_FIELD, StreamKeys
 
 # A small KV pool and context keep worker start-up and memory low on CI's two cores.
 TEST_WORKER_ARGS = ("--kv-cache-bytes", str(256 << 20), "--max-model-len", "2048")
@@ -100,10 +101,10 @@ def wait_until_serving(
 
 
 def worker_statuses(redis_url: str, namespace: str) -> list[jobs_pb2.WorkerStatus]:
-    client = redis.Redis.from_url(redis_url)
+    client = connect(RedisSettings(redis_url=redis_url))  # a cluster URL too
     keys = StreamKeys(namespace)
     statuses = [
-        jobs_pb2.WorkerStatus.FromString(client.hget(key, "status") or b"")
+        jobs_pb2.WorkerStatus.FromString(client.hget(key, WORKER_STATUS_FIELD) or b"")
         for key in client.scan_iter(match=keys.worker_pattern)
     ]
     client.close()

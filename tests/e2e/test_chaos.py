@@ -133,7 +133,7 @@ def test_a_worker_killed_mid_generation_loses_and_repeats_nothing(
     )
     keys = StreamKeys(namespace)
     assert client.xlen(keys.requests(MODEL)) == 0, "every job acknowledged"
-    assert not list(client.scan_iter(match=keys.progress("*"))), "no progress left behind"
+    assert not list(client.scan_iter(match=keys.progress(MODEL, "*"))), "no progress left behind"
     client.close()
 
 
@@ -163,7 +163,7 @@ def test_workers_drop_the_jobs_of_a_gateway_that_died(cluster: Cluster) -> None:
     assert wait_for(
         lambda: all(s.num_running == 0 for s in worker_statuses(cluster.redis_url, cluster.namespace))
     )
-    assert not list(client.scan_iter(match=keys.progress("*"))), "no progress left behind"
+    assert not list(client.scan_iter(match=keys.progress(MODEL, "*"))), "no progress left behind"
     assert stream.error is not None and stream.error.code() == grpc.StatusCode.UNAVAILABLE
     print(f"\njob of a killed gateway dropped {dropped_after_s:.1f} s after the kill")
     client.close()
@@ -245,7 +245,7 @@ def test_a_job_whose_workers_keep_dying_is_buried_and_the_fleet_serves_on(
         for worker in workers:
             stop_process(worker)
     keys = StreamKeys(namespace)
-    ((_, dead),) = client.xrange(keys.dead)
+    ((_, dead),) = client.xrange(keys.dead(MODEL))
     client.close()
     assert dead[b"reason"] == b"1 worker died running it"
     assert poison.error is not None and poison.error.code() == grpc.StatusCode.INTERNAL

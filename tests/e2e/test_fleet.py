@@ -105,7 +105,7 @@ def test_sigterm_drains_running_jobs_then_exits_zero(
         )
         client.set(keys.gateway("test-gateway"), b"1", ex=600)  # workers drop the jobs of absent gateways
         client.xadd(keys.requests("smollm2-135m-instruct"), {FIELD: job.SerializeToString()})
-        responses = keys.responses("test-gateway")
+        responses = keys.responses("smollm2-135m-instruct", "test-gateway")
         assert wait_for(lambda: client.xlen(responses) > 0, timeout_s=60)
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=60) == 0

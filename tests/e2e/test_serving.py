@@ -273,10 +273,10 @@ def test_unreadable_job_goes_to_the_dead_stream_and_serving_goes_on(
 ) -> None:
     keys = StreamKeys(cluster.namespace)
     client = redis.Redis.from_url(cluster.redis_url)
-    dead_before = client.xlen(keys.dead)
+    dead_before = client.xlen(keys.dead("smollm2-135m-instruct"))
     client.xadd(keys.requests("smollm2-135m-instruct"), {FIELD: b"\xff\xfe not a Job"})
-    assert wait_for(lambda: client.xlen(keys.dead) == dead_before + 1)
-    ((_, fields),) = client.xrevrange(keys.dead, count=1)
+    assert wait_for(lambda: client.xlen(keys.dead("smollm2-135m-instruct")) == dead_before + 1)
+    ((_, fields),) = client.xrevrange(keys.dead("smollm2-135m-instruct"), count=1)
     assert fields[b"reason"].startswith(b"unreadable Job")
     assert wait_for(lambda: client.xlen(keys.requests("smollm2-135m-instruct")) == 0)
     text, _, _ = collect(stub.Generate(build_request(messages=FRANCE, max_tokens=12, temperature=0.0)))
@@ -303,7 +303,7 @@ def test_a_job_that_would_crash_the_model_is_buried_and_its_gateway_told(
 ) -> None:
     keys = StreamKeys(cluster.namespace)
     client = redis.Redis.from_url(cluster.redis_url)
-    dead_before = client.xlen(keys.dead)
+    dead_before = client.xlen(keys.dead("smollm2-135m-instruct"))
     job = jobs_pb2.Job(
         request_id="crasher",
         gateway_id="crash-probe",
@@ -313,8 +313,10 @@ def test_a_job_that_would_crash_the_model_is_buried_and_its_gateway_told(
     chunk = answer_to(cluster, job)
     assert chunk.failure == jobs_pb2.JOB_FAILURE_INVALID
     assert "token id 999999 outside the vocabulary" in chunk.failure_message
-    assert client.xlen(keys.dead) == dead_before + 1
-    assert client.xrevrange(keys.dead, count=1)[0][1][b"reason"].startswith(b"token id 999999")
+    assert client.xlen(keys.dead("smollm2-135m-instruct")) == dead_before + 1
+    assert client.xrevrange(keys.dead("smollm2-135m-instruct"), count=1)[0][1][b"reason"].startswith(
+        b"token id 999999"
+    )
     client.close()
     text, _, _ = collect(stub.Generate(build_request(messages=FRANCE, max_tokens=12, temperature=0.0)))
     assert "Paris" in text, "the worker still serves"
@@ -326,8 +328,8 @@ def answer_to(cluster: Cluster, job: jobs_pb2.Job) -> jobs_pb2.TokenChunk:
     keys = StreamKeys(cluster.namespace)
     client = redis.Redis.from_url(cluster.redis_url)
     client.xadd(keys.requests("smollm2-135m-instruct"), {FIELD: job.SerializeToString()})
-    assert wait_for(lambda: client.xlen(keys.responses(job.gateway_id)) > 0)
-    ((_, fields),) = client.xrange(keys.responses(job.gateway_id))
+    assert wait_for(lambda: client.xlen(keys.responses("smollm2-135m-instruct", job.gateway_id)) > 0)
+    ((_, fields),) = client.xrange(keys.responses("smollm2-135m-instruct", job.gateway_id))
     (chunk,) = jobs_pb2.TokenBatch.FromString(fields[FIELD]).chunks
     assert wait_for(lambda: client.xlen(keys.requests("smollm2-135m-instruct")) == 0)
     client.close()

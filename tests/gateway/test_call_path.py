@@ -78,7 +78,8 @@ def on_gateway(
 
     async def run(scenario: Scenario) -> None:
         client = aioredis.Redis.from_url(redis_server.url)
-        queues = GatewayQueues(client, StreamKeys(f"call{next(_namespaces)}"), "gw", metrics.response_transit)
+        keys = StreamKeys(f"call{next(_namespaces)}")
+        queues = GatewayQueues(client, keys, "gw", [GENERATOR, EMBEDDER], metrics.response_transit)
         limits = LoadLimits(LimitSettings(100, 100, 0, 0.0, 1000))
         fleet = FleetMonitor(queues, models, health.aio.HealthServicer(), 1.0, 5.0, limits, "")
         tracers = TracerProvider()
@@ -110,15 +111,15 @@ async def next_job(context: CallContext, model: str) -> jobs_pb2.Job:
     raise AssertionError("no job was submitted")
 
 
-async def answer(context: CallContext, *chunks: jobs_pb2.TokenChunk) -> None:
+async def answer(context: CallContext, *chunks: jobs_pb2.TokenChunk, model: str = GENERATOR) -> None:
     """As a worker publishes: one batch, stamped with when it was sent."""
     batch = jobs_pb2.TokenBatch(chunks=chunks, published_unix_us=time.time_ns() // 1000).SerializeToString()
-    await context.queues.client.xadd(context.queues.responses_key, {FIELD: batch})
+    await context.queues.client.xadd(context.queues.keys.responses(model, "gw"), {FIELD: batch})
 
 
 async def cancels(context: CallContext) -> list[tuple[str, bool]]:
     """(request id, stopped) of every cancel published."""
-    entries = await context.queues.client.xrange(context.queues.keys.cancel)
+    entries = await context.queues.client.xrange(context.queues.keys.cancel(GENERATOR))
     return [(c.request_id, c.stopped) for c in (jobs_pb2.Cancel.FromString(f[FIELD]) for _, f in entries)]
 
 
@@ -261,7 +262,7 @@ def test_an_embedding_call_takes_the_same_path(
         last.prompt_tokens = 6
         last.embeddings.add(values=[1.0, 0.0])
         last.embeddings.add(values=[0.0, 1.0])
-        await answer(context, last)
+        await answer(context, last, model=EMBEDDER)
         response = await running
         assert [list(e.values) for e in response.embeddings] == [[1.0, 0.0], [0.0, 1.0]]
         assert response.model == EMBEDDER and response.usage.prompt_tokens == 6

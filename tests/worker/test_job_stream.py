@@ -56,13 +56,13 @@ def chunk(request_id: str, index: int, token_ids: list[int], finish: int = 0) ->
 
 def die(client: redis.Redis, keys: StreamKeys, stream: JobStream) -> None:
     """What a SIGKILL leaves behind: the heartbeat expires, the pending entries stay."""
-    client.delete(keys.worker(stream.worker_id))
+    client.delete(keys.worker(MODEL, stream.worker_id))
 
 
 def responses(client: redis.Redis, keys: StreamKeys, gateway: str = "gw") -> list[jobs_pb2.TokenChunk]:
     return [
         c
-        for _, f in client.xrange(keys.responses(gateway))
+        for _, f in client.xrange(keys.responses(MODEL, gateway))
         for c in jobs_pb2.TokenBatch.FromString(f[FIELD]).chunks
     ]
 
@@ -76,10 +76,10 @@ def test_progress_follows_what_is_published_and_goes_with_the_ack(
     stream.publish({"gw": [chunk("r1", 0, [7])]})
     stream.publish({"gw": [chunk("r1", 1, [8, 9])]})
     stream.publish({"gw": [chunk("r1", 1, [8, 9])]})  # retried after a lost reply
-    assert unpack_tokens(client.get(keys.progress("r1"))) == [7, 8, 9]
-    assert 0 < client.pttl(keys.progress("r1")) <= 60_000
+    assert unpack_tokens(client.get(keys.progress(MODEL, "r1"))) == [7, 8, 9]
+    assert 0 < client.pttl(keys.progress(MODEL, "r1")) <= 60_000
     stream.publish({"gw": [chunk("r1", 3, [10], inference_pb2.FINISH_REASON_LENGTH)]}, [("r1", job.entry_id)])
-    assert client.get(keys.progress("r1")) is None
+    assert client.get(keys.progress(MODEL, "r1")) is None
     assert (
         client.xlen(keys.requests(MODEL)) == 0
         and client.xpending(keys.requests(MODEL), GROUP)["pending"] == 0
@@ -96,15 +96,15 @@ def test_a_worker_whose_heartbeat_expired_writes_nothing_and_is_not_revived(
     die(client, keys, stream)
     with pytest.raises(FencedOut):
         stream.publish({"gw": [chunk("r1", 0, [7])]}, [("r1", job.entry_id)])
-    assert responses(client, keys) == [] and client.get(keys.progress("r1")) is None
+    assert responses(client, keys) == [] and client.get(keys.progress(MODEL, "r1")) is None
     assert client.xpending(keys.requests(MODEL), GROUP)["pending"] == 1
     with pytest.raises(FencedOut):
         stream.heartbeat(jobs_pb2.WorkerStatus(model=MODEL), TTL_S)
-    assert not client.exists(keys.worker(stream.worker_id))
+    assert not client.exists(keys.worker(MODEL, stream.worker_id))
     old_id = stream.worker_id
     stream.new_incarnation()
     stream.heartbeat(jobs_pb2.WorkerStatus(model=MODEL), TTL_S)
-    assert stream.worker_id != old_id and client.exists(keys.worker(stream.worker_id))
+    assert stream.worker_id != old_id and client.exists(keys.worker(MODEL, stream.worker_id))
 
 
 def test_orphans_of_a_dead_worker_are_resumed_from_their_progress(
@@ -159,14 +159,14 @@ def test_a_job_that_outlived_its_workers_is_buried_and_its_client_told(
     survivor = worker(client, keys, "survivor")
     time.sleep(0.02)
     assert claim(OrphanClaimer(survivor, min_idle_ms=10, max_attempts=3), 8) == []
-    ((_, fields),) = client.xrange(keys.dead)
+    ((_, fields),) = client.xrange(keys.dead(MODEL))
     assert (
         fields[b"reason"] == b"3 workers died running it" and fields[b"worker"] == survivor.worker_id.encode()
     )
     last = responses(client, keys)[-1]
     assert last.finish_reason == inference_pb2.FINISH_REASON_ERROR
     assert last.failure == jobs_pb2.JOB_FAILURE_WORKERS_DIED and "3 workers died" in last.failure_message
-    assert client.xlen(keys.requests(MODEL)) == 0 and client.get(keys.progress("poison")) is None
+    assert client.xlen(keys.requests(MODEL)) == 0 and client.get(keys.progress(MODEL, "poison")) is None
 
 
 def test_a_claimed_entry_deleted_from_the_stream_is_acknowledged(
@@ -221,7 +221,7 @@ def test_malformed_entries_are_buried_with_the_reason(
     submit(client, keys, "good")
     jobs, _ = read(stream, 4)
     assert [j.job.request_id for j in jobs] == ["good"]
-    ((_, dead),) = client.xrange(keys.dead)
+    ((_, dead),) = client.xrange(keys.dead(MODEL))
     assert dead[b"reason"].startswith(reason)
     assert client.xlen(keys.requests(MODEL)) == 1
 

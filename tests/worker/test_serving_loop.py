@@ -83,7 +83,7 @@ def submit(client: redis.Redis, keys: StreamKeys, *jobs: jobs_pb2.Job) -> None:
 def responses(client: redis.Redis, keys: StreamKeys) -> list[jobs_pb2.TokenChunk]:
     return [
         c
-        for _, f in client.xrange(keys.responses("gw"))
+        for _, f in client.xrange(keys.responses(MODEL, "gw"))
         for c in jobs_pb2.TokenBatch.FromString(f[FIELD]).chunks
     ]
 
@@ -110,7 +110,7 @@ def test_a_job_streams_its_tokens_and_leaves_the_stream_when_done(
     assert [(c.index, len(c.token_ids)) for c in chunks] == [(0, 1), (1, 1), (2, 1)]
     assert chunks[0].started_unix_ms > 0, "the first chunk says when the job began"
     assert chunks[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
-    assert client.xlen(keys.requests(MODEL)) == 0 and client.get(keys.progress("r1")) is None
+    assert client.xlen(keys.requests(MODEL)) == 0 and client.get(keys.progress(MODEL, "r1")) is None
     assert client.xpending(keys.requests(MODEL), GROUP)["pending"] == 0
 
 
@@ -124,7 +124,7 @@ def test_a_job_it_can_never_run_is_buried_and_its_gateway_told(
     (chunk,) = responses(client, keys)
     assert chunk.finish_reason == inference_pb2.FINISH_REASON_ERROR
     assert chunk.failure == jobs_pb2.JOB_FAILURE_INVALID and "token id 100" in chunk.failure_message
-    ((_, dead),) = client.xrange(keys.dead)
+    ((_, dead),) = client.xrange(keys.dead(MODEL))
     assert dead[b"reason"].startswith(b"token id 100") and backend.started == []
     assert client.xlen(keys.requests(MODEL)) == 0
 
@@ -134,11 +134,11 @@ def test_a_cancel_stops_a_running_job_and_frees_it(
 ) -> None:
     submit(client, keys, job("long", max_tokens=40))
     step_until(loop, lambda: len(responses(client, keys)) >= 2)
-    client.xadd(keys.cancel, {FIELD: jobs_pb2.Cancel(request_id="long").SerializeToString()})
+    client.xadd(keys.cancel(MODEL), {FIELD: jobs_pb2.Cancel(request_id="long").SerializeToString()})
     step_until(loop, lambda: bool(finished(client, keys, "long")))
     (last,) = finished(client, keys, "long")
     assert last.failure == jobs_pb2.JOB_FAILURE_CANCELLED and backend.aborted == ["long"]
-    assert client.xlen(keys.requests(MODEL)) == 0 and client.get(keys.progress("long")) is None
+    assert client.xlen(keys.requests(MODEL)) == 0 and client.get(keys.progress(MODEL, "long")) is None
 
 
 def test_a_job_its_gateway_stopped_is_done_and_acknowledged_without_a_word(
@@ -146,14 +146,16 @@ def test_a_job_its_gateway_stopped_is_done_and_acknowledged_without_a_word(
 ) -> None:
     submit(client, keys, job("stop", max_tokens=40))
     step_until(loop, lambda: len(responses(client, keys)) >= 2)
-    client.xadd(keys.cancel, {FIELD: jobs_pb2.Cancel(request_id="stop", stopped=True).SerializeToString()})
+    client.xadd(
+        keys.cancel(MODEL), {FIELD: jobs_pb2.Cancel(request_id="stop", stopped=True).SerializeToString()}
+    )
     step_until(loop, lambda: client.xlen(keys.requests(MODEL)) == 0)
     assert backend.aborted == ["stop"] and finished(client, keys, "stop") == []
-    assert client.get(keys.progress("stop")) is None
+    assert client.get(keys.progress(MODEL, "stop")) is None
 
     def heartbeat() -> jobs_pb2.WorkerStatus:
         return jobs_pb2.WorkerStatus.FromString(
-            client.hget(keys.worker(loop.jobs.worker_id), WORKER_STATUS_FIELD)
+            client.hget(keys.worker(MODEL, loop.jobs.worker_id), WORKER_STATUS_FIELD)
         )
 
     step_until(loop, lambda: heartbeat().num_finished == 1)  # it counts as finished
@@ -162,7 +164,7 @@ def test_a_job_its_gateway_stopped_is_done_and_acknowledged_without_a_word(
 def test_a_cancel_that_came_first_means_the_job_never_starts(
     loop: ServingLoop, client: redis.Redis, keys: StreamKeys, backend: FakeBackend
 ) -> None:
-    client.xadd(keys.cancel, {FIELD: jobs_pb2.Cancel(request_id="early").SerializeToString()})
+    client.xadd(keys.cancel(MODEL), {FIELD: jobs_pb2.Cancel(request_id="early").SerializeToString()})
     loop.step()
     submit(client, keys, job("early"))
     step_until(loop, lambda: bool(finished(client, keys, "early")))
@@ -213,7 +215,7 @@ def test_a_job_resumed_from_its_progress_starts_where_its_client_stands(
     submit(client, keys, job("orphan", max_tokens=4))
     dead.read(1, None, Outbox())
     dead.publish({"gw": [jobs_pb2.TokenChunk(request_id="orphan", index=0, token_ids=[0, 1])]})
-    client.delete(keys.worker(dead.worker_id))  # its heartbeat expires
+    client.delete(keys.worker(MODEL, dead.worker_id))  # its heartbeat expires
     time.sleep(loop.settings.claim_min_idle_ms / 1000)
     step_until(loop, lambda: bool(finished(client, keys, "orphan")))
     assert backend.started == [("orphan", (0, 1))]
@@ -229,5 +231,5 @@ def test_drain_finishes_what_runs_and_takes_nothing_new(
     submit(client, keys, job("later"))
     loop.run()  # returns once "running" is done
     assert [request_id for request_id, _ in backend.started] == ["running"]
-    assert finished(client, keys, "running") and not client.exists(keys.worker(loop.jobs.worker_id))
+    assert finished(client, keys, "running") and not client.exists(keys.worker(MODEL, loop.jobs.worker_id))
     assert client.xlen(keys.requests(MODEL)) == 1, "the new job is left for another worker"
