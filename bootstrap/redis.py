@@ -41,7 +41,10 @@ def redis_options(settings: RedisSettings) -> dict[str, object]:
 
 
 def connect(settings: RedisSettings) -> redis.Redis | RedisCluster:
-    """A worker's client: no retries of its own, the serving loop recovers from errors itself."""
+    """A worker's client: no retries of its own against one Redis, the serving loop recovers from
+    errors itself. A cluster client follows what the cluster redirects and retries a call on a
+    node that moved or failed over, as redis-py's cluster client does; what it cannot, the loop
+    recovers from."""
     url = settings.redis_url
     if is_cluster(url):
         return RedisCluster.from_url(_plain(url), **redis_options(settings))

@@ -26,6 +26,8 @@ import redis
 from client.fleet_snapshot import Histogram, parse_histograms
 from client.library import build_request
 from client.redis_server import RedisServer, free_port
+from client.serve import health_probe
+from client.supervisor import orphan_guard
 from protos import inference_pb2_grpc
 from protos.redis_layout import StreamKeys
 
@@ -74,7 +76,8 @@ class Level:
 
 def _start(module: str, args: list[str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", module, *args], stdout=out, stderr=subprocess.STDOUT)
+        command = [*orphan_guard(), sys.executable, "-m", module, *args]
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
 
 
 def _redis_counters(client: redis.Redis) -> tuple[float, int, int]:
@@ -147,6 +150,16 @@ def _wait_for_workers(client: redis.Redis, count: int, timeout_s: float = 120.0)
         time.sleep(0.2)
 
 
+def _wait_for_gateways(addresses: list[str], timeout_s: float = 60.0) -> None:
+    """Every gateway says a worker serves its model."""
+    probes = [health_probe(address, "") for address in addresses]
+    deadline = time.monotonic() + timeout_s
+    while not all(probe() for probe in probes):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the gateways did not serve within {timeout_s:g} s")
+        time.sleep(0.2)
+
+
 def run_fleet_sim(options: SimOptions, log_dir: Path, report: Any = print) -> list[Level]:
     """Grow the fleet level by level; returns every level measured."""
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -169,6 +182,7 @@ def run_fleet_sim(options: SimOptions, log_dir: Path, report: Any = print) -> li
             for workers in range(1, options.max_workers + 1):
                 processes.append(_start("worker", [*common, *simulated], log_dir / f"worker-{workers}.log"))
                 _wait_for_workers(client, workers)
+                _wait_for_gateways(addresses)
                 level = _measure(options, workers, client, addresses, pages)
                 levels.append(level)
                 report(level)

@@ -28,8 +28,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 class RedisServer:
     """Starts redis-server on loopback; `close()` (or the context exit) ends it and removes its data.
 
-    In memory only, unless `appendonly`: then every write is fsynced to an AOF in its own folder,
-    and `start()` after `stop()` or `kill()` comes back with the data, as a persistent Redis does.
+    In memory only, unless `appendonly`: then writes go to an AOF in its own folder (fsynced per
+    `fsync`), and `start()` after `stop()` or `kill()` comes back with the data, as a persistent
+    Redis does.
     """
 
     def __init__(
@@ -38,11 +39,15 @@ class RedisServer:
         appendonly: bool = False,
         extra_args: tuple[str, ...] = (),
         launcher: tuple[str, ...] = (),
+        fsync: str = "always",
+        new_session: bool = False,
     ):
         self.port = port or free_port()
         self.appendonly = appendonly
         self.extra_args = extra_args  # e.g. an ACL user: ("--user", "alice", "on", ">secret", "~*", "+@all")
         self.launcher = launcher  # a command that runs the server (a supervisor's die_with_parent)
+        self.fsync = fsync  # with appendonly: "always" (every write on disk before the reply) or "everysec"
+        self.new_session = new_session  # out of the terminal's process group: Ctrl-C is its parent's
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._dir = tempfile.TemporaryDirectory(prefix="conveyor-redis-")
         self.process: subprocess.Popen[bytes] | None = None
@@ -61,7 +66,7 @@ class RedisServer:
                 "--appendonly",
                 "yes" if self.appendonly else "no",
                 "--appendfsync",
-                "always",  # with appendonly: every write on disk before the reply, as the tests assume
+                self.fsync,
                 "--dir",
                 self._dir.name,
                 "--logfile",
@@ -70,6 +75,7 @@ class RedisServer:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=self.new_session,
         )
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + timeout_s
@@ -81,7 +87,7 @@ class RedisServer:
                 break  # it answers; it wants a user (see extra_args)
             except redis.ConnectionError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.close()
+                    self.kill()  # its folder stays: a restart may still come back with the data
                     raise RuntimeError(f"redis-server did not start on port {self.port}") from None
                 time.sleep(0.05)
         client.close()

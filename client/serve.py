@@ -48,19 +48,27 @@ def health_probe(address: str, service: str) -> Callable[[], bool]:
     return ready
 
 
-def _python_child(name: str, module: str, args: list[str], ready: Callable[[], bool]) -> Child:
+_GATEWAY_STAGE, _WORKER_STAGE, _REDIS_STAGE = 0, 1, 2  # the order a shutdown stops them in
+
+
+def _python_child(name: str, module: str, args: list[str], ready: Callable[[], bool], stage: int) -> Child:
     command = [*orphan_guard(), sys.executable, "-m", module, *args]
-    return Child(name, lambda: subprocess.Popen(command), ready)
+    return Child(name, lambda: subprocess.Popen(command, start_new_session=True), ready, stage)
 
 
 def _worker(name: str, model: Path, redis_url: str, metrics_port: int, extra: tuple[str, ...]) -> Child:
-    """A worker with a health port of its own: it is ready once it has joined the group."""
+    """A worker with a health port (its own, unless `extra` names one): it is ready once it has
+    joined the group."""
     args = ["--model", str(model), "--redis-url", redis_url]
     if "--metrics-port" not in extra:
         args += ["--metrics-port", str(metrics_port)]
-    health_port = free_port()
-    args += ["--health-port", str(health_port)]
-    return _python_child(name, "worker", [*args, *extra], health_probe(f"127.0.0.1:{health_port}", READINESS))
+    if "--health-port" in extra:
+        health_port = int(extra[extra.index("--health-port") + 1])
+    else:
+        health_port = free_port()
+        args += ["--health-port", str(health_port)]
+    probe = health_probe(f"127.0.0.1:{health_port}", READINESS)
+    return _python_child(name, "worker", [*args, *extra], probe, _WORKER_STAGE)
 
 
 def children(options: ServeOptions, redis_url: str) -> list[Child]:
@@ -69,10 +77,17 @@ def children(options: ServeOptions, redis_url: str) -> list[Child]:
     gateway_args = ["--model", str(options.model), "--redis-url", redis_url]
     gateway_args += [] if embedder is None else ["--extra-models", str(embedder)]
     gateway_args += ["--host", options.host, "--port", str(options.port)]
-    probe_host = "127.0.0.1" if options.host in ("0.0.0.0", "::", "") else options.host
+    probe_host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(options.host, options.host)
+    probe_host = f"[{probe_host}]" if ":" in probe_host and not probe_host.startswith("[") else probe_host
     # "" is SERVING once every served model has a live worker.
     tree = [
-        _python_child("gateway", "gateway", gateway_args, health_probe(f"{probe_host}:{options.port}", ""))
+        _python_child(
+            "gateway",
+            "gateway",
+            gateway_args,
+            health_probe(f"{probe_host}:{options.port}", ""),
+            _GATEWAY_STAGE,
+        )
     ]
     for index in range(options.num_workers):
         name = f"worker {index + 1}"
@@ -100,10 +115,16 @@ def serve(options: ServeOptions) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     tree: list[Child] = []
-    redis_server = None if options.redis_url else RedisServer(launcher=orphan_guard())
+    # The private Redis keeps an AOF (fsynced every second), so one restarted after a crash comes
+    # back with the queued and running jobs.
+    redis_server = (
+        None
+        if options.redis_url
+        else RedisServer(appendonly=True, fsync="everysec", launcher=orphan_guard(), new_session=True)
+    )
     redis_url = options.redis_url or redis_server.url  # type: ignore[union-attr]
     if redis_server is not None:
-        tree.append(Child("redis", lambda: _start_redis(redis_server), lambda: True, stop_last=True))
+        tree.append(Child("redis", lambda: _start_redis(redis_server), lambda: True, _REDIS_STAGE))
     tree += children(options, redis_url)
 
     def ready() -> None:
@@ -121,8 +142,10 @@ def serve(options: ServeOptions) -> int:
 
     logger.info("starting %s", ", ".join(child.name for child in tree))
     supervisor = Supervisor(tree, options.policy, ready)
-    code = supervisor.run(lambda: stopping)
-    if redis_server is not None:
-        redis_server.close()
+    try:
+        code = supervisor.run(lambda: stopping)
+    finally:
+        if redis_server is not None:
+            redis_server.close()
     logger.info("stopped%s", f": {supervisor.give_up_reason}" if supervisor.give_up_reason else "")
     return code

@@ -1,11 +1,12 @@
 """Supervisor: keeps a tree of child processes running, as `conveyor serve` needs.
 
-A child that dies while the tree is not stopping is restarted after a backoff that doubles with
-each death in a row (and resets once the child has served for a window), and the tree gives up,
-with the reason, when one child dies too often within that window. The tree is ready only when
-every child's probe says so; a child restarted after that is reported when it serves again.
-Children are started through `die_with_parent`, so they die with the supervisor even when it is
-killed with SIGKILL.
+A child that dies (or fails to start) while the tree is not stopping is restarted after a backoff
+that doubles with each death within a window, and the tree gives up, with the reason, when one
+child dies too often within that window. The tree is ready only when every child's probe says so;
+a child restarted after it served is reported when it serves again. Children are started through
+`die_with_parent`, so they die with the supervisor even when it is killed with SIGKILL, and in
+sessions of their own, so a terminal's Ctrl-C reaches only the supervisor, which then stops them
+in stages: what takes calls first, what the others drain through last.
 """
 
 import logging
@@ -37,28 +38,44 @@ def orphan_guard() -> tuple[str, ...]:
 
 
 def describe_exit(returncode: int) -> str:
-    if returncode < 0:
+    if returncode >= 0:
+        return f"exit code {returncode}"
+    try:
         return f"signal {signal.Signals(-returncode).name}"
-    return f"exit code {returncode}"
+    except ValueError:
+        return f"signal {-returncode}"
 
 
 @dataclass(slots=True)
 class Child:
-    """One supervised process: how to start it and how to tell that it serves."""
+    """One supervised process: how to start it, how to tell that it serves, and in which stage of
+    a shutdown it is stopped (lower first)."""
 
     name: str
     launch: Callable[[], subprocess.Popen[bytes]]
     ready: Callable[[], bool]
+    stop_stage: int = 0
     process: subprocess.Popen[bytes] | None = None
     deaths: deque[float] = field(default_factory=deque)  # when it died, within the window
     restart_at: float | None = None  # dead, waiting out its backoff
     serving: bool = False
-    stop_last: bool = False  # what the others need to drain (Redis)
+    served_before: bool = False
+    launch_error: str = ""
 
     def start(self) -> None:
-        self.process = self.launch()
-        self.restart_at = None
-        self.serving = False
+        self.restart_at, self.serving, self.launch_error = None, False, ""
+        try:
+            self.process = self.launch()
+        except (OSError, RuntimeError) as error:
+            self.process, self.launch_error = None, str(error)
+
+    def exit_status(self) -> str | None:
+        """Why it is not running, or None while it runs."""
+        if self.launch_error:
+            return f"a failed start ({self.launch_error})"
+        assert self.process is not None
+        returncode = self.process.poll()
+        return None if returncode is None else describe_exit(returncode)
 
 
 class Supervisor:
@@ -100,13 +117,13 @@ class Supervisor:
                 )
                 child.start()
             return True
-        assert child.process is not None
-        returncode = child.process.poll()
-        if returncode is None:
+        status = child.exit_status()
+        if status is None:
             if not child.serving and child.ready():
                 child.serving = True
-                if child.deaths:
+                if child.served_before:
                     logger.info("%s serves again", child.name)
+                child.served_before = True
             return True
         while child.deaths and child.deaths[0] < now - self.policy.window_s:
             child.deaths.popleft()
@@ -114,22 +131,20 @@ class Supervisor:
         if len(child.deaths) > self.policy.max_restarts:
             self.give_up_reason = (
                 f"{child.name} died {len(child.deaths)} times within {self.policy.window_s:g} s "
-                f"(last: {describe_exit(returncode)}); giving up"
+                f"(last: {status}); giving up"
             )
             logger.error("%s", self.give_up_reason)
             return False
         backoff = min(self.policy.first_backoff_s * 2 ** (len(child.deaths) - 1), self.policy.max_backoff_s)
-        logger.error(
-            "%s exited with %s; restarting in %.1f s", child.name, describe_exit(returncode), backoff
-        )
+        logger.error("%s exited with %s; restarting in %.1f s", child.name, status, backoff)
         child.restart_at = now + backoff
         return True
 
     def stop(self, timeout_s: float = 40.0) -> None:
-        """SIGTERM to every child (each drains: a gateway finishes open calls, a worker its jobs),
-        SIGKILL to any still alive after `timeout_s`; what the others drain through goes last."""
-        for last in (False, True):
-            self._stop([c for c in self.children if c.stop_last is last], timeout_s)
+        """Stage by stage, SIGTERM to every child of the stage (each drains: a gateway finishes its
+        open calls, a worker its jobs), SIGKILL to any still alive after `timeout_s`."""
+        for stage in sorted({child.stop_stage for child in self.children}):
+            self._stop([c for c in self.children if c.stop_stage == stage], timeout_s)
 
     @staticmethod
     def _stop(children: list[Child], timeout_s: float) -> None:

@@ -28,7 +28,7 @@ i at byte 4 * i, see `pack_tokens`). It is written in the same script as the chu
 tokens, so a worker that resumes the job starts exactly where the client's stream stands.
 
 Fencing: a worker's heartbeat key is its licence to write. The worker's scripts promise:
-- heartbeat: refreshes `{ns}:worker:{worker}` and its TTL, and never re-creates it once it expired
+- heartbeat: refreshes `ns:worker:{model}:worker` and its TTL, and never re-creates it once it expired
   (except for a new consumer registering), so a worker presumed dead stays dead;
 - publish: only while the heartbeat key exists, atomically: the response entries, the progress
   they make, the acknowledgement and deletion of finished jobs, and the burial of dead ones;
@@ -45,7 +45,7 @@ FIELD = b"m"  # the field of every stream entry (but the dead stream's): one ser
 WORKER_STATUS_FIELD = "status"  # the hash field of a worker's heartbeat: a WorkerStatus
 DEAD_FIELDS = ("job", "reason", "worker")  # a dead-stream entry: the Job bytes, why, which worker
 RESPONSES_MAXLEN = 10_000  # approximate cap of each gateway's response stream
-CANCEL_MAXLEN = 10_000  # approximate cap of the cancel stream
+CANCEL_MAXLEN = 10_000  # approximate cap of each cancel stream
 DEAD_MAXLEN = 10_000
 
 

@@ -116,7 +116,9 @@ class GenerationCore:
                 Sequence(f"warm-up-{index}", [(index + t) % self.vocab_size for t in range(length)], greedy)
             )
         while not self.scheduler.is_idle:
-            self.step()
+            if self.step() is None:  # nothing fits (a KV cache smaller than a step): done warming
+                for index in range(min(config.max_num_seqs, 8)):
+                    self.abort(f"warm-up-{index}")
         self.stats = StepStats()
 
     def add(self, seq: Sequence) -> None:

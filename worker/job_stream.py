@@ -54,7 +54,8 @@ def now_ms() -> int:
 
 
 class JobStream:
-    """Reads jobs through consumer group `workers`, reads every cancel, publishes one XADD per gateway.
+    """Reads jobs through consumer group `workers` and every cancel of its model; publishes one XADD
+    per gateway.
 
     The consumer name is the worker's name plus a random incarnation, so a restarted process (same
     host and pid in a container) never inherits the pending jobs of the one before it.

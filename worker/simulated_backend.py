@@ -57,7 +57,7 @@ class SimulatedBackend:
                 jobs_pb2.TokenChunk(
                     request_id=request_id,
                     index=index,
-                    token_ids=[_FIRST_ID + index % _NUM_IDS],
+                    token_ids=[(_FIRST_ID + index % _NUM_IDS) % self.limits.vocab_size],
                     finish_reason=inference_pb2.FINISH_REASON_LENGTH if done else 0,
                     prompt_tokens=prompt_tokens,
                 )

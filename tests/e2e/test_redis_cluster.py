@@ -13,15 +13,7 @@ from bootstrap.settings import RedisSettings
 from client.fleet_snapshot import FleetReader
 from protos import inference_pb2
 from protos.redis_layout import StreamKeys
-from tests.e2e.cluster import (
-    FAST_FAILOVER_ARGS,
-    start_gateway,
-    start_worker,
-    stop_process,
-    wait_for,
-    wait_until_serving,
-    worker_statuses,
-)
+from tests.e2e import cluster as e2e
 from tests.e2e.recording import RecordedStream
 from tests.e2e.redis_cluster import LocalRedisCluster
 from tests.e2e.test_chaos import MAX_TOKENS, run_streams
@@ -51,38 +43,41 @@ def test_a_fleet_on_a_redis_cluster_serves_and_survives_a_master_failover(
 ) -> None:
     with LocalRedisCluster() as redis_cluster:
         workers = [
-            start_worker(redis_cluster.url, NAMESPACE, model_dir, log_dir, *FAST_FAILOVER_ARGS)
+            e2e.start_worker(redis_cluster.url, NAMESPACE, model_dir, log_dir, *e2e.FAST_FAILOVER_ARGS)
             for _ in range(2)
         ]
-        gateway, address = start_gateway(redis_cluster.url, NAMESPACE, model_dir, log_dir)
+        gateway, address = e2e.start_gateway(redis_cluster.url, NAMESPACE, model_dir, log_dir)
         try:
-            wait_until_serving(address, [*workers, gateway], timeout_s=180)
+            e2e.wait_until_serving(address, [*workers, gateway], timeout_s=180)
             prompts = [f"Describe a city built on {n} islands." for n in range(8)]
             undisturbed = run_streams(address, prompts)
             assert all(s.error is None and len(s.token_ids) == MAX_TOKENS for s in undisturbed)
             master = redis_cluster.master_of(StreamKeys(NAMESPACE).requests(MODEL))
 
             def kill_the_models_master(streams: list[RecordedStream]) -> None:
-                assert wait_for(lambda: all(len(s.token_ids) >= 2 for s in streams), timeout_s=120)
+                assert e2e.wait_for(lambda: all(len(s.token_ids) >= 2 for s in streams), timeout_s=120)
                 master.kill()
 
             disturbed = run_streams(address, prompts, kill_the_models_master)
             redis_cluster.wait_until_ok()
             for before, after in zip(undisturbed, disturbed, strict=True):
-                if after.error is not None:
+                if after.error is not None:  # a job or its tokens lost with unreplicated writes
                     assert after.error.code() == grpc.StatusCode.UNAVAILABLE, after.error
                     continue
                 assert after.indexes == list(range(MAX_TOKENS)), "an index twice or missing"
                 assert after.token_ids == before.token_ids
                 assert after.frames[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
             completed = sum(s.error is None for s in disturbed)
+            assert completed > 0, "a failover may end a call, not every call"
             print(
                 f"\nmaster of the model's slot killed with 8 streams in flight: {completed} completed exactly"
             )
             again = run_streams(address, prompts[:2])
             assert [s.token_ids for s in again] == [s.token_ids for s in undisturbed[:2]], "serves on"
-            assert wait_for(
-                lambda: all(s.num_running == 0 for s in worker_statuses(redis_cluster.live_url(), NAMESPACE))
+            assert e2e.wait_for(
+                lambda: all(
+                    s.num_running == 0 for s in e2e.worker_statuses(redis_cluster.live_url(), NAMESPACE)
+                )
             )
             reader = FleetReader(
                 connect(RedisSettings(redis_url=redis_cluster.live_url())), StreamKeys(NAMESPACE)
@@ -92,6 +87,6 @@ def test_a_fleet_on_a_redis_cluster_serves_and_survives_a_master_failover(
             assert not snapshot.error and len(snapshot.workers) == 2 and len(snapshot.gateways) == 1
             assert [(s.model, s.consumers) for s in snapshot.streams] == [(MODEL, 2)]
         finally:
-            stop_process(gateway)
+            e2e.stop_process(gateway)
             for worker in workers:
-                stop_process(worker)
+                e2e.stop_process(worker)

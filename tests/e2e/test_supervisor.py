@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import redis
 
 from client.redis_server import free_port
 from protos import inference_pb2
-from tests.e2e.cluster import FAST_FAILOVER_ARGS, wait_for
+from tests.e2e.cluster import FAST_FAILOVER_ARGS, TEST_WORKER_ARGS, wait_for
 from tests.e2e.recording import RecordedStream
 from tests.e2e.test_chaos import NUM_STREAMS, _pending_of, pending_by_consumer, run_streams
 
@@ -68,9 +69,12 @@ def alive(pid: int) -> bool:
 
 
 def port_is_free(port: int) -> bool:
+    """Nothing listens on it: a new server could bind it (as servers do, past TIME_WAIT)."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
+            sock.listen()
         except OSError:
             return False
     return True
@@ -80,7 +84,7 @@ def test_a_killed_worker_is_restarted_and_its_streams_complete_then_the_tree_die
     tmp_path: Path,
 ) -> None:
     port = free_port()
-    worker_args = ("--worker-args", *FAST_FAILOVER_ARGS, "--max-num-seqs", "16")
+    worker_args = ("--worker-args", *FAST_FAILOVER_ARGS, *TEST_WORKER_ARGS, "--max-num-seqs", "16")
     serve = start_serve(tmp_path / "serve.log", "--workers", "2", "--port", str(port), *worker_args)
     children: dict[int, str] = {}
     try:
@@ -127,12 +131,18 @@ def test_a_killed_worker_is_restarted_and_its_streams_complete_then_the_tree_die
 
 def test_sigterm_drains_and_stops_the_whole_tree(tmp_path: Path) -> None:
     port = free_port()
-    serve = start_serve(tmp_path / "serve.log", "--port", str(port))
+    serve = start_serve(tmp_path / "serve.log", "--port", str(port), "--worker-args", *TEST_WORKER_ARGS)
     try:
         wait_for_line(tmp_path / "serve.log", "serving on")
         children = children_of(serve.pid)
-        serve.send_signal(signal.SIGTERM)
+        stream = RecordedStream("Count slowly from one to forty:", 40)
+        thread = threading.Thread(target=stream.run, args=(f"127.0.0.1:{port}",))
+        thread.start()
+        assert wait_for(lambda: len(stream.token_ids) >= 2, timeout_s=60)
+        serve.send_signal(signal.SIGTERM)  # with a call in flight: it finishes before the tree stops
+        thread.join(timeout=60)
         assert serve.wait(timeout=60) == 0
+        assert stream.error is None and stream.indexes == list(range(40))
         assert not any(alive(pid) for pid in children)
         assert port_is_free(port)
     finally:

@@ -201,6 +201,24 @@ def test_a_stop_string_ends_the_generation_at_the_gateway_and_cancels_the_job(
     on_gateway(scenario)
 
 
+def test_tokens_lost_on_the_way_end_the_call_instead_of_leaving_a_gap(
+    on_gateway: Callable[[Scenario], None],
+) -> None:
+    async def scenario(context: CallContext) -> None:
+        running = asyncio.create_task(frames(context, generate_request(max_tokens=8)))
+        job = await next_job(context, GENERATOR)
+        await answer(context, chunk(job, 0, [42]), chunk(job, 2, [43]))  # index 1 never arrives
+        with pytest.raises(GatewayError) as error:
+            await running
+        assert (
+            error.value.code == grpc.StatusCode.UNAVAILABLE
+            and "tokens 1 to 1 were lost" in error.value.message
+        )
+        assert await cancels(context) == [(job.request_id, False)] and context.load_limits.in_flight == 0
+
+    on_gateway(scenario)
+
+
 @pytest.mark.parametrize(
     ("failure", "code"),
     [
