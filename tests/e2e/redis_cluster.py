@@ -44,23 +44,16 @@ class LocalRedisCluster:
         self.url = f"redis+cluster://127.0.0.1:{self.nodes[0].port}/0"
 
     def __enter__(self) -> "LocalRedisCluster":
-        for node in self.nodes:
-            node.start()
-        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
-        subprocess.run(
-            [
-                redis_cli_binary(),
-                "--cluster",
-                "create",
-                *addresses,
-                "--cluster-replicas",
-                "1",
-                "--cluster-yes",
-            ],
-            check=True,
-            capture_output=True,
-        )
-        self.wait_until_ok()
+        try:
+            for node in self.nodes:
+                node.start()
+            addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+            command = [redis_cli_binary(), "--cluster", "create", *addresses, "--cluster-replicas", "1"]
+            subprocess.run([*command, "--cluster-yes"], check=True, capture_output=True)
+            self.wait_until_ok()
+        except BaseException:
+            self.__exit__()  # no node outlives a cluster that did not come up
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
