@@ -82,10 +82,16 @@ def test_a_fleet_on_a_redis_cluster_serves_and_survives_a_master_failover(
             reader = FleetReader(
                 connect(RedisSettings(redis_url=redis_cluster.live_url())), StreamKeys(NAMESPACE)
             )
-            snapshot = reader.read()  # what `conveyor monitor` shows, from a cluster
+
+            def monitor_sees_the_fleet() -> bool:  # what `conveyor monitor` shows, from a cluster
+                snapshot = reader.read()
+                streams = [(s.model, s.consumers) for s in snapshot.streams]
+                fleet = (len(snapshot.workers), len(snapshot.gateways))
+                return not snapshot.error and fleet == (2, 1) and streams == [(MODEL, 2)]
+
+            # A worker whose heartbeat was lost with the old master rejoins as a new consumer.
+            assert e2e.wait_for(monitor_sees_the_fleet, timeout_s=30)
             reader.close()
-            assert not snapshot.error and len(snapshot.workers) == 2 and len(snapshot.gateways) == 1
-            assert [(s.model, s.consumers) for s in snapshot.streams] == [(MODEL, 2)]
         finally:
             e2e.stop_process(gateway)
             for worker in workers:
