@@ -25,7 +25,8 @@ lost with Redis' data): gateways count and watch jobs by this rule.
 
 Progress: the token ids a worker has published for a running job, as little-endian uint32s (token
 i at byte 4 * i, see `pack_tokens`). It is written in the same script as the chunks that carry the
-tokens, so a worker that resumes the job starts exactly where the client's stream stands.
+tokens, so a worker that resumes the job starts exactly where the client's stream stands. Its TTL
+(`--progress-ttl-s`) is renewed every 64 tokens, and it is deleted when the job ends.
 
 Fencing: a worker's heartbeat key is its licence to write. The worker's scripts promise:
 - heartbeat: refreshes `ns:worker:{model}:worker` and its TTL, and never re-creates it once it expired

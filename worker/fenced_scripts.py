@@ -24,7 +24,9 @@ return 1
 # ARGV: group, responses maxlen, dead maxlen, progress ttl ms, field, worker, n_resp, n_app, n_del,
 # n_dead, then n_resp payloads, n_app (byte offset, packed tokens) pairs, n_dead (job, reason) pairs,
 # entry ids to ack. Progress is written at its offset, not appended, so a publish retried after a
-# lost reply leaves it the same (and the gateway drops the chunks it already has, by index).
+# lost reply leaves it the same (and the gateway drops the chunks it already has, by index). Its
+# TTL is set at the first token and renewed as the tokens enter each new page of 64 (256 bytes),
+# not at every token: that would double the commands a generated token costs.
 PUBLISH = f"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local n_resp, n_app = tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -35,8 +37,12 @@ for _ = 1, n_resp do
   k, a = k + 1, a + 1
 end
 for _ = 1, n_app do
-  redis.call('SETRANGE', KEYS[k], ARGV[a], ARGV[a + 1])
-  redis.call('PEXPIRE', KEYS[k], ARGV[4])
+  local first = tonumber(ARGV[a])
+  redis.call('SETRANGE', KEYS[k], first, ARGV[a + 1])
+  local last = first + #ARGV[a + 1] - 1
+  if first % 256 == 0 or math.floor(first / 256) ~= math.floor(last / 256) then
+    redis.call('PEXPIRE', KEYS[k], ARGV[4])
+  end
   k, a = k + 1, a + 2
 end
 for _ = 1, n_del do

@@ -229,3 +229,18 @@ def test_malformed_entries_are_buried_with_the_reason(
 def test_claiming_nothing_is_no_redis_call(client: redis.Redis, keys: StreamKeys) -> None:
     """Another worker may take a dead consumer's entries between listing and claiming them."""
     assert worker(client, keys, "a").claim([], 10) == []
+
+
+def test_progress_ttl_is_renewed_once_a_page_of_64_tokens(client: redis.Redis, keys: StreamKeys) -> None:
+    stream = worker(client, keys, "a")
+    submit(client, keys, "long")
+    read(stream, 1)
+    key = keys.progress(MODEL, "long")
+    stream.publish({"gw": [chunk("long", 0, [1])]})
+    assert client.pttl(key) > 50_000, "set with the first token"
+    client.pexpire(key, 20_000)
+    stream.publish({"gw": [chunk("long", i, [1]) for i in range(1, 63)]})
+    assert client.pttl(key) <= 20_000, "not renewed within the page"
+    stream.publish({"gw": [chunk("long", 63, [1, 1])]})  # tokens 63 and 64: into the next page
+    assert client.pttl(key) > 50_000
+    assert unpack_tokens(client.get(key)) == [1] * 65
