@@ -25,6 +25,7 @@ class ModelConfig:
     tie_word_embeddings: bool
     qkv_bias: bool
     eos_token_ids: tuple[int, ...]
+    sliding_window: int | None  # tokens each position attends to, when the model limits it
     hf_config: Any  # the transformers config, for RoPE variants
 
     @property
@@ -42,6 +43,14 @@ def _eos_ids(model_dir: Path, hf_config: Any) -> tuple[int, ...]:
     if ids is None:
         return ()
     return tuple(ids) if isinstance(ids, list) else (int(ids),)
+
+
+def _sliding_window(hf_config: Any) -> int | None:
+    """Mistral's `sliding_window`; Qwen2's only with `use_sliding_window`."""
+    window = getattr(hf_config, "sliding_window", None)
+    if window is None or not getattr(hf_config, "use_sliding_window", True):
+        return None
+    return int(window)
 
 
 def model_config_from_hf(hf_config: Any, model_dir: Path) -> ModelConfig:
@@ -67,5 +76,6 @@ def model_config_from_hf(hf_config: Any, model_dir: Path) -> ModelConfig:
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
         eos_token_ids=_eos_ids(model_dir, hf_config),
+        sliding_window=_sliding_window(hf_config),
         hf_config=hf_config,
     )

@@ -72,6 +72,13 @@ def load_model(
     hf_config, weights = _read_hf_weights(path)
     config = model_config_from_hf(hf_config, model_dir_of(path))
     context = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+    window = config.sliding_window
+    if window is not None and context > window:
+        raise ValueError(
+            f"{path}: sliding_window {window} is shorter than the context of {context} tokens, and this "
+            f"engine does not implement sliding-window attention yet (it would serve wrong tokens past "
+            f"the window): serve it with --max-model-len {window} or less"
+        )
     with torch.device("meta"):
         model = CausalLM(config, max_positions=1)
     model.load_state_dict(_fuse(weights, config), assign=True, strict=False)
