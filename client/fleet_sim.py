@@ -93,20 +93,13 @@ def _redis_counters(client: redis.Redis) -> tuple[float, int, int]:
 
 def _transit(pages: list[str]) -> Histogram:
     """The gateways' response-transit histograms, summed."""
-    total: Histogram | None = None
+    total = Histogram((), 0.0)
     for page in pages:
         with urllib.request.urlopen(page, timeout=5) as reply:
             found = parse_histograms(reply.read().decode(), (_TRANSIT,)).get(_TRANSIT)
-        if found is None:
-            continue
-        if total is None:
-            total = found
-        else:
-            before = dict(total.buckets)
-            total = Histogram(
-                tuple((le, n + before.get(le, 0.0)) for le, n in found.buckets), total.count + found.count
-            )
-    return total or Histogram((), 0.0)
+        if found is not None:
+            total = total.plus(found)
+    return total
 
 
 async def _keep_streams(

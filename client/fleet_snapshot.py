@@ -34,6 +34,13 @@ class Histogram:
             tuple((le, n - before.get(le, 0.0)) for le, n in self.buckets), self.count - earlier.count
         )
 
+    def plus(self, other: "Histogram") -> "Histogram":
+        """Both together: the same histogram scraped from two processes."""
+        mine = dict(self.buckets)
+        return Histogram(
+            tuple((le, n + mine.get(le, 0.0)) for le, n in other.buckets), self.count + other.count
+        )
+
     def quantile(self, q: float) -> float | None:
         """Prometheus' histogram_quantile: linear within the bucket that holds the rank."""
         if self.count <= 0:

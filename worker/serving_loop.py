@@ -198,30 +198,31 @@ class ServingLoop:
         )
         return None
 
-    def _finish_early(self, request_id: str, failure: int, message: str) -> None:
-        """Cancel or expire a running job: free its blocks now, tell its gateway, acknowledge it."""
+    def _release(self, request_id: str, error: str | None) -> _Running | None:
+        """Take a running job out of the backend now (its blocks freed) and end its spans."""
         running = self._running.pop(request_id, None)
-        if running is None:
-            return
-        self.backend.abort(request_id)
-        running.spans.end(self.tracer, self.jobs.worker_id, message)
-        logger.info("job ended early: %s", message, extra=running.spans.log_fields(request_id))
-        self._outbox.add(running.gateway_id, failure_chunk(request_id, failure, message), running.entry_id)
+        if running is not None:
+            self.backend.abort(request_id)
+            running.spans.end(self.tracer, self.jobs.worker_id, error)
+        return running
+
+    def _finish_early(self, request_id: str, failure: int, message: str) -> None:
+        """Cancel or expire a running job: free it, tell its gateway, acknowledge it."""
+        running = self._release(request_id, message)
+        if running is not None:
+            logger.info("job ended early: %s", message, extra=running.spans.log_fields(request_id))
+            chunk = failure_chunk(request_id, failure, message)
+            self._outbox.add(running.gateway_id, chunk, running.entry_id)
 
     def _stopped_by_gateway(self, request_id: str) -> None:
-        """The gateway matched a stop string and answered its client: the job is done. Free it now
-        and acknowledge it; nothing more goes out for it."""
-        running = self._running.pop(request_id, None)
-        if running is None:
-            return
-        self.backend.abort(request_id)
-        running.spans.end(self.tracer, self.jobs.worker_id)
-        logger.info(
-            "job finished (stop): its gateway matched a stop string",
-            extra=running.spans.log_fields(request_id),
-        )
-        self._outbox.acknowledge(request_id, running.entry_id)
-        self._num_finished += 1
+        """The gateway matched a stop string and answered its client: the job is done. Free it and
+        acknowledge it; nothing more goes out for it."""
+        running = self._release(request_id, None)
+        if running is not None:
+            fields = running.spans.log_fields(request_id)
+            logger.info("job finished (stop): its gateway matched a stop string", extra=fields)
+            self._outbox.acknowledge(request_id, running.entry_id)
+            self._num_finished += 1
 
     def _expire_deadlines(self) -> None:
         now = now_ms()

@@ -31,6 +31,13 @@ def test_minus_leaves_what_was_observed_since() -> None:
     assert recent.quantile(0.5) == pytest.approx(1.625)
 
 
+def test_plus_adds_two_processes_and_nothing_to_an_empty_one() -> None:
+    first = Histogram(((1.0, 3.0), (INF, 5.0)), 5.0)
+    second = Histogram(((1.0, 1.0), (INF, 4.0)), 4.0)
+    assert first.plus(second) == Histogram(((1.0, 4.0), (INF, 9.0)), 9.0)
+    assert Histogram((), 0.0).plus(first) == first
+
+
 def test_parse_sums_labels_and_keeps_only_the_shown_histograms() -> None:
     page = """# TYPE conveyor:e2e_request_latency_seconds histogram
 conveyor:e2e_request_latency_seconds_bucket{le="1.0",model_name="a"} 1.0

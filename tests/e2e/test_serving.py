@@ -40,7 +40,7 @@ def test_chat_request_answers_with_paris_and_reports_usage(stub: inference_pb2_g
     assert indexes == sorted(indexes) and indexes[0] == 0
 
 
-def test_length_limit_and_stop_strings(stub: inference_pb2_grpc.InferenceStub) -> None:
+def test_length_limit_and_stop_strings(stub: inference_pb2_grpc.InferenceStub, cluster: Cluster) -> None:
     _, tokens, frames = collect(
         stub.Generate(build_request("Once upon a time", max_tokens=7, temperature=0.0, ignore_eos=True))
     )
@@ -50,6 +50,16 @@ def test_length_limit_and_stop_strings(stub: inference_pb2_grpc.InferenceStub) -
     )
     assert frames[-1].finish_reason == inference_pb2.FINISH_REASON_STOP
     assert "Paris" not in text and text.startswith("The capital of France is")
+    # The gateway matched the stop: the worker is told the job is done, frees it and acknowledges it.
+    client = redis.Redis.from_url(cluster.redis_url)
+    requests = StreamKeys(cluster.namespace).requests("smollm2-135m-instruct")
+    assert wait_for(lambda: client.xlen(requests) == 0)
+    client.close()
+    assert wait_for(
+        lambda: all(s.num_running == 0 for s in worker_statuses(cluster.redis_url, cluster.namespace))
+    )
+    logs = [p.read_text(errors="replace") for p in cluster.log_dir.glob(f"worker-{cluster.namespace}-*.log")]
+    assert any("job finished (stop): its gateway matched a stop string" in log for log in logs)
 
 
 def test_logprobs_and_seeded_sampling(stub: inference_pb2_grpc.InferenceStub) -> None:
