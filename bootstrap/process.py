@@ -17,6 +17,9 @@ from telemetry.process_telemetry import Telemetry
 logger = logging.getLogger(__name__)
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A process that cannot serve what it was given (sysexits' EX_CONFIG): its last log line says why,
+# and restarting it would fail the same way.
+EXIT_CANNOT_SERVE = 78
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from bootstrap.process import EXIT_CANNOT_SERVE
+
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.2
@@ -125,6 +127,10 @@ class Supervisor:
                     logger.info("%s serves again", child.name)
                 child.served_before = True
             return True
+        if child.process is not None and child.process.returncode == EXIT_CANNOT_SERVE:
+            self.give_up_reason = f"{child.name} cannot serve what it was given ({status}); giving up"
+            logger.error("%s", self.give_up_reason)
+            return False
         while child.deaths and child.deaths[0] < now - self.policy.window_s:
             child.deaths.popleft()
         child.deaths.append(now)

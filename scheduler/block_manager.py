@@ -31,8 +31,15 @@ class BlockManager:
     reusable contents go to the front so they are taken before cached ones.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        long_prompt_from: int | None = None,
+    ):
         self.block_size = block_size
+        self.long_prompt_from = long_prompt_from
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(block_id) for block_id in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
@@ -151,9 +158,15 @@ class BlockManager:
             del self._free[block_id]
         block.ref_count += 1
 
+    def _root(self, seq: Sequence) -> bytes:
+        """The start of a sequence's hash chain: prompts whose KV differs for the same tokens differ here."""
+        if self.long_prompt_from is not None and seq.num_prompt_tokens > self.long_prompt_from:
+            return b"long-prompt"
+        return b""
+
     def _hash_full_blocks(self, seq: Sequence, num_blocks: int) -> None:
         size = self.block_size
         for index in range(len(seq.block_hashes), num_blocks):
-            parent = seq.block_hashes[-1] if seq.block_hashes else b""
+            parent = seq.block_hashes[-1] if seq.block_hashes else self._root(seq)
             tokens = seq.token_slice(index * size, (index + 1) * size)
             seq.block_hashes.append(chain_hash(parent, tokens))

@@ -14,6 +14,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512  # token budget per step
     enable_prefix_caching: bool = True
     eos_token_ids: tuple[int, ...] = ()  # end generation unless ignore_eos
+    # A prompt longer than this gets other KV for the same tokens (LongRoPE's long factors), so its
+    # blocks are cached apart from shorter prompts'; None: KV depends on the tokens only.
+    long_prompt_from: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "max_model_len", "block_size", "max_num_seqs"):

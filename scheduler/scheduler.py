@@ -19,7 +19,9 @@ class Scheduler:
 
     def __init__(self, config: SchedulerConfig):
         self.config = config
-        self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(
+            config.num_blocks, config.block_size, config.enable_prefix_caching, config.long_prompt_from
+        )
         self.waiting: list[Sequence] = []  # sorted by Sequence.schedule_key; they hold no blocks
         self.running: list[Sequence] = []
         self._live: dict[str, Sequence] = {}

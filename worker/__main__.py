@@ -6,7 +6,7 @@ import time
 
 from prometheus_client import CollectorRegistry
 
-from bootstrap.process import Process, on_stop_signals
+from bootstrap.process import EXIT_CANNOT_SERVE, Process, on_stop_signals
 from bootstrap.redis import connect
 from checkpoints import ModelKind, generation_max_context, model_kind, vocab_size
 from protos.redis_layout import StreamKeys
@@ -18,6 +18,7 @@ from worker.generation_core import GenerationCore
 from worker.health import LoopHealth, serve_health
 from worker.job_stream import JobStream
 from worker.metrics import GenerationMetrics, StepMetrics
+from worker.model_config import CheckpointError
 from worker.serving_loop import ServingLoop
 from worker.settings import WorkerSettings
 from worker.simulated_backend import SimulatedBackend
@@ -36,7 +37,11 @@ def main(argv: list[str] | None = None) -> None:
         process.name,
         settings.progress_ttl_s,
     )
-    backend = _backend(settings, telemetry.registry)
+    try:
+        backend = _backend(settings, telemetry.registry)
+    except CheckpointError as error:  # before the loop joins the group: no job was taken
+        logger.error("cannot serve %s: %s", settings.model, error)
+        raise SystemExit(EXIT_CANNOT_SERVE) from None
     health = LoopHealth(settings.stall_timeout_s)
     if settings.health_port >= 0:
         _server, health_port = serve_health(health, settings.health_host, settings.health_port)

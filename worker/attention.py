@@ -3,7 +3,9 @@
 Tokens of all sequences are packed into one [num_tokens, ...] batch for the linear layers. For
 attention they split in two groups: sequences feeding one token this step (decodes) are batched
 into a single SDPA call over their gathered, padded contexts; sequences feeding a chunk run one
-SDPA call each, causal within the chunk and over everything before it.
+SDPA call each, causal within the chunk and over everything before it. Each layer brings its own
+`LayerAttention`: its scale, its sliding window (keys a query sees, itself included, as transformers
+counts it) and its soft-cap (scores through tanh, which SDPA cannot do, so those layers run eager).
 """
 
 from dataclasses import dataclass
@@ -12,6 +14,15 @@ import torch
 import torch.nn.functional as F
 
 from worker.kernels import PagedDecodeKernel
+
+
+@dataclass(frozen=True, slots=True)
+class LayerAttention:
+    """What differs between the attention of two layers over the same cache."""
+
+    scale: float
+    window: int | None = None
+    softcap: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +63,7 @@ def paged_attention(
     value_cache: torch.Tensor,
     meta: AttentionMetadata,
     num_kv_heads: int,
+    layer: LayerAttention,
 ) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
     """Store this step's K/V in the cache, then attend every query to its sequence's context."""
     key_cache.index_copy_(0, meta.slot_mapping, k)
@@ -68,14 +80,17 @@ def paged_attention(
             meta.decode_context_lens,
             num_kv_heads,
             meta.block_size,
+            layer,
         )
     elif meta.num_decodes:
         out[: meta.num_decodes] = _decode_attention(
-            q[: meta.num_decodes], key_cache, value_cache, meta, num_kv_heads
+            q[: meta.num_decodes], key_cache, value_cache, meta, num_kv_heads, layer
         )
     for chunk in meta.prefills:
         rows = slice(chunk.row_start, chunk.row_start + chunk.num_new)
-        out[rows] = _prefill_attention(q[rows], k[rows], v[rows], key_cache, value_cache, chunk, num_kv_heads)
+        out[rows] = _prefill_attention(
+            q[rows], k[rows], v[rows], key_cache, value_cache, chunk, num_kv_heads, layer
+        )
     return out.view(num_tokens, num_heads * head_dim)
 
 
@@ -85,6 +100,7 @@ def _decode_attention(
     value_cache: torch.Tensor,
     meta: AttentionMetadata,
     num_kv_heads: int,
+    layer: LayerAttention,
 ) -> torch.Tensor:  # [num_decodes, num_heads, head_dim]
     assert meta.decode_slots is not None and meta.decode_mask is not None
     num_decodes, max_context = meta.decode_slots.shape
@@ -92,12 +108,17 @@ def _decode_attention(
     head_dim = q.shape[-1]
     keys = key_cache.index_select(0, flat).view(num_decodes, max_context, num_kv_heads, head_dim)
     values = value_cache.index_select(0, flat).view(num_decodes, max_context, num_kv_heads, head_dim)
-    out = F.scaled_dot_product_attention(
+    mask = meta.decode_mask
+    if layer.window is not None:
+        assert meta.decode_context_lens is not None
+        first = (meta.decode_context_lens - layer.window)[:, None, None, None]
+        mask = mask & (torch.arange(max_context, device=q.device) >= first)
+    out = _attend(
         q.unsqueeze(2),  # [num_decodes, num_heads, 1, head_dim]
         keys.transpose(1, 2),  # [num_decodes, num_kv_heads, max_context, head_dim]
         values.transpose(1, 2),
-        attn_mask=meta.decode_mask,
-        enable_gqa=True,
+        mask,
+        layer,
     )
     return out.squeeze(2)
 
@@ -110,22 +131,47 @@ def _prefill_attention(
     value_cache: torch.Tensor,
     chunk: PrefillChunk,
     num_kv_heads: int,
+    layer: LayerAttention,
 ) -> torch.Tensor:  # [num_new, num_heads, head_dim]
     head_dim = q.shape[-1]
-    if chunk.context_slots is None:  # the whole context is this chunk: plain causal attention
-        keys, values, mask, causal = k, v, None, True
+    if chunk.context_slots is None:  # the whole context is this chunk
+        keys, values = k, v
     else:
         keys = key_cache.index_select(0, chunk.context_slots)
         values = value_cache.index_select(0, chunk.context_slots)
-        query_pos = torch.arange(chunk.start_pos, chunk.start_pos + chunk.num_new, device=q.device)
-        key_pos = torch.arange(chunk.start_pos + chunk.num_new, device=q.device)
-        mask, causal = key_pos[None, :] <= query_pos[:, None], False  # [num_new, context]
-    out = F.scaled_dot_product_attention(
+    mask = None
+    if chunk.context_slots is not None or layer.window is not None or layer.softcap is not None:
+        query_pos = torch.arange(chunk.start_pos, chunk.start_pos + chunk.num_new, device=q.device)[:, None]
+        key_pos = torch.arange(chunk.start_pos + chunk.num_new, device=q.device)[None, :]
+        mask = key_pos <= query_pos  # [num_new, context]
+        if layer.window is not None:
+            mask = mask & (key_pos > query_pos - layer.window)
+    out = _attend(
         q.transpose(0, 1).unsqueeze(0),  # [1, num_heads, num_new, head_dim]
         keys.view(1, -1, num_kv_heads, head_dim).transpose(1, 2),  # [1, num_kv_heads, context, head_dim]
         values.view(1, -1, num_kv_heads, head_dim).transpose(1, 2),
-        attn_mask=mask,
-        is_causal=causal,
-        enable_gqa=True,
+        mask,
+        layer,
     )
     return out[0].transpose(0, 1)
+
+
+def _attend(
+    q: torch.Tensor,  # [batch, num_heads, num_queries, head_dim]
+    k: torch.Tensor,  # [batch, num_kv_heads, num_keys, head_dim]
+    v: torch.Tensor,
+    mask: torch.Tensor | None,  # broadcastable to [batch, num_heads, num_queries, num_keys]; None: causal
+    layer: LayerAttention,
+) -> torch.Tensor:  # [batch, num_heads, num_queries, head_dim]
+    """SDPA, or transformers' eager attention where scores are soft-capped."""
+    if layer.softcap is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=layer.scale, enable_gqa=True
+        )
+    assert mask is not None
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * layer.scale
+    scores = torch.tanh(scores / layer.softcap) * layer.softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)

@@ -79,6 +79,7 @@ class GenerationCore:
             max_num_batched_tokens=settings.max_num_batched_tokens,
             enable_prefix_caching=settings.enable_prefix_caching,
             eos_token_ids=config.eos_token_ids,
+            long_prompt_from=model.long_prompt_from,
         )
         kv_cache = KVCache(config, num_blocks, settings.block_size, device)
         logger.info(

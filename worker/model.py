@@ -1,95 +1,150 @@
-"""A Llama-family decoder over packed tokens and a paged KV cache.
+"""One decoder over packed tokens and a paged KV cache, for every family in worker/families.py.
 
-Follows the Hugging Face Llama implementation operation for operation (RMSNorm in float32, RoPE
-tables computed the same way, SDPA attention), so greedy float32 output matches `generate`.
+Follows the Hugging Face implementations operation for operation (RMSNorm in float32, RoPE tables
+computed the same way, SDPA attention, or eager where scores are soft-capped), so greedy float32
+output matches `generate`.
 """
 
+import math
+
 import torch
-import torch.nn.functional as F
 from torch import nn
+from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from worker.attention import AttentionMetadata, paged_attention
+from worker.attention import AttentionMetadata, LayerAttention, paged_attention
 from worker.kv_cache import KVCache
 from worker.model_config import ModelConfig
+from worker.moe import MixtureOfExperts
+
+# Our four norm slots around attention and feed-forward, and the checkpoint's name for each, by
+# where the family puts its norms. A slot a family lacks is an identity.
+NORM_NAMES: dict[str, dict[str, str]] = {
+    "pre": {"attn_in": "input_layernorm", "mlp_in": "post_attention_layernorm"},
+    "post": {"attn_out": "post_attention_layernorm", "mlp_out": "post_feedforward_layernorm"},
+    "sandwich": {
+        "attn_in": "input_layernorm",
+        "attn_out": "post_attention_layernorm",
+        "mlp_in": "pre_feedforward_layernorm",
+        "mlp_out": "post_feedforward_layernorm",
+    },
+}
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in float32 as Hugging Face does."""
+    """Root-mean-square norm in float32, as Hugging Face does; Gemma scales by (1 + weight) in
+    float32 too, the others cast back before scaling."""
 
-    def __init__(self, size: int, eps: float):
+    def __init__(self, size: int, eps: float, gemma: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.gemma = gemma
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.to(torch.float32)
-        variance = x.pow(2).mean(-1, keepdim=True)
-        return self.weight * (x * torch.rsqrt(variance + self.eps)).to(dtype)
+        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.gemma:
+            return (normed * (1.0 + self.weight.float())).to(dtype)
+        return self.weight * normed.to(dtype)
 
 
 class RotaryTables(nn.Module):
-    """cos/sin for every position up to the context limit, looked up by position each step."""
+    """cos/sin for every position up to the context limit, looked up by row each step.
 
-    def __init__(self, config: ModelConfig, max_positions: int):
+    Rotates the first `partial_rotary_factor` of each head. LongRoPE (Phi-3) keeps a second table
+    with its long factors and, as transformers' `generate` does, uses it for every token of a
+    sequence whose prompt is longer than `original_max_position_embeddings`, and past that
+    position for the others.
+    """
+
+    def __init__(self, config: ModelConfig, max_positions: int, layer_type: str | None = None):
         super().__init__()
         hf = config.hf_config
-        rope_type = (getattr(hf, "rope_parameters", None) or {}).get("rope_type", "default")
+        parameters = hf.rope_parameters if layer_type is None else hf.rope_parameters[layer_type]
+        rope_type = parameters.get("rope_type", "default")
+        self.rotary_dim = int(config.head_dim * parameters.get("partial_rotary_factor", 1.0))
+        self.max_positions = max_positions
+        self.long_from: int | None = None
         if rope_type == "default":
-            base = hf.rope_parameters["rope_theta"] if getattr(hf, "rope_parameters", None) else hf.rope_theta
-            inv_freq = 1.0 / (
-                base ** (torch.arange(0, config.head_dim, 2, dtype=torch.float) / config.head_dim)
-            )
-            scaling = 1.0
+            exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.float) / self.rotary_dim
+            inv_freqs, scaling = [1.0 / (parameters["rope_theta"] ** exponents)], 1.0
         else:
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf)
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, None, layer_type=layer_type)
+            inv_freqs = [inv_freq]
+        if rope_type == "longrope":
+            self.long_from = parameters["original_max_position_embeddings"]
+            long_inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](
+                hf, None, seq_len=self.long_from + 1, layer_type=layer_type
+            )
+            inv_freqs.append(long_inv_freq)
         positions = torch.arange(max_positions, dtype=torch.float)
-        freqs = positions[:, None] * inv_freq[None, :]  # [max_positions, head_dim / 2]
+        freqs = torch.cat([positions[:, None] * inv[None, :] for inv in inv_freqs])  # [rows, rotary_dim / 2]
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate x: [num_tokens, num_heads, head_dim] at `positions`: [num_tokens]."""
-        cos = self.cos[positions].unsqueeze(1)  # [num_tokens, 1, head_dim]
-        sin = self.sin[positions].unsqueeze(1)
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return (x * cos) + (rotated * sin)
+    def rows(self, positions: torch.Tensor, prompt_lens: torch.Tensor) -> torch.Tensor:
+        """The table row of each token: its position, in the long table where LongRoPE says so."""
+        if self.long_from is None:
+            return positions
+        long = (prompt_lens > self.long_from) | (positions >= self.long_from)
+        return positions + long * self.max_positions
+
+    def forward(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Rotate x: [num_tokens, num_heads, head_dim] by the table `rows`: [num_tokens]."""
+        cos = self.cos[rows].unsqueeze(1).to(x.dtype)  # [num_tokens, 1, rotary_dim]
+        sin = self.sin[rows].unsqueeze(1).to(x.dtype)
+        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        half = self.rotary_dim // 2
+        rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+        out = (rot * cos) + (rotated * sin)
+        return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
 
 
-class DecoderLayer(nn.Module):
-    """Attention and gated MLP, each with a pre-norm and a residual; q/k/v and gate/up fused."""
+class Attention(nn.Module):
+    """q/k/v fused into one matrix; q/k norms, clamping, window, scale and soft-cap per config."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, index: int):
         super().__init__()
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_bias)
+        self.qk_norm = config.family.qk_norm
+        if self.qk_norm != "none":
+            per_head = self.qk_norm == "head"
+            gemma = config.family.gemma
+            self.q_norm = RMSNorm(config.head_dim if per_head else self.q_size, config.rms_norm_eps, gemma)
+            self.k_norm = RMSNorm(config.head_dim if per_head else self.kv_size, config.rms_norm_eps, gemma)
+        self.clip_qkv = config.clip_qkv
+        self.rope_key = config.rope_key(index) or "default"
+        self.layer = LayerAttention(config.attention_scale, config.layer_window(index), config.attn_softcap)
 
     def forward(
         self,
         hidden: torch.Tensor,  # [num_tokens, hidden_size]
-        positions: torch.Tensor,
+        rope_rows: torch.Tensor,  # [num_tokens] rows of `rotary`
         rotary: RotaryTables,
         key_cache: torch.Tensor,
         value_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        qkv = self.qkv_proj(self.input_layernorm(hidden))
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = rotary(q.view(num_tokens, self.num_heads, self.head_dim), positions)
-        k = rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), positions)
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
+        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(q, rope_rows), rotary(k, rope_rows)
         attn = paged_attention(
             q,
             k.reshape(num_tokens, self.kv_size),
@@ -98,10 +153,52 @@ class DecoderLayer(nn.Module):
             value_cache,
             meta,
             self.num_kv_heads,
+            self.layer,
         )
-        hidden = hidden + self.o_proj(attn)
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(hidden)).chunk(2, dim=-1)
-        return hidden + self.down_proj(F.silu(gate) * up)
+        return self.o_proj(attn)
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)), with gate and up fused into one matrix."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act = ACT2FN[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Attention and feed-forward, each with a residual and the norms its family places around it."""
+
+    def __init__(self, config: ModelConfig, index: int):
+        super().__init__()
+        self.self_attn = Attention(config, index)
+        if config.moe is not None and index in config.moe.layers:
+            self.mlp: nn.Module = MixtureOfExperts(config.hidden_size, config.moe, config.activation)
+        else:
+            self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.activation)
+        present = NORM_NAMES[config.family.norms]
+        for slot in ("attn_in", "attn_out", "mlp_in", "mlp_out"):
+            norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.family.gemma)
+            setattr(self, slot, norm if slot in present else nn.Identity())
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [num_tokens, hidden_size]
+        rope_rows: torch.Tensor,  # [num_tokens] rows of `rotary`
+        rotary: RotaryTables,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        attn = self.self_attn(self.attn_in(hidden), rope_rows, rotary, key_cache, value_cache, meta)
+        hidden = hidden + self.attn_out(attn)
+        return hidden + self.mlp_out(self.mlp(self.mlp_in(hidden)))
 
 
 class CausalLM(nn.Module):
@@ -111,12 +208,19 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.embed_scale = math.sqrt(config.hidden_size) if config.family.gemma else None
+        self.layers = nn.ModuleList(DecoderLayer(config, index) for index in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.family.gemma)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rotary = RotaryTables(config, max_positions)
+        self.rotary = rotary_tables(config, max_positions)
+
+    @property
+    def long_prompt_from(self) -> int | None:
+        """Prompts longer than this run with other RoPE tables (LongRoPE), so other KV."""
+        limits = [table.long_from for table in self.rotary.values() if table.long_from is not None]
+        return min(limits, default=None)
 
     @torch.inference_mode()
     def forward(
@@ -126,8 +230,23 @@ class CausalLM(nn.Module):
         kv_cache: KVCache,
         meta: AttentionMetadata,
         logit_rows: torch.Tensor,  # [num_samples] rows of the batch to compute logits for
+        prompt_lens: torch.Tensor,  # [num_tokens] prompt length of each token's sequence
     ) -> torch.Tensor:  # [num_samples, vocab_size]
+        rows = {key: table.rows(positions, prompt_lens) for key, table in self.rotary.items()}
         hidden = self.embed_tokens(input_ids)
+        if self.embed_scale is not None:
+            hidden = hidden * torch.tensor(self.embed_scale).to(hidden.dtype)
         for layer, key_cache, value_cache in zip(self.layers, kv_cache.keys, kv_cache.values, strict=True):
-            hidden = layer(hidden, positions, self.rotary, key_cache, value_cache, meta)
-        return self.lm_head(self.norm(hidden[logit_rows]))
+            key = layer.self_attn.rope_key
+            hidden = layer(hidden, rows[key], self.rotary[key], key_cache, value_cache, meta)
+        logits = self.lm_head(self.norm(hidden[logit_rows]))
+        cap = self.config.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def rotary_tables(config: ModelConfig, max_positions: int) -> nn.ModuleDict:
+    """One table per distinct RoPE of the model's layers, keyed as `Attention.rope_key`."""
+    keys = {config.rope_key(index) for index in range(config.num_layers)}
+    return nn.ModuleDict(
+        {key or "default": RotaryTables(config, max_positions, key) for key in sorted(keys, key=str)}
+    )

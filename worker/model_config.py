@@ -1,18 +1,36 @@
-"""ModelConfig: the few numbers of a Hugging Face Llama-family config that the engine needs."""
+"""ModelConfig: the numbers and switches of a Hugging Face decoder config that the engine needs."""
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+from worker.families import FAMILIES, Family
+
+SLIDING = "sliding_attention"
+
+
+class CheckpointError(ValueError):
+    """This checkpoint cannot be served: not a failure that a restart would mend."""
+
+
+@dataclass(frozen=True, slots=True)
+class MoEShape:
+    """A routed feed-forward: each token runs `top_k` of `num_experts` gated MLPs."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    normalize: bool  # top-k weights renormalised to sum to one
+    layers: frozenset[int]  # the layers whose feed-forward is routed (Qwen3-MoE keeps some dense)
 
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
-    """Shapes of a Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2)."""
+    """Shapes and switches of one decoder; see worker/families.py for what each family sets."""
 
     model_type: str
+    family: Family
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -24,14 +42,37 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     qkv_bias: bool
+    o_bias: bool
+    activation: str  # a transformers ACT2FN name
+    attention_scale: float
+    attn_softcap: float | None  # tanh soft-cap of attention scores (Gemma 2)
+    final_softcap: float | None  # tanh soft-cap of the logits (Gemma 2)
+    clip_qkv: float | None  # q, k and v clamped to [-clip, clip] (OLMoE)
+    layer_types: tuple[str, ...]  # "full_attention" or "sliding_attention", one per layer
+    window: int | None  # the sliding window, on the layers marked sliding
+    moe: MoEShape | None
     eos_token_ids: tuple[int, ...]
-    sliding_window: int | None  # tokens each position attends to, when the model limits it
     hf_config: Any  # the transformers config, for RoPE variants
 
     @property
     def kv_bytes_per_token(self) -> int:
         """float32 K and V of one token over all layers."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 4
+
+    def layer_window(self, index: int) -> int | None:
+        """Keys a query of layer `index` sees, itself included; None when it sees the whole context."""
+        return self.window if self.layer_types[index] == SLIDING else None
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The window, when any layer has one."""
+        return self.window if SLIDING in self.layer_types else None
+
+    def rope_key(self, index: int) -> str | None:
+        """The `rope_parameters` entry of layer `index`, where they differ by layer type (Gemma 3)."""
+        parameters = getattr(self.hf_config, "rope_parameters", None) or {}
+        layer_type = self.layer_types[index]
+        return layer_type if isinstance(parameters.get(layer_type), dict) else None
 
 
 def _eos_ids(model_dir: Path, hf_config: Any) -> tuple[int, ...]:
@@ -45,25 +86,48 @@ def _eos_ids(model_dir: Path, hf_config: Any) -> tuple[int, ...]:
     return tuple(ids) if isinstance(ids, list) else (int(ids),)
 
 
-def _sliding_window(hf_config: Any) -> int | None:
-    """Mistral's `sliding_window`; Qwen2's only with `use_sliding_window`."""
-    window = getattr(hf_config, "sliding_window", None)
-    if window is None or not getattr(hf_config, "use_sliding_window", True):
+def _layer_types(hf_config: Any, family: Family) -> tuple[str, ...]:
+    """Which layers attend through a window: `layer_types` where the config has it, else all of them
+    when the family honours `sliding_window` and it is set."""
+    count = hf_config.num_hidden_layers
+    if not family.sliding_window or getattr(hf_config, "sliding_window", None) is None:
+        return ("full_attention",) * count
+    declared = getattr(hf_config, "layer_types", None)
+    return tuple(declared) if declared else (SLIDING,) * count
+
+
+def _moe_shape(hf_config: Any, family: Family) -> MoEShape | None:
+    if not family.moe:
         return None
-    return int(window)
+    num_experts = getattr(hf_config, "num_local_experts", None) or hf_config.num_experts
+    dense = set(getattr(hf_config, "mlp_only_layers", None) or ())
+    step = getattr(hf_config, "decoder_sparse_step", None) or 1
+    return MoEShape(
+        num_experts=num_experts,
+        top_k=hf_config.num_experts_per_tok,
+        intermediate_size=getattr(hf_config, "moe_intermediate_size", None) or hf_config.intermediate_size,
+        normalize=family.moe_always_normalizes or bool(getattr(hf_config, "norm_topk_prob", False)),
+        layers=frozenset(
+            i for i in range(hf_config.num_hidden_layers) if i not in dense and (i + 1) % step == 0
+        ),
+    )
 
 
 def model_config_from_hf(hf_config: Any, model_dir: Path) -> ModelConfig:
     """Read a transformers config; refuse architectures the engine does not implement."""
     model_type = hf_config.model_type
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
-            f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+    family = FAMILIES.get(model_type)
+    if family is None:
+        raise CheckpointError(
+            f"model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})"
         )
     num_heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+    query_scalar = getattr(hf_config, "query_pre_attn_scalar", None) if family.gemma else None
+    layer_types = _layer_types(hf_config, family)
     return ModelConfig(
         model_type=model_type,
+        family=family,
         vocab_size=hf_config.vocab_size,
         hidden_size=hf_config.hidden_size,
         intermediate_size=hf_config.intermediate_size,
@@ -74,8 +138,16 @@ def model_config_from_hf(hf_config: Any, model_dir: Path) -> ModelConfig:
         rms_norm_eps=hf_config.rms_norm_eps,
         max_position_embeddings=hf_config.max_position_embeddings,
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
+        qkv_bias=family.qkv_bias or bool(getattr(hf_config, "attention_bias", False)),
+        o_bias=bool(getattr(hf_config, "attention_bias", False)),
+        activation=getattr(hf_config, "hidden_activation", None) or hf_config.hidden_act,
+        attention_scale=(query_scalar or head_dim) ** -0.5,
+        attn_softcap=getattr(hf_config, "attn_logit_softcapping", None) if family.gemma else None,
+        final_softcap=getattr(hf_config, "final_logit_softcapping", None) if family.gemma else None,
+        clip_qkv=getattr(hf_config, "clip_qkv", None),
+        layer_types=layer_types,
+        window=hf_config.sliding_window if SLIDING in layer_types else None,
+        moe=_moe_shape(hf_config, family),
         eos_token_ids=_eos_ids(model_dir, hf_config),
-        sliding_window=_sliding_window(hf_config),
         hf_config=hf_config,
     )

@@ -1,26 +1,54 @@
-"""Load Hugging Face weights (a checkpoint directory of safetensors, or a GGUF file) into CausalLM."""
+"""Load Hugging Face weights (a checkpoint directory of safetensors, or a GGUF file) into CausalLM.
 
+What cannot be served is refused before any weight is read, with one line naming the file, the
+field or the tensor: code the checkpoint asks us to trust, a quantization format we do not read,
+an architecture we do not implement, a shard the index names and the folder lacks.
+"""
+
+import json
 import logging
-import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
 from checkpoints import model_dir_of
-from worker.model import CausalLM, RotaryTables
-from worker.model_config import ModelConfig, model_config_from_hf
+from worker.checkpoint_weights import decoder_state
+from worker.families import FAMILIES
+from worker.model import CausalLM, rotary_tables
+from worker.model_config import CheckpointError, ModelConfig, model_config_from_hf
 
 logger = logging.getLogger(__name__)
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_RENAMES = {
-    "self_attn.o_proj.weight": "o_proj.weight",
-    "mlp.down_proj.weight": "down_proj.weight",
-    "input_layernorm.weight": "input_layernorm.weight",
-    "post_attention_layernorm.weight": "post_attention_layernorm.weight",
-}
+_INDEX = "model.safetensors.index.json"
+
+
+def refusal(path: Path) -> str | None:
+    """Why config.json says this checkpoint cannot be served here, or None."""
+    config_path = model_dir_of(path) / "config.json"
+    if path.suffix == ".gguf" and not config_path.exists():
+        return None  # transformers reads the architecture from the GGUF itself
+    if not config_path.exists():
+        return f"{config_path} is missing"
+    config: dict[str, Any] = json.loads(config_path.read_text())
+    if config.get("auto_map"):
+        return (
+            f"{config_path}: auto_map asks to run the checkpoint's own Python code (trust_remote_code), "
+            f"which this engine never does"
+        )
+    quantization = config.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
+        return (
+            f"{config_path}: quantization_config.quant_method {method!r} is a weight format this engine "
+            f"does not read (it loads float safetensors and GGUF)"
+        )
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        return f"{config_path}: model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})"
+    return None
 
 
 def _read_hf_weights(path: Path) -> tuple[object, dict[str, torch.Tensor]]:
@@ -34,58 +62,45 @@ def _read_hf_weights(path: Path) -> tuple[object, dict[str, torch.Tensor]]:
         )
         return hf_model.config, hf_model.state_dict()
     files = sorted(path.glob("*.safetensors"))
+    index = path / _INDEX
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        absent = [shard for shard in shards if not (path / shard).exists()]
+        if absent:
+            raise CheckpointError(f"{index} names shard {absent[0]}, which is not in the folder")
+        files = [path / shard for shard in shards]
     if not files:
-        raise FileNotFoundError(f"no *.safetensors in {path}")
+        raise CheckpointError(f"no *.safetensors in {path}")
     weights: dict[str, torch.Tensor] = {}
     for file in files:
         weights.update(load_file(file))
     return AutoConfig.from_pretrained(str(path)), weights
 
 
-def _fuse(weights: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Rename Hugging Face keys to ours, fusing q/k/v and gate/up into one matrix each."""
-    fused: dict[str, torch.Tensor] = {
-        "embed_tokens.weight": weights["model.embed_tokens.weight"],
-        "norm.weight": weights["model.norm.weight"],
-    }
-    if not config.tie_word_embeddings:
-        fused["lm_head.weight"] = weights["lm_head.weight"]
-    for index in range(config.num_layers):
-        prefix = f"model.layers.{index}."
-        ours = f"layers.{index}."
-        attn = prefix + "self_attn."
-        fused[ours + "qkv_proj.weight"] = torch.cat([weights[f"{attn}{n}_proj.weight"] for n in "qkv"])
-        if config.qkv_bias:
-            fused[ours + "qkv_proj.bias"] = torch.cat([weights[f"{attn}{n}_proj.bias"] for n in "qkv"])
-        fused[ours + "gate_up_proj.weight"] = torch.cat(
-            [weights[prefix + "mlp.gate_proj.weight"], weights[prefix + "mlp.up_proj.weight"]]
-        )
-        for theirs, mine in _RENAMES.items():
-            fused[ours + mine] = weights[prefix + theirs]
-    return {name: tensor.to(torch.float32).contiguous() for name, tensor in fused.items()}
-
-
 def load_model(
     path: Path, device: torch.device, max_model_len: int | None = None
 ) -> tuple[CausalLM, ModelConfig, int]:
     """Build the model on `device`; returns it, its config and the context limit it was built for."""
+    reason = refusal(path)
+    if reason is not None:
+        raise CheckpointError(reason)
     hf_config, weights = _read_hf_weights(path)
     config = model_config_from_hf(hf_config, model_dir_of(path))
     context = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
-    window = config.sliding_window
-    if window is not None and context > window:
-        raise ValueError(
-            f"{path}: sliding_window {window} is shorter than the context of {context} tokens, and this "
-            f"engine does not implement sliding-window attention yet (it would serve wrong tokens past "
-            f"the window): serve it with --max-model-len {window} or less"
-        )
     with torch.device("meta"):
         model = CausalLM(config, max_positions=1)
-    model.load_state_dict(_fuse(weights, config), assign=True, strict=False)
+    expected = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
+    try:
+        state = decoder_state(weights, config, expected)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    model.load_state_dict(
+        {k: t.to(torch.float32).contiguous() for k, t in state.items()}, assign=True, strict=False
+    )
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model.rotary = RotaryTables(config, context)
+    model.rotary = rotary_tables(config, context)
     missing = [name for name, p in model.named_parameters() if p.is_meta]
     if missing:
-        raise ValueError(f"checkpoint {path} lacks weights for {missing[:5]}")
+        raise CheckpointError(f"{path}: checkpoint lacks weights for {missing[:5]}")
     return model.to(device).eval(), config, context

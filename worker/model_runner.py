@@ -40,12 +40,14 @@ class ModelRunner:
         order = decodes + chunks  # decodes occupy the first rows of the packed batch
         input_ids: list[int] = []
         positions: list[int] = []
+        prompt_lens: list[int] = []
         slot_mapping: list[int] = []
         logit_rows: list[int] = []
         sampled_items: list[int] = []
         for index in order:
             item = items[index]
             input_ids.extend(item.token_ids)
+            prompt_lens.extend([item.num_prompt_tokens] * item.num_new_tokens)
             for pos in range(item.start_pos, item.context_len):
                 positions.append(pos)
                 slot_mapping.append(
@@ -64,7 +66,12 @@ class ModelRunner:
             meta = self._with_decode_context(meta, [items[i] for i in decodes])
         started = time.perf_counter()
         logits = self.model(
-            self._tensor(input_ids), self._tensor(positions), self.kv_cache, meta, self._tensor(logit_rows)
+            self._tensor(input_ids),
+            self._tensor(positions),
+            self.kv_cache,
+            meta,
+            self._tensor(logit_rows),
+            self._tensor(prompt_lens),
         )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -112,5 +119,8 @@ class ModelRunner:
         slots = (table[:, :, None] * self.block_size + self._offsets).view(len(decodes), -1)[:, :max_context]
         visible = torch.arange(max_context, device=self.device)[None, :] < self._tensor(context_lens)[:, None]
         return dataclasses.replace(
-            meta, decode_slots=slots.contiguous(), decode_mask=visible[:, None, None, :]
+            meta,
+            decode_slots=slots.contiguous(),
+            decode_mask=visible[:, None, None, :],
+            decode_context_lens=self._tensor(context_lens),
         )

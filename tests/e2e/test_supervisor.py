@@ -33,6 +33,17 @@ def start_serve(log_path: Path, *args: str) -> subprocess.Popen[bytes]:
         )
 
 
+def serve_until_it_exits(log_path: Path, *args: str) -> tuple[int, str]:
+    """Run `conveyor serve` that is expected to stop by itself; its exit code and its log."""
+    serve = start_serve(log_path, *args)
+    try:
+        returncode = serve.wait(timeout=120)
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+    return returncode, log_path.read_text()
+
+
 def wait_for_line(log_path: Path, pattern: str, timeout_s: float = 180.0) -> re.Match[str]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -151,16 +162,17 @@ def test_sigterm_drains_and_stops_the_whole_tree(tmp_path: Path) -> None:
 
 
 def test_a_worker_that_dies_at_every_start_ends_the_tree_with_the_reason(tmp_path: Path) -> None:
-    log = tmp_path / "serve.log"
-    serve = start_serve(
-        log, "--port", str(free_port()), "--max-restarts", "2", "--worker-args", "--block-size", "0"
+    returncode, text = serve_until_it_exits(
+        tmp_path / "serve.log",
+        "--port",
+        str(free_port()),
+        "--max-restarts",
+        "2",
+        "--worker-args",
+        "--block-size",
+        "0",
     )
-    try:
-        assert serve.wait(timeout=120) == 1
-    finally:
-        if serve.poll() is None:
-            serve.kill()
-    text = log.read_text()
+    assert returncode == 1
     assert text.count("worker 1 exited with exit code 1; restarting in") == 2
     assert "worker 1 died 3 times within 60 s (last: exit code 1); giving up" in text
     assert "serving on" not in text

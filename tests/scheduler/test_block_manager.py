@@ -107,3 +107,10 @@ def test_prefix_caching_off_never_matches() -> None:
     first = make_sequence(prompt=list(range(9)))
     _compute(manager, first, 9)
     assert manager.match_prefix(make_sequence(prompt=list(range(9)))) == 0
+
+
+def test_prompts_past_the_long_rope_limit_are_cached_apart_from_shorter_ones() -> None:
+    manager = BlockManager(num_blocks=12, block_size=4, long_prompt_from=8)
+    _compute(manager, make_sequence(prompt=list(range(12))), 12)
+    assert manager.match_prefix(make_sequence(prompt=list(range(8)))) == 0  # same tokens, other KV
+    assert manager.match_prefix(make_sequence(prompt=list(range(12)) + [99])) == 12

@@ -1,30 +1,39 @@
-"""The C decode-attention kernel agrees with SDPA over a gathered context."""
+"""The C decode-attention kernel agrees with eager attention over a gathered context, with and
+without a sliding window and a soft-cap."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from worker.attention import LayerAttention
 from worker.kernels import PagedDecodeKernel
 
 
-def reference(q, key_cache, value_cache, tables, lens, num_kv_heads, block_size):  # type: ignore[no-untyped-def]
-    num_seqs, _, head_dim = q.shape
+def reference(q, key_cache, value_cache, tables, lens, num_kv_heads, block_size, layer):  # type: ignore[no-untyped-def]
+    num_seqs, num_heads, head_dim = q.shape
     max_len = int(lens.max())
     slots = (tables[:, :, None] * block_size + torch.arange(block_size)).view(num_seqs, -1)[:, :max_len]
     keys = key_cache.index_select(0, slots.reshape(-1)).view(num_seqs, max_len, num_kv_heads, head_dim)
     values = value_cache.index_select(0, slots.reshape(-1)).view(num_seqs, max_len, num_kv_heads, head_dim)
-    mask = (torch.arange(max_len)[None, :] < lens[:, None])[:, None, None, :]
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, enable_gqa=True
-    )
-    return out.squeeze(2)
+    group = num_heads // num_kv_heads
+    keys = keys.repeat_interleave(group, dim=2).transpose(1, 2)  # [seqs, heads, len, head_dim]
+    values = values.repeat_interleave(group, dim=2).transpose(1, 2)
+    scores = torch.einsum("shd,shld->shl", q, keys) * layer.scale
+    if layer.softcap is not None:
+        scores = torch.tanh(scores / layer.softcap) * layer.softcap
+    positions = torch.arange(max_len)[None, :]
+    visible = positions < lens[:, None]
+    if layer.window is not None:
+        visible &= positions >= (lens - layer.window)[:, None]
+    scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+    return torch.einsum("shl,shld->shd", torch.softmax(scores, dim=-1), values)
 
 
 @pytest.mark.parametrize(
     ("num_threads", "num_heads", "num_kv_heads"), [(1, 9, 3), (2, 9, 3), (2, 8, 8), (2, 4, 1)]
 )
-def test_kernel_matches_sdpa_over_gathered_blocks(
-    num_threads: int, num_heads: int, num_kv_heads: int
+@pytest.mark.parametrize(("window", "softcap"), [(None, None), (5, None), (None, 2.0), (7, 2.0)])
+def test_kernel_matches_eager_attention_over_gathered_blocks(
+    num_threads: int, num_heads: int, num_kv_heads: int, window: int | None, softcap: float | None
 ) -> None:
     kernel = PagedDecodeKernel.load()
     if kernel is None:
@@ -36,11 +45,12 @@ def test_kernel_matches_sdpa_over_gathered_blocks(
     lens = torch.tensor([1, 4, 5, 17, 30, 2, 9])  # partial and full last blocks
     tables = torch.stack([torch.randperm(num_blocks)[:8] for _ in lens])
     q = torch.randn(len(lens), num_heads, head_dim)
+    layer = LayerAttention(scale=0.3, window=window, softcap=softcap)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     try:
-        out = kernel(q, key_cache, value_cache, tables, lens, num_kv_heads, block_size)
+        out = kernel(q, key_cache, value_cache, tables, lens, num_kv_heads, block_size, layer)
     finally:
         torch.set_num_threads(threads_before)
-    expected = reference(q, key_cache, value_cache, tables, lens, num_kv_heads, block_size)
+    expected = reference(q, key_cache, value_cache, tables, lens, num_kv_heads, block_size, layer)
     torch.testing.assert_close(out, expected)

@@ -12,8 +12,12 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from worker.attention import LayerAttention
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +74,7 @@ class PagedDecodeKernel:
     def __init__(self, library: Path):
         self._function = ctypes.CDLL(str(library)).paged_decode_attention
         self._function.restype = ctypes.c_int
-        self._function.argtypes = [ctypes.c_void_p] * 6 + [_I64] * 6 + [ctypes.c_float]
+        self._function.argtypes = [ctypes.c_void_p] * 6 + [_I64] * 7 + [ctypes.c_float] * 2
 
     @classmethod
     def load(cls) -> "PagedDecodeKernel | None":
@@ -94,6 +98,7 @@ class PagedDecodeKernel:
         context_lens: torch.Tensor,  # [num_seqs] int64
         num_kv_heads: int,
         block_size: int,
+        layer: "LayerAttention",
     ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
         num_seqs, num_heads, head_dim = q.shape
         assert num_heads % num_kv_heads == 0 and q.is_contiguous()
@@ -111,7 +116,9 @@ class PagedDecodeKernel:
             head_dim,
             block_size,
             block_tables.shape[1],
-            head_dim**-0.5,
+            layer.window or 0,
+            layer.scale,
+            layer.softcap or 0.0,
         )
         if status != 0:
             raise MemoryError("paged_decode_attention could not allocate its scratch space")

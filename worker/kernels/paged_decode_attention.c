@@ -6,7 +6,9 @@
  *   q, out:        [num_seqs, num_heads, head_dim]
  *   key/value:     [num_slots, num_kv_heads, head_dim], slot = block_id * block_size + offset
  *   block_tables:  [num_seqs, max_blocks] int64
- *   context_lens:  [num_seqs] int64, keys [0, context_len) are visible
+ *   context_lens:  [num_seqs] int64, keys [0, context_len) are visible, or only the last `window`
+ *                  of them when window > 0 (a sliding-window layer)
+ * Scores are scaled by `scale` and, when softcap > 0, soft-capped as softcap * tanh(score / softcap).
  * Sequences are spread over OpenMP threads; inside torch's process the soname libgomp.so.1
  * resolves to torch's own runtime, so the kernel shares torch's thread pool instead of fighting it.
  */
@@ -18,7 +20,7 @@ int paged_decode_attention(const float *q, const float *key_cache, const float *
                            const int64_t *block_tables, const int64_t *context_lens, float *out,
                            int64_t num_seqs, int64_t num_heads,
                            int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-                           int64_t max_blocks, float scale) {
+                           int64_t max_blocks, int64_t window, float scale, float softcap) {
     const int64_t group = num_heads / num_kv_heads;
     const int64_t kv_stride = num_kv_heads * head_dim;
     int64_t max_len = 0;
@@ -37,13 +39,16 @@ int paged_decode_attention(const float *q, const float *key_cache, const float *
 #pragma omp for schedule(dynamic)
     for (int64_t s = 0; s < num_seqs; ++s) {
         if (scores == NULL) continue;
-        const int64_t len = context_lens[s];
+        const int64_t end = context_lens[s];
+        const int64_t first = window > 0 && end > window ? end - window : 0;
+        const int64_t len = end - first;
         const int64_t *table = block_tables + s * max_blocks;
         const float *qs = q + s * num_heads * head_dim;
-        /* Pass 1: every head's score against each key, block by block. */
-        for (int64_t start = 0; start < len; start += block_size) {
-            const int64_t n = len - start < block_size ? len - start : block_size;
-            const float *keys = key_cache + table[start / block_size] * block_size * kv_stride;
+        /* Pass 1: every head's score against each visible key, a block's run at a time. */
+        for (int64_t pos = first; pos < end;) {
+            const int64_t offset = pos % block_size;
+            const int64_t n = end - pos < block_size - offset ? end - pos : block_size - offset;
+            const float *keys = key_cache + (table[pos / block_size] * block_size + offset) * kv_stride;
             for (int64_t t = 0; t < n; ++t) {
                 const float *key_row = keys + t * kv_stride;
                 for (int64_t h = 0; h < num_heads; ++h) {
@@ -52,9 +57,12 @@ int paged_decode_attention(const float *q, const float *key_cache, const float *
                     float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
                     for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * k[d];
-                    scores[h * len + start + t] = dot * scale;
+                    dot *= scale;
+                    if (softcap > 0.0f) dot = softcap * tanhf(dot / softcap);
+                    scores[h * len + pos - first + t] = dot;
                 }
             }
+            pos += n;
         }
         /* Softmax per head. */
         for (int64_t h = 0; h < num_heads; ++h) {
@@ -69,21 +77,23 @@ int paged_decode_attention(const float *q, const float *key_cache, const float *
             const float inv = 1.0f / sum;
             for (int64_t t = 0; t < len; ++t) row[t] *= inv;
         }
-        /* Pass 2: weighted sum of values, block by block. */
+        /* Pass 2: weighted sum of values, the same runs. */
         for (int64_t i = 0; i < num_heads * head_dim; ++i) acc[i] = 0.0f;
-        for (int64_t start = 0; start < len; start += block_size) {
-            const int64_t n = len - start < block_size ? len - start : block_size;
-            const float *values = value_cache + table[start / block_size] * block_size * kv_stride;
+        for (int64_t pos = first; pos < end;) {
+            const int64_t offset = pos % block_size;
+            const int64_t n = end - pos < block_size - offset ? end - pos : block_size - offset;
+            const float *values = value_cache + (table[pos / block_size] * block_size + offset) * kv_stride;
             for (int64_t t = 0; t < n; ++t) {
                 const float *value_row = values + t * kv_stride;
                 for (int64_t h = 0; h < num_heads; ++h) {
                     const float *v = value_row + (h / group) * head_dim;
-                    const float p = scores[h * len + start + t];
+                    const float p = scores[h * len + pos - first + t];
                     float *a = acc + h * head_dim;
 #pragma omp simd
                     for (int64_t d = 0; d < head_dim; ++d) a[d] += p * v[d];
                 }
             }
+            pos += n;
         }
         float *o = out + s * num_heads * head_dim;
         for (int64_t i = 0; i < num_heads * head_dim; ++i) o[i] = acc[i];
