@@ -4,6 +4,8 @@ never loads weights), the worker and the client."""
 from checkpoints.files import (
     ModelKind,
     PoolingConfig,
+    SamplingDefaults,
+    architecture,
     embedding_dimension,
     generation_max_context,
     model_dir_of,
@@ -15,6 +17,8 @@ from checkpoints.files import (
 __all__ = [
     "ModelKind",
     "PoolingConfig",
+    "SamplingDefaults",
+    "architecture",
     "embedding_dimension",
     "generation_max_context",
     "model_dir_of",

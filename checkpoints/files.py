@@ -3,7 +3,7 @@
 and for an embedder how its vectors are pooled and normalized."""
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -91,3 +91,29 @@ class PoolingConfig:
         limit = _max_positions(_json(model / "config.json"))
         max_length = int(_json(model / "sentence_bert_config.json").get("max_seq_length", limit))
         return cls(mode, normalize, min(max_length, limit))
+
+
+def architecture(model: Path) -> str:
+    """config.json's model_type; "" for a GGUF file without one (its worker reports it)."""
+    return str(_json(model_dir_of(model) / "config.json").get("model_type", ""))
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingDefaults:
+    """The sampling values a checkpoint's generation_config.json sets (None: it does not), which a
+    request that leaves them unset takes, as vLLM's `--generation-config auto` does."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+
+    @classmethod
+    def of(cls, model: Path) -> "SamplingDefaults":
+        config = _json(model_dir_of(model) / "generation_config.json")
+        names = [field.name for field in fields(cls)]
+        values = {name: config[name] for name in names if config.get(name) is not None}
+        if values.get("top_k", 1) <= 0:  # transformers' and vLLM's "off"
+            del values["top_k"]
+        return cls(**values)

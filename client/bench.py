@@ -150,11 +150,11 @@ class _FirstTokenTimer:
 
 
 def run_transformers_sequential(
-    model: Path, workload: list[dict[str, Any]]
+    model: Path, workload: list[dict[str, Any]], dtype: torch.dtype = torch.float32
 ) -> tuple[Row, dict[str, list[int]]]:
     from transformers import AutoModelForCausalLM
 
-    hf_model = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
+    hf_model = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype).eval()
     # ignore_eos as vLLM and we mean it: EOS may be generated, it just does not stop generation
     # (min_new_tokens would mask it instead). The mask is explicit: with no EOS set, transformers
     # would infer one from pad_token_id and hide the prompt's <|im_end|> tokens.
@@ -244,7 +244,7 @@ def format_table(rows: list[Row], baseline: Row | None) -> str:
 
 def run_bench(args: argparse.Namespace) -> int:
     workload = load_workload(args.workload, args.num_requests)
-    engine_args: dict[str, Any] = {}
+    engine_args: dict[str, Any] = {"dtype": args.dtype}
     if args.max_num_batched_tokens:
         engine_args["max_num_batched_tokens"] = args.max_num_batched_tokens
     ours, ceiling, details = run_conveyor(args.model, workload, engine_args)
@@ -253,7 +253,7 @@ def run_bench(args: argparse.Namespace) -> int:
     others: dict[str, dict[str, list[int]]] = {}
     if args.baseline_requests != 0:
         baseline, others["transformers"] = run_transformers_sequential(
-            args.model, workload[: args.baseline_requests or None]
+            args.model, workload[: args.baseline_requests or None], getattr(torch, args.dtype)
         )
         rows.append(baseline)
     if args.vllm:
@@ -265,7 +265,7 @@ def run_bench(args: argparse.Namespace) -> int:
     )
     print(
         f"workload: {args.workload.name}, {len(workload)} requests, "
-        "all submitted at once, greedy, EOS ignored"
+        f"all submitted at once, greedy, EOS ignored, {args.dtype}"
     )
     print(format_table(rows, baseline))
     print(
@@ -294,10 +294,22 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def agreement(theirs: dict[str, list[int]], ours: dict[str, list[int]]) -> tuple[float, dict[str, int]]:
+    """The share of their greedy tokens that we match before our first divergence, and where each
+    differing output first diverges."""
+    firsts = {rid: _first_difference(tokens, ours[rid]) for rid, tokens in theirs.items()}
+    total = sum(len(tokens) for tokens in theirs.values())
+    differing = {rid: index for rid, index in firsts.items() if theirs[rid] != ours[rid]}
+    return (sum(firsts.values()) / total if total else 1.0), differing
+
+
 def _print_agreement(name: str, theirs: dict[str, list[int]], ours: dict[str, list[int]]) -> None:
-    differing = {
-        rid: _first_difference(tokens, ours[rid]) for rid, tokens in theirs.items() if tokens != ours[rid]
-    }
-    print(f"greedy outputs identical to {name}: {len(theirs) - len(differing)}/{len(theirs)}")
+    share, differing = agreement(theirs, ours)
+    print(
+        f"greedy outputs identical to {name}: {len(theirs) - len(differing)}/{len(theirs)}; "
+        f"{100 * share:.1f}% of their tokens matched before the first divergence"
+    )
+    if differing:
+        print(f"  first divergences (completion token): median {statistics.median(differing.values()):g}")
     for rid, index in differing.items():
         print(f"  {rid} first differs at completion token {index}")

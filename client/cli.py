@@ -250,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--max-num-batched-tokens", type=int, default=None, help="the engine's token budget per step"
     )
+    bench.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="ours and the transformers row in this dtype (outside float32, agreement is measured)",
+    )
     bench.add_argument("--json", type=Path, default=None, help="write figures and output token ids here")
     bench.add_argument(
         "--vllm",

@@ -47,17 +47,25 @@ class CallContext:
         return self.fleet.view.of(model.name).max_context or model.checkpoint_max_context
 
     def limits(self, model: ServedModel) -> Limits:
-        return Limits(model.tokenizer.vocab_size, self.max_context(model), self.default_max_tokens)
+        return Limits(
+            model.tokenizer.vocab_size,
+            self.max_context(model),
+            self.default_max_tokens,
+            model.sampling_defaults,
+        )
 
     def queued_jobs(self, model: ServedModel) -> int:
         return self.fleet.view.of(model.name).queued_now(self.queues.submitted(model.name))
 
     def info(self, model: ServedModel) -> inference_pb2.ModelInfo:
+        fleet = self.fleet.view.of(model.name)
         return inference_pb2.ModelInfo(
             id=model.name,
             max_context=self.max_context(model),
-            num_workers=self.fleet.view.of(model.name).num_workers,
+            num_workers=fleet.num_workers,
             is_default=self.models.is_default(model),
             kind=KIND_TO_PROTO[model.kind],
             dimension=model.dimension,
+            architecture=fleet.architecture or model.architecture,
+            dtype=fleet.dtype,
         )

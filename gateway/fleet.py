@@ -38,6 +38,8 @@ class ModelFleet:
     serving: bool = False  # a live worker accepts its jobs
     queued_jobs: int = 0  # queued or running, across the fleet, when measured
     submitted_before: int = 0  # this gateway's submissions counted when it was measured
+    architecture: str = ""  # as its live workers report it ("" while none is live)
+    dtype: str = ""  # its live workers' dtypes, joined by ","
 
     def queued_now(self, submitted: int) -> int:
         """The measured queue plus what this gateway submitted since: a flood counts against the
@@ -119,6 +121,8 @@ class FleetMonitor:
                     serving=any(s.accepting for s in workers),
                     queued_jobs=await self.queues.queued_jobs(model.name),
                     submitted_before=submitted,
+                    architecture=",".join(sorted({s.architecture for s in workers if s.architecture})),
+                    dtype=",".join(sorted({s.dtype for s in workers if s.dtype})),
                 )
             self.view = FleetView(MappingProxyType(view))
             serving, reachable = all(m.serving for m in view.values()), True

@@ -6,7 +6,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from checkpoints import ModelKind, PoolingConfig, embedding_dimension, generation_max_context
+from checkpoints import (
+    ModelKind,
+    PoolingConfig,
+    SamplingDefaults,
+    architecture,
+    embedding_dimension,
+    generation_max_context,
+)
 from gateway.errors import ErrorKind, GatewayError
 from gateway.metrics import ModelMetrics
 from protos import inference_pb2
@@ -35,14 +42,27 @@ class ServedModel:
     metrics: ModelMetrics
     checkpoint_max_context: int  # until live workers report theirs
     dimension: int  # an embedder's vector size; 0 for a generator
+    architecture: str  # config.json's model_type, until live workers report theirs
+    sampling_defaults: SamplingDefaults
 
     @classmethod
     def of(
-        cls, name: str, path: Path, kind: ModelKind, metrics: ModelMetrics, max_context: int
+        cls,
+        name: str,
+        path: Path,
+        kind: ModelKind,
+        metrics: ModelMetrics,
+        max_context: int,
+        generation_config: bool = True,
     ) -> "ServedModel":
-        """`max_context` from `checkpoint_max_context`."""
+        """`max_context` from `checkpoint_max_context`; `generation_config`: take its sampling defaults."""
         dimension = embedding_dimension(path) if kind is ModelKind.EMBED else 0
-        return cls(name, kind, Tokenizer(path), metrics, max_context, dimension)
+        defaults = (
+            SamplingDefaults.of(path)
+            if generation_config and kind is ModelKind.GENERATE
+            else SamplingDefaults()
+        )
+        return cls(name, kind, Tokenizer(path), metrics, max_context, dimension, architecture(path), defaults)
 
 
 class ServedModels:

@@ -134,7 +134,7 @@ def served_models(
     ]
     metrics = GatewayMetrics(registry, max(limits))
     models = [
-        ServedModel.of(name, path, kind, metrics.model(name), limit)
+        ServedModel.of(name, path, kind, metrics.model(name), limit, settings.generation_config == "auto")
         for (name, path, kind), limit in zip(kinds, limits, strict=True)
     ]
     return ServedModels(models), metrics

@@ -1,6 +1,7 @@
 """GatewaySettings: everything a gateway can be told, by flags and CONVEYOR_* env."""
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 
@@ -22,6 +23,9 @@ class GatewaySettings(ModelSettings, RedisSettings, TelemetrySettings):
     or embeddings) is read from each. The first of each kind is that kind's default."""
     default_max_tokens: int = Field(256, ge=1)
     """max_tokens of a request that leaves it at 0."""
+    generation_config: Literal["auto", "none"] = "auto"
+    """auto: a request's unset temperature, top_p, top_k, min_p and repetition_penalty take the
+    checkpoint's generation_config.json values; none: they take the API's own defaults."""
     max_open_requests_per_stream: int = Field(1024, ge=1)
     """Generations open at once on one GenerateStream."""
     max_queued_jobs: int = Field(10_000, ge=1)

@@ -4,6 +4,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from checkpoints import SamplingDefaults
 from gateway.errors import InvalidRequest
 from protos import inference_pb2, jobs_pb2
 
@@ -18,11 +19,13 @@ MAX_EMBED_INPUTS = 2048  # OpenAI's bound on inputs per embeddings call
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """What a request is checked against: the model's vocabulary and context, the server default."""
+    """What a request is checked against: the model's vocabulary and context, the server default
+    and the checkpoint's sampling defaults."""
 
     vocab_size: int
     max_context: int
     default_max_tokens: int
+    defaults: SamplingDefaults = SamplingDefaults()
 
 
 def check_request_id(request_id: str) -> None:
@@ -96,8 +99,19 @@ def _range(field: str, value: float, low: float, high: float, *, low_open: bool 
     return value
 
 
+def _or_default(
+    sampling: inference_pb2.SamplingParams, field: str, checkpoint: float | None, ours: float
+) -> float:
+    """The request's value if set, else the checkpoint's, else ours."""
+    if sampling.HasField(field):
+        return float(getattr(sampling, field))
+    return ours if checkpoint is None else checkpoint
+
+
 def resolve_sampling(sampling: inference_pb2.SamplingParams, limits: Limits) -> jobs_pb2.Sampling:
-    """Check every sampling field and fill in the defaults the proto leaves unset."""
+    """Check every sampling field and fill in the defaults the request leaves unset."""
+    defaults = limits.defaults
+    top_k = int(_or_default(sampling, "top_k", defaults.top_k, 0))
     max_tokens = sampling.max_tokens or limits.default_max_tokens
     if max_tokens >= limits.max_context:
         raise InvalidRequest(
@@ -113,26 +127,24 @@ def resolve_sampling(sampling: inference_pb2.SamplingParams, limits: Limits) -> 
         if not stop or len(stop) > MAX_STOP_LEN:
             raise InvalidRequest(f"sampling.stop[{index}]: must be 1 to {MAX_STOP_LEN} characters")
     check_token_ids("sampling.stop_token_ids", list(sampling.stop_token_ids), limits.vocab_size)
-    if sampling.top_k > limits.vocab_size:
-        raise InvalidRequest(
-            f"sampling.top_k: {sampling.top_k} exceeds the vocabulary size {limits.vocab_size}"
-        )
+    if top_k > limits.vocab_size:
+        raise InvalidRequest(f"sampling.top_k: {top_k} exceeds the vocabulary size {limits.vocab_size}")
     if sampling.HasField("logprobs") and sampling.logprobs > MAX_LOGPROBS:
         raise InvalidRequest(f"sampling.logprobs: at most {MAX_LOGPROBS}, got {sampling.logprobs}")
     resolved = jobs_pb2.Sampling(
         max_tokens=max_tokens,
         temperature=_range(
             "temperature",
-            sampling.temperature if sampling.HasField("temperature") else 1.0,
+            _or_default(sampling, "temperature", defaults.temperature, 1.0),
             0.0,
             MAX_TEMPERATURE,
         ),
-        top_p=_range("top_p", sampling.top_p if sampling.HasField("top_p") else 1.0, 0.0, 1.0, low_open=True),
-        top_k=sampling.top_k,
-        min_p=_range("min_p", sampling.min_p, 0.0, 1.0),
+        top_p=_range("top_p", _or_default(sampling, "top_p", defaults.top_p, 1.0), 0.0, 1.0, low_open=True),
+        top_k=top_k,
+        min_p=_range("min_p", _or_default(sampling, "min_p", defaults.min_p, 0.0), 0.0, 1.0),
         repetition_penalty=_range(
             "repetition_penalty",
-            sampling.repetition_penalty if sampling.HasField("repetition_penalty") else 1.0,
+            _or_default(sampling, "repetition_penalty", defaults.repetition_penalty, 1.0),
             0.0,
             10.0,
             low_open=True,

@@ -108,11 +108,12 @@ FAMILIES: dict[str, Callable[[], PretrainedConfig]] = {
 }
 
 
-def build(family: str, folder: Path, tokenizer_from: Path) -> Path:
-    """Save the tiny random checkpoint of `family` with `tokenizer_from`'s tokenizer into `folder`."""
+def build(family: str, folder: Path, tokenizer_from: Path, max_shard_size: str | None = None) -> Path:
+    """Save the tiny random checkpoint of `family` with `tokenizer_from`'s tokenizer into `folder`,
+    in shards of at most `max_shard_size` (with model.safetensors.index.json) when given."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(FAMILIES[family](), dtype=torch.float32)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     for name in TOKENIZER_FILES:
         if (tokenizer_from / name).exists():
             shutil.copy(tokenizer_from / name, folder / name)

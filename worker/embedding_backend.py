@@ -47,6 +47,8 @@ class EmbeddingBackend:
     def load(self, status: jobs_pb2.WorkerStatus) -> None:
         status.num_running = self.core.batcher.num_calls
         status.num_waiting = self.core.batcher.num_queued_inputs
+        status.architecture = self.core.model.architecture
+        status.dtype = "float32"
 
     def refresh_metrics(self) -> None:
         self.metrics.running.set(self.core.batcher.num_calls)

@@ -20,6 +20,7 @@ class EmbeddingModel:
         self.pad_token_id = int(self.model.config.pad_token_id or 0)  # masked out: any id would do
         self.dimension = int(self.model.config.hidden_size)
         self.vocab_size = int(self.model.config.vocab_size)
+        self.architecture = str(self.model.config.model_type)
 
     @torch.inference_mode()
     def encode(self, inputs: list[list[int]] | list[tuple[int, ...]]) -> torch.Tensor:

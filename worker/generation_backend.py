@@ -41,6 +41,8 @@ class GenerationBackend:
         status.num_used_blocks = scheduler.block_manager.num_used_blocks
         status.num_blocks = scheduler.block_manager.num_blocks
         status.generation_tokens = self.core.stats.num_generated
+        status.architecture = self.core.runner.model.config.model_type
+        status.dtype = str(self.core.runner.kv_cache.dtype).removeprefix("torch.")
 
     def refresh_metrics(self) -> None:
         self.metrics.refresh()

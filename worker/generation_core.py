@@ -56,12 +56,13 @@ class GenerationCore:
     @classmethod
     def from_settings(cls, settings: EngineSettings) -> "GenerationCore":
         device = prepare_device(settings)
-        model, config, max_model_len = load_model(settings.model, device, settings.max_model_len)
+        dtype = resolve_dtype(settings.dtype, device)
+        model, config, max_model_len = load_model(settings.model, device, settings.max_model_len, dtype)
         if device.type == "cpu":
             keep_freed_memory()
             pack_linears(model, settings.max_num_seqs)
         budget = settings.kv_cache_bytes or _default_kv_bytes(device, settings.gpu_memory_fraction)
-        num_blocks = num_blocks_for_budget(config, settings.block_size, budget)
+        num_blocks = num_blocks_for_budget(config, settings.block_size, budget, dtype)
         pool_tokens = num_blocks * settings.block_size
         if pool_tokens < max_model_len:
             if settings.max_model_len is not None:
@@ -81,17 +82,21 @@ class GenerationCore:
             eos_token_ids=config.eos_token_ids,
             long_prompt_from=model.long_prompt_from,
         )
-        kv_cache = KVCache(config, num_blocks, settings.block_size, device)
+        kv_cache = KVCache(config, num_blocks, settings.block_size, device, dtype)
         logger.info(
-            "engine ready: model=%s device=%s max_model_len=%d kv_blocks=%d (%.0f MiB)",
+            "engine ready: model=%s (%s) device=%s dtype=%s max_model_len=%d kv_blocks=%d (%.0f MiB)",
             settings.model,
+            config.model_type,
             device,
+            str(dtype).removeprefix("torch."),
             max_model_len,
             num_blocks,
             kv_cache.num_bytes / 2**20,
         )
         kernel = None
-        if device.type == "cpu" and settings.cpu_decode_kernel:
+        if device.type == "cpu" and settings.cpu_decode_kernel and dtype != torch.float32:
+            logger.info("the C decode kernel is float32-only: %s decodes use gather + SDPA", dtype)
+        elif device.type == "cpu" and settings.cpu_decode_kernel:
             kernel = PagedDecodeKernel.load()
         runner = ModelRunner(model, kv_cache, device, kernel)
         return cls(Scheduler(scheduler_config), runner)
@@ -157,6 +162,16 @@ def prepare_device(settings: EngineSettings) -> torch.device:
     if settings.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(settings.device)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`--dtype`: auto is float32 on CPU (whose matmuls are fastest and exact there), bfloat16 on a
+    GPU that has it, else float16."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def _default_kv_bytes(device: torch.device, gpu_memory_fraction: float) -> int:

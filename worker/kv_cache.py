@@ -5,22 +5,25 @@ import torch
 from worker.model_config import ModelConfig
 
 
-def num_blocks_for_budget(config: ModelConfig, block_size: int, kv_cache_bytes: int) -> int:
-    """How many blocks of `block_size` tokens fit in `kv_cache_bytes`."""
-    return kv_cache_bytes // (config.kv_bytes_per_token * block_size)
+def num_blocks_for_budget(
+    config: ModelConfig, block_size: int, kv_cache_bytes: int, dtype: torch.dtype
+) -> int:
+    """How many blocks of `block_size` tokens in `dtype` fit in `kv_cache_bytes`."""
+    return kv_cache_bytes // (config.kv_bytes_per_token(dtype.itemsize) * block_size)
 
 
 class KVCache:
-    """One K and one V tensor per layer, each [num_slots, num_kv_heads * head_dim]."""
+    """One K and one V tensor per layer, each [num_slots, num_kv_heads * head_dim], in the model's dtype."""
 
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, device: torch.device):
+    def __init__(
+        self, config: ModelConfig, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype
+    ):
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.dtype = dtype
         shape = (num_blocks * block_size, config.num_kv_heads * config.head_dim)
-        self.keys = [torch.zeros(shape, dtype=torch.float32, device=device) for _ in range(config.num_layers)]
-        self.values = [
-            torch.zeros(shape, dtype=torch.float32, device=device) for _ in range(config.num_layers)
-        ]
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
 
     @property
     def num_bytes(self) -> int:

@@ -54,10 +54,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     hf_config: Any  # the transformers config, for RoPE variants
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """float32 K and V of one token over all layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 4
+    def kv_bytes_per_token(self, element_size: int) -> int:
+        """K and V of one token over all layers, at `element_size` bytes a number."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element_size
 
     def layer_window(self, index: int) -> int | None:
         """Keys a query of layer `index` sees, itself included; None when it sees the whole context."""

@@ -78,9 +78,10 @@ def _read_hf_weights(path: Path) -> tuple[object, dict[str, torch.Tensor]]:
 
 
 def load_model(
-    path: Path, device: torch.device, max_model_len: int | None = None
+    path: Path, device: torch.device, max_model_len: int | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[CausalLM, ModelConfig, int]:
-    """Build the model on `device`; returns it, its config and the context limit it was built for."""
+    """Build the model on `device` in `dtype` (RoPE tables stay float32, as transformers keeps them);
+    returns it, its config and the context limit it was built for."""
     reason = refusal(path)
     if reason is not None:
         raise CheckpointError(reason)
@@ -88,15 +89,13 @@ def load_model(
     config = model_config_from_hf(hf_config, model_dir_of(path))
     context = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
     with torch.device("meta"):
-        model = CausalLM(config, max_positions=1)
+        model = CausalLM(config, max_positions=1).to(dtype)
     expected = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
     try:
         state = decoder_state(weights, config, expected)
     except CheckpointError as error:
         raise CheckpointError(f"{path}: {error}") from None
-    model.load_state_dict(
-        {k: t.to(torch.float32).contiguous() for k, t in state.items()}, assign=True, strict=False
-    )
+    model.load_state_dict({k: t.to(dtype).contiguous() for k, t in state.items()}, assign=True, strict=False)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary = rotary_tables(config, context)

@@ -78,7 +78,7 @@ class ModelRunner:
         self.model_s += time.perf_counter() - started
         results: list[SampledToken | None] = [None] * len(items)
         if sampled_items:
-            tokens = self.sampler(logits, [items[i] for i in sampled_items])
+            tokens = self.sampler(logits.float(), [items[i] for i in sampled_items])
             for index, token in zip(sampled_items, tokens, strict=True):
                 results[index] = token
         return results

@@ -12,6 +12,8 @@ class EngineSettings(ModelSettings):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the model runs; auto = CUDA when there is one."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights, activations and KV cache; auto = float32 on CPU, bfloat16 on a GPU with it, else float16."""
     block_size: int = Field(16, ge=1)
     """Tokens per KV-cache block."""
     max_num_seqs: int = Field(64, ge=1)

@@ -1,5 +1,7 @@
 """`conveyor serve --model DIR` serves a checkpoint of every family, as users run it: greedy tokens
-through the gateway, Redis and the worker are those of transformers `generate`."""
+through the gateway, Redis and the worker are those of transformers `generate`, ListModels names
+the architecture and dtype, and the checkpoint's generation_config.json sampling defaults apply to
+requests that leave them unset."""
 
 import json
 import signal
@@ -37,6 +39,8 @@ def test_conveyor_serve_answers_with_the_tokens_of_transformers(
     prompts = [list(row["prompt_token_ids"]) for row in workload[:2]]  # type: ignore[call-overload]
     assert all(len(prompt) > WINDOW for prompt in prompts)
     expected = hf_greedy(path, prompts)
+    generation_config = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**generation_config, "top_k": 1}))
     port = free_port()
     log = tmp_path / "serve.log"
     serve = start_serve(
@@ -45,15 +49,38 @@ def test_conveyor_serve_answers_with_the_tokens_of_transformers(
     try:
         wait_for_line(log, "serving on")
         with ConveyorClient(f"127.0.0.1:{port}") as client:
+            (info,) = client.list_models()
+            # No temperature: sampling at 1.0 under the checkpoint's top_k of 1 is greedy.
             outputs = [
-                client.generate(
-                    token_ids=prompt, max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True
-                ).token_ids
+                client.generate(token_ids=prompt, max_tokens=NUM_TOKENS, ignore_eos=True).token_ids
                 for prompt in prompts
             ]
+        config = json.loads((path / "config.json").read_text())
+        assert (info.architecture, info.dtype) == (config["model_type"], "float32")
         assert outputs == expected
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=60) == 0
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+
+
+def test_conveyor_serve_runs_a_family_in_bfloat16(model_dir: Path, tmp_path: Path) -> None:
+    path = build("qwen3", tmp_path / "qwen3", model_dir)
+    port = free_port()
+    log = tmp_path / "serve.log"
+    serve = start_serve(
+        log, "--model", str(path), "--port", str(port), "--worker-args", "--dtype", "bfloat16"
+    )
+    try:
+        wait_for_line(log, "serving on")
+        with ConveyorClient(f"127.0.0.1:{port}") as client:
+            (info,) = client.list_models()
+            completion = client.generate(
+                "Hello there", max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True
+            )
+        assert (info.architecture, info.dtype) == ("qwen3", "bfloat16")
+        assert len(completion.token_ids) == NUM_TOKENS
     finally:
         if serve.poll() is None:
             serve.kill()

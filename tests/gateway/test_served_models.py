@@ -1,6 +1,8 @@
 """How a request's `model` picks a served model: each kind's default, NOT_FOUND for an unknown id,
 INVALID_ARGUMENT for a model of the other kind; and the embedder's tokenization with truncation."""
 
+import json
+import shutil
 from pathlib import Path
 
 import grpc
@@ -8,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from transformers import AutoTokenizer
 
-from checkpoints import ModelKind
+from checkpoints import ModelKind, SamplingDefaults
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
 from gateway.served_models import ServedModel, ServedModels, checkpoint_max_context
@@ -79,3 +81,17 @@ def test_embedder_tokens_match_hugging_face_with_and_without_truncation(embedder
     assert len(ours.encode_many(texts)[1]) == 402
     truncated = ours.encode_many(texts, truncate_to=256)
     assert truncated == [theirs(t, truncation=True, max_length=256)["input_ids"] for t in texts]
+
+
+def test_generation_config_none_leaves_the_api_defaults(model_dir: Path, tmp_path: Path) -> None:
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model_dir / name, tmp_path / name)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.9}))
+    metrics = GatewayMetrics(CollectorRegistry(), 2048)
+
+    def served(generation_config: bool) -> ServedModel:
+        return ServedModel.of("m", tmp_path, ModelKind.GENERATE, metrics.model("m"), 2048, generation_config)
+
+    assert served(True).sampling_defaults == SamplingDefaults(temperature=0.6, top_p=0.9)
+    assert served(False).sampling_defaults == SamplingDefaults()
+    assert served(True).architecture == "llama"

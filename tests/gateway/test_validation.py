@@ -2,6 +2,7 @@
 
 import pytest
 
+from checkpoints import SamplingDefaults
 from gateway.errors import InvalidRequest
 from gateway.validation import Limits, check_input, check_prompt_length, check_request_id, resolve_sampling
 from protos import inference_pb2
@@ -49,6 +50,17 @@ def test_unset_sampling_takes_documented_defaults() -> None:
     )
     assert resolved.logprobs == -1 and not resolved.HasField("seed")
     assert resolve_sampling(sampling(temperature=0.0, seed=7, logprobs=0), LIMITS).temperature == 0.0
+
+
+def test_unset_sampling_takes_the_checkpoint_defaults_and_set_fields_override_them() -> None:
+    defaults = SamplingDefaults(temperature=0.6, top_p=0.95, top_k=20, min_p=0.05, repetition_penalty=1.1)
+    limits = Limits(vocab_size=1000, max_context=512, default_max_tokens=64, defaults=defaults)
+    resolved = resolve_sampling(sampling(), limits)
+    assert (resolved.temperature, resolved.top_p, resolved.top_k) == pytest.approx((0.6, 0.95, 20))
+    assert (resolved.min_p, resolved.repetition_penalty) == pytest.approx((0.05, 1.1))
+    explicit = resolve_sampling(sampling(temperature=0.0, top_k=0, min_p=0.0, top_p=1.0), limits)
+    assert (explicit.temperature, explicit.top_k, explicit.min_p, explicit.top_p) == (0.0, 0, 0.0, 1.0)
+    assert explicit.repetition_penalty == pytest.approx(1.1)
 
 
 @pytest.mark.parametrize(

@@ -27,8 +27,8 @@ def prompts(workload: list[dict[str, object]]) -> list[list[int]]:
     ]  # the last three share 100 tokens
 
 
-def hf_greedy(path: Path, prompts: list[list[int]]) -> list[list[int]]:
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+def hf_greedy(path: Path, prompts: list[list[int]], dtype: torch.dtype = torch.float32) -> list[list[int]]:
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
     outputs = []
     for prompt in prompts:
         ids = torch.tensor([prompt])
@@ -78,3 +78,12 @@ def test_greedy_matches_transformers(
     again = llm.generate(prompts[-3:], GREEDY)  # the shared prefix is cached by now
     assert llm.core.scheduler.block_manager.num_hit_tokens >= 3 * 96
     assert [c.token_ids for c in again] == expected[-3:]
+
+
+def test_a_sharded_checkpoint_loads_from_its_index(
+    prompts: list[list[int]], model_dir: Path, tmp_path: Path
+) -> None:
+    path = build("qwen3", tmp_path / "sharded", model_dir, max_shard_size="1MB")
+    assert (path / "model.safetensors.index.json").exists() and len(list(path.glob("*.safetensors"))) >= 2
+    llm = LLM(model=path, kv_cache_bytes=400 * BLOCK * kv_bytes_per_token(path))
+    assert [c.token_ids for c in llm.generate(prompts, GREEDY)] == hf_greedy(path, prompts)
