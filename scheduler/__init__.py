@@ -3,13 +3,14 @@
 No torch, Redis or protobuf here, so all of it is unit-tested in milliseconds.
 """
 
-from scheduler.block_manager import Block, BlockManager
+from scheduler.block_manager import RELEASED, Block, BlockManager
 from scheduler.config import SchedulerConfig
 from scheduler.output import SampledToken, ScheduledSeq, SchedulerOutput, TokenChunk
 from scheduler.scheduler import Scheduler
 from scheduler.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
 
 __all__ = [
+    "RELEASED",
     "Block",
     "BlockManager",
     "FinishReason",

@@ -23,6 +23,11 @@ def chain_hash(parent: bytes, token_ids: list[int]) -> bytes:
     return hashlib.blake2b(parent + array("I", token_ids).tobytes(), digest_size=16).digest()
 
 
+# A block-table entry whose block was given back because no later query can see it (every layer
+# attends through a sliding window that has moved past it). Its position in the table stays.
+RELEASED = -1
+
+
 class BlockManager:
     """Hands out KV blocks to sequences and keeps computed full blocks reusable by later prompts.
 
@@ -125,20 +130,28 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         """Release the sequence's blocks; tail blocks first, so shared prefixes are evicted last."""
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self._free[block_id] = None
-                if block.block_hash is None:
-                    self._free.move_to_end(block_id, last=False)
+            if block_id != RELEASED:
+                self._release(block_id)
         seq.block_table.clear()
         seq.num_cached_blocks = 0
+        seq.num_released_blocks = 0
+
+    def release_outside_window(self, seq: Sequence, window: int) -> None:
+        """Give back the blocks no later query of `seq` sees: the next query is at position
+        num_computed_tokens and sees keys after it minus `window`. Their contents stay cached."""
+        first_visible = seq.num_computed_tokens - window + 1
+        num_outside = max(0, first_visible) // self.block_size
+        for index in range(seq.num_released_blocks, num_outside):
+            self._release(seq.block_table[index])
+            seq.block_table[index] = RELEASED
+        seq.num_released_blocks = max(seq.num_released_blocks, num_outside)
 
     def check_invariants(self, seqs: Iterable[Sequence]) -> None:
         """Assert the pool is consistent with the block tables of `seqs` (all live sequences)."""
         expected = [0] * len(self.blocks)
         for seq in seqs:
-            for block_id in seq.block_table:
+            assert all(b == RELEASED for b in seq.block_table[: seq.num_released_blocks])
+            for block_id in seq.block_table[seq.num_released_blocks :]:
                 expected[block_id] += 1
         for block in self.blocks:
             assert block.ref_count == expected[block.block_id], (
@@ -151,6 +164,14 @@ class BlockManager:
         assert used + len(self._free) == len(self.blocks), "free + used != total"
         for block_hash, block_id in self._cached.items():
             assert self.blocks[block_id].block_hash == block_hash, f"block {block_id}: stale hash"
+
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self._free[block_id] = None
+            if block.block_hash is None:
+                self._free.move_to_end(block_id, last=False)
 
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]

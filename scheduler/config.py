@@ -17,6 +17,9 @@ class SchedulerConfig:
     # A prompt longer than this gets other KV for the same tokens (LongRoPE's long factors), so its
     # blocks are cached apart from shorter prompts'; None: KV depends on the tokens only.
     long_prompt_from: int | None = None
+    # When every layer attends through this sliding window, blocks that fall behind it are given
+    # back as sequences advance; None: every block is kept until its sequence ends.
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "max_model_len", "block_size", "max_num_seqs"):

@@ -104,6 +104,8 @@ class Scheduler:
                 continue  # finished while the step ran
             seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.cache_full_blocks(seq)
+            if self.config.sliding_window is not None:
+                self.block_manager.release_outside_window(seq, self.config.sliding_window)
             if not item.needs_sample:
                 continue
             assert sample is not None, f"no token sampled for {item.request_id}"

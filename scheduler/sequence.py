@@ -69,6 +69,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_blocks: int = 0  # leading full blocks already registered in the prefix cache
+    num_released_blocks: int = 0  # leading blocks given back as outside the sliding window
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None

@@ -32,7 +32,10 @@ class PrefillChunk:
     row_start: int
     num_new: int
     start_pos: int  # tokens already in the cache before this chunk
-    context_slots: torch.Tensor | None  # [start_pos + num_new] slots, None when start_pos == 0
+    context_slots: (
+        torch.Tensor | None
+    )  # slots of positions [first_key_pos, start_pos + num_new); None when start_pos == 0
+    first_key_pos: int = 0  # blocks before it were released behind the sliding window
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +145,7 @@ def _prefill_attention(
     mask = None
     if chunk.context_slots is not None or layer.window is not None or layer.softcap is not None:
         query_pos = torch.arange(chunk.start_pos, chunk.start_pos + chunk.num_new, device=q.device)[:, None]
-        key_pos = torch.arange(chunk.start_pos + chunk.num_new, device=q.device)[None, :]
+        key_pos = torch.arange(chunk.first_key_pos, chunk.start_pos + chunk.num_new, device=q.device)[None, :]
         mask = key_pos <= query_pos  # [num_new, context]
         if layer.window is not None:
             mask = mask & (key_pos > query_pos - layer.window)

@@ -14,6 +14,7 @@ from scheduler import FinishReason, SamplingParams, Scheduler, SchedulerConfig, 
 from worker.cpu_kernels import keep_freed_memory, pack_linears
 from worker.kernels import PagedDecodeKernel
 from worker.kv_cache import KVCache, num_blocks_for_budget
+from worker.model_config import SLIDING
 from worker.model_loader import load_model
 from worker.model_runner import ModelRunner
 from worker.settings import EngineSettings
@@ -81,6 +82,7 @@ class GenerationCore:
             enable_prefix_caching=settings.enable_prefix_caching,
             eos_token_ids=config.eos_token_ids,
             long_prompt_from=model.long_prompt_from,
+            sliding_window=config.window if all(t == SLIDING for t in config.layer_types) else None,
         )
         kv_cache = KVCache(config, num_blocks, settings.block_size, device, dtype)
         logger.info(
@@ -95,7 +97,7 @@ class GenerationCore:
         )
         kernel = None
         if device.type == "cpu" and settings.cpu_decode_kernel and dtype != torch.float32:
-            logger.info("the C decode kernel is float32-only: %s decodes use gather + SDPA", dtype)
+            logger.info("the C decode kernel is float32-only: %s decodes use gather + SDPA", settings.dtype)
         elif device.type == "cpu" and settings.cpu_decode_kernel:
             kernel = PagedDecodeKernel.load()
         runner = ModelRunner(model, kv_cache, device, kernel)

@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from scheduler import SampledToken, ScheduledSeq, SchedulerOutput
+from scheduler import RELEASED, SampledToken, ScheduledSeq, SchedulerOutput
 from worker.attention import AttentionMetadata, PrefillChunk
 from worker.kernels import PagedDecodeKernel
 from worker.kv_cache import KVCache
@@ -86,16 +86,25 @@ class ModelRunner:
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    def _context_slots(self, block_ids: list[int], context_len: int) -> torch.Tensor:
-        blocks = self._tensor(block_ids[: -(-context_len // self.block_size)])
-        return (blocks[:, None] * self.block_size + self._offsets).view(-1)[:context_len]
+    def _context_slots(self, block_ids: list[int], context_len: int) -> tuple[torch.Tensor, int]:
+        """Slots of the context from its first block still held (the ones before it were released
+        behind the sliding window), and the position of the first of them."""
+        held = block_ids[: -(-context_len // self.block_size)]
+        first = next((i for i, block in enumerate(held) if block != RELEASED), len(held))
+        blocks = self._tensor(held[first:])
+        first_pos = first * self.block_size
+        return (blocks[:, None] * self.block_size + self._offsets).view(-1)[
+            : context_len - first_pos
+        ], first_pos
 
     def _prefill_chunks(self, items: list[ScheduledSeq], chunks: list[int], row: int) -> list[PrefillChunk]:
         result = []
         for index in chunks:
             item = items[index]
-            slots = self._context_slots(item.block_ids, item.context_len) if item.start_pos else None
-            result.append(PrefillChunk(row, item.num_new_tokens, item.start_pos, slots))
+            slots, first_pos = (
+                self._context_slots(item.block_ids, item.context_len) if item.start_pos else (None, 0)
+            )
+            result.append(PrefillChunk(row, item.num_new_tokens, item.start_pos, slots, first_pos))
             row += item.num_new_tokens
         return result
 
@@ -116,7 +125,8 @@ class ModelRunner:
                 decode_context_lens=self._tensor(context_lens),
             )
         max_context = max(context_lens)
-        slots = (table[:, :, None] * self.block_size + self._offsets).view(len(decodes), -1)[:, :max_context]
+        held = table.clamp(min=0)  # a released block is outside every window: masked, any block will do
+        slots = (held[:, :, None] * self.block_size + self._offsets).view(len(decodes), -1)[:, :max_context]
         visible = torch.arange(max_context, device=self.device)[None, :] < self._tensor(context_lens)[:, None]
         return dataclasses.replace(
             meta,

@@ -15,6 +15,7 @@ def make_scheduler(
     max_num_batched_tokens: int = 16,
     max_model_len: int = 32,
     enable_prefix_caching: bool = True,
+    sliding_window: int | None = None,
 ) -> Scheduler:
     return Scheduler(
         SchedulerConfig(
@@ -25,6 +26,7 @@ def make_scheduler(
             max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching,
             eos_token_ids=(EOS,),
+            sliding_window=sliding_window,
         )
     )
 

@@ -283,3 +283,34 @@ def test_recompute_after_preemption_is_not_a_decode() -> None:
                 preempted.add(seq.request_id)
         preempted -= {item.request_id for item in recomputes}
     assert recomputes and all(not item.is_decode and item.num_new_tokens > 1 for item in recomputes)
+
+
+def test_blocks_behind_a_sliding_window_are_given_back_as_a_sequence_advances() -> None:
+    scheduler = make_scheduler(num_blocks=8, block_size=4, max_num_seqs=1, sliding_window=6)
+    seq = make_sequence(8, max_tokens=20)
+    scheduler.add(seq)
+    held = []
+    while not scheduler.is_idle:
+        run_step(scheduler)
+        held.append(scheduler.block_manager.num_used_blocks)
+    assert seq.finish_reason == FinishReason.LENGTH and len(seq.output_token_ids) == 20
+    assert max(held[1:]) <= 3  # a window of 6 spans at most 3 blocks of 4: 28 tokens in 3 blocks
+    assert scheduler.block_manager.num_used_blocks == 0
+
+
+def test_a_preempted_windowed_sequence_gives_back_only_what_it_still_held() -> None:
+    scheduler = make_scheduler(num_blocks=8, block_size=4, max_num_seqs=2, sliding_window=14)
+    old = make_sequence(16, max_tokens=24, priority=0, arrival_time=0.0)
+    scheduler.add(old)
+    for _ in range(3):
+        run_step(scheduler)
+    assert old.num_released_blocks == 1
+    new = make_sequence(20, max_tokens=10, priority=1, arrival_time=5.0)
+    scheduler.add(new)
+    run_step(scheduler)
+    run_step(scheduler)  # the new one's growth preempts the old one, released entry and all
+    assert old.num_preemptions == 1 and old.block_table == [] and old.num_released_blocks == 0
+    while not scheduler.is_idle:
+        run_step(scheduler)  # checks the pool's invariants, released entries included
+    assert (len(old.output_token_ids), len(new.output_token_ids)) == (16, 10)  # old: up to the context of 32
+    assert scheduler.block_manager.num_used_blocks == 0

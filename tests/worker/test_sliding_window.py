@@ -1,14 +1,20 @@
-"""Which layers attend through a window, read from each family's config as transformers reads it, and
-proof that the parity prompts of test_families reach past the windows (so a missing window fails)."""
+"""Which layers attend through a window, read from each family's config as transformers reads it;
+proof that the parity prompts of test_families reach past the windows (so a missing window fails);
+and the blocks behind a window every layer has given back, as the KV usage gauge shows."""
 
 import json
 from pathlib import Path
 
 import torch
+from prometheus_client import CollectorRegistry
 from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
 
+from scheduler import SamplingParams, Sequence
+from telemetry.metrics import PREFIX
 from tests.tiny_checkpoints import WINDOW, build
 from tests.worker.test_families import hf_greedy
+from worker.llm import LLM
+from worker.metrics import GenerationMetrics
 from worker.model_config import SLIDING, model_config_from_hf
 
 
@@ -41,3 +47,27 @@ def test_the_parity_prompts_reach_past_the_window(
     assert all(len(prompt) > WINDOW for prompt in prompts)
     torch.manual_seed(0)
     assert hf_greedy(path, prompts) != hf_greedy(unwindowed, prompts)
+
+
+def test_blocks_behind_the_window_are_given_back_and_the_kv_gauge_shows_it(
+    model_dir: Path, tmp_path: Path, workload: list[dict[str, object]]
+) -> None:
+    longest = max((list(row["prompt_token_ids"]) for row in workload), key=len)  # type: ignore[call-overload]
+    held = {}
+    for family in ("mistral", "llama"):  # the same shapes, with and without a window
+        core = LLM(model=build(family, tmp_path / family, model_dir), kv_cache_bytes=8 << 20).core
+        registry = CollectorRegistry()
+        metrics = GenerationMetrics(registry, family, core.scheduler)
+        core.add(Sequence("long", longest, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)))
+        core.step()  # the whole prompt
+        peak = 0
+        while not core.scheduler.is_idle:
+            core.step()
+            pool = core.scheduler.block_manager
+            peak = max(peak, pool.num_used_blocks)
+            metrics.refresh()
+            usage = registry.get_sample_value(f"{PREFIX}kv_cache_usage_perc", {"model_name": family})
+            assert usage == pool.num_used_blocks / pool.num_blocks
+        held[family] = peak
+    assert held["mistral"] <= -(-WINDOW // 16) + 1  # the window's blocks and the one being filled
+    assert held["llama"] == -(-(len(longest) + 40) // 16)
