@@ -46,18 +46,24 @@ def model_kind(model: Path) -> ModelKind:
     return ModelKind.EMBED
 
 
+def _text_config(model: Path) -> dict[str, Any]:
+    """A generator's config.json, or the text model's part of a multimodal one (Gemma 3's)."""
+    config = _json(model_dir_of(model) / "config.json")
+    return config.get("text_config") or config
+
+
 def _max_positions(config: dict[str, Any]) -> int:
     return int(config.get("max_position_embeddings", DEFAULT_MAX_POSITIONS))
 
 
 def generation_max_context(model: Path, override: int | None) -> int:
     """A generator's context (prompt and completion), capped by `override` when given."""
-    limit = _max_positions(_json(model_dir_of(model) / "config.json"))
+    limit = _max_positions(_text_config(model))
     return min(limit, override) if override else limit
 
 
 def vocab_size(model: Path) -> int:
-    return int(_json(model_dir_of(model) / "config.json").get("vocab_size", 0))
+    return int(_text_config(model).get("vocab_size", 0))
 
 
 def embedding_dimension(model: Path) -> int:
@@ -94,8 +100,9 @@ class PoolingConfig:
 
 
 def architecture(model: Path) -> str:
-    """config.json's model_type; "" for a GGUF file without one (its worker reports it)."""
-    return str(_json(model_dir_of(model) / "config.json").get("model_type", ""))
+    """config.json's model_type (a multimodal checkpoint's text model's); "" for a GGUF file
+    without one (its worker reports it)."""
+    return str(_text_config(model).get("model_type", ""))
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,10 +3,12 @@ the default model's SmolLM2 tokenizer beside them, so they load and serve as any
 
 The random weights are drawn wider than transformers' default (std 0.2, not 0.02) so that greedy
 decoding has clear winners instead of near-ties; sliding windows (24 tokens) are shorter than the
-test prompts, and the MoE families have several experts with two routed per token.
+test prompts, and the MoE families have several experts with two routed per token. The multimodal
+Gemma 3 has a tiny vision tower beside the text model we serve.
 """
 
 import shutil
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
+    Gemma3Config,
     Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
@@ -25,6 +28,7 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
     Qwen3MoeConfig,
+    SiglipVisionConfig,
 )
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -45,6 +49,8 @@ _COMMON = {
     "eos_token_id": 2,
     "pad_token_id": 2,
 }
+# Gemma's embeddings, scaled by sqrt(hidden_size), would make a tied head repeat the last token.
+_UNTIED = {"tie_word_embeddings": False}
 _MOE = {"num_experts_per_tok": 2, "intermediate_size": 96}
 
 
@@ -85,15 +91,29 @@ FAMILIES: dict[str, Callable[[], PretrainedConfig]] = {
     ),
     "olmo2": lambda: Olmo2Config(**_COMMON),
     "gemma2": lambda: Gemma2Config(
-        **_COMMON, head_dim=HEAD_DIM, query_pre_attn_scalar=24, sliding_window=WINDOW
+        **_COMMON | _UNTIED, head_dim=HEAD_DIM, query_pre_attn_scalar=24, sliding_window=WINDOW
     ),
     "gemma3": lambda: Gemma3TextConfig(
-        **_COMMON | {"num_hidden_layers": 3},
+        **_COMMON | _UNTIED | {"num_hidden_layers": 3},
         head_dim=HEAD_DIM,
         query_pre_attn_scalar=24,
         sliding_window=WINDOW,
         sliding_window_pattern=2,
         rope_scaling={"rope_type": "linear", "factor": 2.0},
+    ),
+    "gemma3-multimodal": lambda: Gemma3Config(
+        text_config=FAMILIES["gemma3"]().to_dict(),
+        vision_config=SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        ).to_dict(),
+        mm_tokens_per_image=4,
+        initializer_range=0.2,
+        **_UNTIED,
     ),
     "mixtral": lambda: MixtralConfig(**_COMMON | _MOE, num_local_experts=4),
     "qwen3_moe": lambda: Qwen3MoeConfig(
@@ -111,7 +131,7 @@ FAMILIES: dict[str, Callable[[], PretrainedConfig]] = {
 def build(family: str, folder: Path, tokenizer_from: Path, max_shard_size: str | None = None) -> Path:
     """Save the tiny random checkpoint of `family` with `tokenizer_from`'s tokenizer into `folder`,
     in shards of at most `max_shard_size` (with model.safetensors.index.json) when given."""
-    torch.manual_seed(0)
+    torch.manual_seed(zlib.crc32(family.encode()))  # each family its own draw, the same every run
     model = AutoModelForCausalLM.from_config(FAMILIES[family](), dtype=torch.float32)
     model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     for name in TOKENIZER_FILES:

@@ -48,7 +48,7 @@ class EmbeddingBackend:
         status.num_running = self.core.batcher.num_calls
         status.num_waiting = self.core.batcher.num_queued_inputs
         status.architecture = self.core.model.architecture
-        status.dtype = "float32"
+        status.dtype = str(self.core.model.dtype).removeprefix("torch.")
 
     def refresh_metrics(self) -> None:
         self.metrics.running.set(self.core.batcher.num_calls)

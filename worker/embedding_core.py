@@ -8,7 +8,7 @@ import torch
 
 from scheduler.embedding_batcher import EmbedCall, EmbeddingBatcher, EmbeddingBatcherConfig
 from worker.embedding_model import EmbeddingModel
-from worker.generation_core import prepare_device
+from worker.generation_core import prepare_device, resolve_dtype
 from worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -51,16 +51,17 @@ class EmbeddingCore:
     @classmethod
     def from_settings(cls, settings: WorkerSettings) -> "EmbeddingCore":
         device = prepare_device(settings)
-        model = EmbeddingModel(settings.model, device)
+        model = EmbeddingModel(settings.model, device, resolve_dtype(settings.dtype, device))
         config = EmbeddingBatcherConfig(
             max_batch_tokens=settings.embed_max_batch_tokens,
             max_batch_size=settings.embed_max_batch_size,
             max_wait_s=settings.embed_max_wait_ms / 1000,
         )
         logger.info(
-            "embedder ready: model=%s device=%s dimension=%d pooling=%s normalize=%s max_length=%d",
+            "embedder ready: model=%s device=%s dtype=%s dimension=%d pooling=%s normalize=%s max_length=%d",
             settings.model,
             device,
+            model.dtype,
             model.dimension,
             model.pooling.mode,
             model.pooling.normalize,

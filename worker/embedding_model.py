@@ -13,10 +13,11 @@ class EmbeddingModel:
     (mean, CLS or max, as the checkpoint's sentence-transformers config says). Normalization is
     left to the caller: calls batched together may ask for it differently."""
 
-    def __init__(self, path: Path, device: torch.device):
+    def __init__(self, path: Path, device: torch.device, dtype: torch.dtype = torch.float32):
         self.pooling = PoolingConfig.of(path)
         self.device = device
-        self.model = AutoModel.from_pretrained(str(path), dtype=torch.float32).to(device).eval()
+        self.dtype = dtype
+        self.model = AutoModel.from_pretrained(str(path), dtype=dtype).to(device).eval()
         self.pad_token_id = int(self.model.config.pad_token_id or 0)  # masked out: any id would do
         self.dimension = int(self.model.config.hidden_size)
         self.vocab_size = int(self.model.config.vocab_size)

@@ -23,6 +23,8 @@ from worker.model_config import CheckpointError, ModelConfig, model_config_from_
 logger = logging.getLogger(__name__)
 
 _INDEX = "model.safetensors.index.json"
+# Multimodal checkpoints whose text model we serve (text in, text out), and its weights' prefixes.
+TEXT_OF_MULTIMODAL = {"gemma3": ("language_model.model.", "model.language_model.")}
 
 
 def refusal(path: Path) -> str | None:
@@ -46,12 +48,15 @@ def refusal(path: Path) -> str | None:
             f"does not read (it loads float safetensors and GGUF)"
         )
     model_type = config.get("model_type")
+    if model_type in TEXT_OF_MULTIMODAL:
+        model_type = (config.get("text_config") or {}).get("model_type")
     if model_type not in FAMILIES:
-        return f"{config_path}: model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})"
+        supported = ", ".join([*FAMILIES, *TEXT_OF_MULTIMODAL])
+        return f"{config_path}: model_type {model_type!r} is not supported (supported: {supported})"
     return None
 
 
-def _read_hf_weights(path: Path) -> tuple[object, dict[str, torch.Tensor]]:
+def _read_hf_weights(path: Path) -> tuple[Any, dict[str, torch.Tensor]]:
     """The transformers config and the raw Hugging Face state dict, float32 on CPU."""
     if path.suffix == ".gguf":
         from transformers import AutoModelForCausalLM
@@ -77,6 +82,22 @@ def _read_hf_weights(path: Path) -> tuple[object, dict[str, torch.Tensor]]:
     return AutoConfig.from_pretrained(str(path)), weights
 
 
+def _text_model(hf_config: Any, weights: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A multimodal checkpoint's text config and its language model's weights under the text
+    model's own names; the vision tower and projector are left out. Others pass as they are."""
+    prefixes = TEXT_OF_MULTIMODAL.get(hf_config.model_type)
+    if prefixes is None:
+        return hf_config, weights
+    text: dict[str, torch.Tensor] = {}
+    for name, tensor in weights.items():
+        for prefix in prefixes:
+            if name.startswith(prefix):
+                text["model." + name.removeprefix(prefix)] = tensor
+        if name in ("language_model.lm_head.weight", "lm_head.weight"):
+            text["lm_head.weight"] = tensor
+    return hf_config.text_config, text
+
+
 def load_model(
     path: Path, device: torch.device, max_model_len: int | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[CausalLM, ModelConfig, int]:
@@ -85,7 +106,7 @@ def load_model(
     reason = refusal(path)
     if reason is not None:
         raise CheckpointError(reason)
-    hf_config, weights = _read_hf_weights(path)
+    hf_config, weights = _text_model(*_read_hf_weights(path))
     config = model_config_from_hf(hf_config, model_dir_of(path))
     context = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
     with torch.device("meta"):

@@ -24,6 +24,7 @@ SERVED_FAMILIES = [
     "olmo2",
     "gemma2",
     "gemma3",
+    "gemma3-multimodal",
     "mixtral",
     "qwen3_moe",
     "olmoe",
@@ -56,7 +57,8 @@ def test_conveyor_serve_answers_with_the_tokens_of_transformers(
                 for prompt in prompts
             ]
         config = json.loads((path / "config.json").read_text())
-        assert (info.architecture, info.dtype) == (config["model_type"], "float32")
+        text_config = config.get("text_config") or config  # a multimodal checkpoint serves its text model
+        assert (info.architecture, info.dtype) == (text_config["model_type"], "float32")
         assert outputs == expected
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=60) == 0

@@ -67,3 +67,14 @@ def test_an_input_over_the_model_limit_is_refused(embedder_dir: Path) -> None:
     with pytest.raises(ValueError, match="256"):
         core.add("long", [[101] * 257])
     assert core.wait_s() is None
+
+
+def test_bfloat16_vectors_point_where_the_float32_ones_do(embedder_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(str(embedder_dir))
+    inputs = [tokenizer(t, truncation=True, max_length=256)["input_ids"] for t in TEXTS]
+    model = EmbeddingModel(embedder_dir, torch.device("cpu"), torch.bfloat16)
+    assert next(model.model.parameters()).dtype == torch.bfloat16
+    vectors = torch.nn.functional.normalize(model.encode(inputs), dim=-1)
+    for text, vector, reference in zip(TEXTS, vectors, reference_vectors(embedder_dir, TEXTS), strict=True):
+        assert vector.dtype == torch.float32
+        assert torch.nn.functional.cosine_similarity(vector, reference, dim=0) > 0.99, text

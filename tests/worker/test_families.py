@@ -45,7 +45,7 @@ def hf_greedy(path: Path, prompts: list[list[int]], dtype: torch.dtype = torch.f
 
 def kv_bytes_per_token(path: Path) -> int:
     model = AutoModelForCausalLM.from_pretrained(str(path))
-    config = model.config
+    config = getattr(model.config, "text_config", None) or model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4
 
