@@ -48,6 +48,14 @@ def _generate(args: argparse.Namespace) -> int:
         sampling["temperature"] = args.temperature
     if args.seed is not None:
         sampling["seed"] = args.seed
+    if args.json_schema is not None:
+        sampling["json"] = args.json_schema.read_text()
+    if args.regex is not None:
+        sampling["regex"] = args.regex
+    if args.choice:
+        sampling["choice"] = args.choice
+    if args.grammar is not None:
+        sampling["grammar"] = args.grammar.read_text()
     inputs: dict[str, object] = (
         {"prompt": args.prompt} if args.raw else {"messages": [{"role": "user", "content": args.prompt}]}
     )
@@ -218,6 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--raw", action="store_true", help="send the prompt as is, without the chat template"
     )
     generate.add_argument("--json", action="store_true", help="print the final frame as JSON")
+    constraint = generate.add_argument_group("structured output (at most one)")
+    constraint.add_argument(
+        "--json-schema", type=Path, default=None, help="a JSON Schema file the output matches"
+    )
+    constraint.add_argument("--regex", default=None, help="a regular expression the whole output matches")
+    constraint.add_argument(
+        "--choice", action="append", default=[], help="an allowed output (repeat the flag)"
+    )
+    constraint.add_argument("--grammar", type=Path, default=None, help="a Lark or GBNF grammar file")
     generate.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     _add_security_args(generate)
     generate.set_defaults(run=_generate)

@@ -11,6 +11,7 @@ from opentelemetry.context import Context
 
 from checkpoints import ModelKind
 from gateway.call_context import CallContext, Caller
+from gateway.constraints import compile_constraint, constraint_of
 from gateway.embedding_call import EmbeddingCall
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.generation import Generation
@@ -49,18 +50,25 @@ class Admission:
         """Raises GatewayError with what to answer. The request's trace starts here, under `parent`
         (the caller's, if any)."""
         sampling = jobs_pb2.Sampling()  # resolved by validate(), before the lease is taken
+        constraint: tuple[str, str] | None = None
 
         def validate() -> ServedModel:
-            nonlocal sampling
+            nonlocal sampling, constraint
             model = self.context.check_model(request.model, caller, ModelKind.GENERATE)
             limits = self.context.limits(model)
             check_input(request, limits)
             sampling = resolve_sampling(request.sampling, limits)
+            constraint = constraint_of(request.sampling)
             return model
 
         async def tokenize(model: ServedModel) -> list[int]:
             token_ids = await self.tokenize(request, model.tokenizer)
             check_prompt_length(len(token_ids), self.context.limits(model))
+            if constraint is not None:  # compiling a large schema takes a while: not on the loop
+                loop = asyncio.get_running_loop()
+                sampling.grammar = await loop.run_in_executor(
+                    self.context.executor, compile_constraint, *constraint
+                )
             return token_ids
 
         def job(token_ids: list[int]) -> dict[str, object]:

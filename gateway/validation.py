@@ -15,6 +15,8 @@ MAX_LOGPROBS = 20
 MAX_TEMPERATURE = 100.0
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_EMBED_INPUTS = 2048  # OpenAI's bound on inputs per embeddings call
+MAX_LOGIT_BIAS = 300  # OpenAI's bound on logit_bias entries
+MAX_BIAS = 100.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,4 +160,16 @@ def resolve_sampling(sampling: inference_pb2.SamplingParams, limits: Limits) -> 
     )
     if sampling.HasField("seed"):
         resolved.seed = sampling.seed
+    if len(sampling.logit_bias) > MAX_LOGIT_BIAS:
+        raise InvalidRequest(
+            f"sampling.logit_bias: at most {MAX_LOGIT_BIAS} entries, got {len(sampling.logit_bias)}"
+        )
+    for token_id, bias in sorted(sampling.logit_bias.items()):
+        if token_id >= limits.vocab_size:
+            raise InvalidRequest(
+                f"sampling.logit_bias: token {token_id} is outside the vocabulary (size {limits.vocab_size})"
+            )
+        resolved.logit_bias[token_id] = _range(f"logit_bias[{token_id}]", bias, -MAX_BIAS, MAX_BIAS)
+    check_token_ids("sampling.allowed_token_ids", list(sampling.allowed_token_ids), limits.vocab_size)
+    resolved.allowed_token_ids.extend(sampling.allowed_token_ids)
     return resolved

@@ -167,7 +167,7 @@ class Scheduler:
 
     def _schedule_seq(self, seq: Sequence, num_new: int) -> ScheduledSeq:
         start = seq.num_computed_tokens
-        penalized = seq.sampling.has_penalties
+        penalized = seq.sampling.has_penalties or bool(seq.sampling.grammar)  # a grammar replays the output
         return ScheduledSeq(
             request_id=seq.request_id,
             token_ids=seq.token_slice(start, start + num_new),

@@ -42,6 +42,9 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None  # None: none; n: the sampled token's and the top n
+    grammar: str = ""  # a structured-output constraint as an llguidance grammar; "" = none
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    allowed_token_ids: tuple[int, ...] = ()  # when set, nothing else may be sampled
 
     @property
     def is_greedy(self) -> bool:

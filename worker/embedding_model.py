@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModel
 
 from checkpoints import PoolingConfig
+from worker.model_config import CheckpointError
 
 
 class EmbeddingModel:
@@ -17,7 +18,10 @@ class EmbeddingModel:
         self.pooling = PoolingConfig.of(path)
         self.device = device
         self.dtype = dtype
-        self.model = AutoModel.from_pretrained(str(path), dtype=dtype).to(device).eval()
+        try:
+            self.model = AutoModel.from_pretrained(str(path), dtype=dtype).to(device).eval()
+        except (ValueError, OSError) as error:  # remote code, a format transformers does not read
+            raise CheckpointError(f"{path}: {error}".replace("\n", " ")) from None
         self.pad_token_id = int(self.model.config.pad_token_id or 0)  # masked out: any id would do
         self.dimension = int(self.model.config.hidden_size)
         self.vocab_size = int(self.model.config.vocab_size)

@@ -18,8 +18,10 @@ class Family:
     qk_norm: QkNorm = "none"  # RMSNorm of q and k before RoPE: per head, or over the whole projection
     norms: NormPlacement = "pre"  # pre: before attention and MLP; post: after each; sandwich: both
     gemma: bool = False  # norms scale by (1 + weight), embeddings by sqrt(hidden_size), soft-capping
+    norm_weight_in_float32: bool = False  # RMSNorm scales before casting back (OLMo 2; Gemma always)
     qkv_bias: bool = False  # biases on q, k and v whatever `attention_bias` says
-    sliding_window: bool = False  # honours config.sliding_window (on the layers `layer_types` marks)
+    sliding_window: bool = False  # honours config.sliding_window
+    layer_types: bool = False  # ... only on the layers config.layer_types marks, else on every layer
     moe: bool = False  # feed-forward is a routed mixture of experts
     moe_always_normalizes: bool = False  # top-k routing weights renormalised to sum to one
 
@@ -27,12 +29,14 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "llama": Family(),
     "mistral": Family(sliding_window=True),
-    "qwen2": Family(qkv_bias=True, sliding_window=True),
-    "qwen3": Family(qk_norm="head", sliding_window=True),
+    "qwen2": Family(qkv_bias=True, sliding_window=True, layer_types=True),
+    "qwen3": Family(qk_norm="head", sliding_window=True, layer_types=True),
     "phi3": Family(sliding_window=True),  # q/k/v and gate/up come fused in the checkpoint
-    "olmo2": Family(qk_norm="projection", norms="post"),
-    "gemma2": Family(norms="sandwich", gemma=True, sliding_window=True),
-    "gemma3_text": Family(qk_norm="head", norms="sandwich", gemma=True, sliding_window=True),
+    "olmo2": Family(qk_norm="projection", norms="post", norm_weight_in_float32=True),
+    "gemma2": Family(norms="sandwich", gemma=True, sliding_window=True, layer_types=True),
+    "gemma3_text": Family(
+        qk_norm="head", norms="sandwich", gemma=True, sliding_window=True, layer_types=True
+    ),
     "mixtral": Family(sliding_window=True, moe=True, moe_always_normalizes=True),
     "qwen3_moe": Family(qk_norm="head", sliding_window=True, moe=True),
     "olmoe": Family(qk_norm="projection", moe=True),

@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from checkpoints import model_dir_of
 from scheduler import FinishReason, SamplingParams, Scheduler, SchedulerConfig, Sequence, TokenChunk
 from worker.cpu_kernels import keep_freed_memory, pack_linears
+from worker.grammar_matchers import GrammarMatchers
 from worker.kernels import PagedDecodeKernel
 from worker.kv_cache import KVCache, num_blocks_for_budget
-from worker.model_config import SLIDING
+from worker.model_config import CheckpointError
 from worker.model_loader import load_model
 from worker.model_runner import ModelRunner
 from worker.settings import EngineSettings
@@ -67,7 +69,7 @@ class GenerationCore:
         pool_tokens = num_blocks * settings.block_size
         if pool_tokens < max_model_len:
             if settings.max_model_len is not None:
-                raise ValueError(
+                raise CheckpointError(
                     f"a KV cache of {budget} bytes holds {pool_tokens} tokens, fewer than "
                     f"max_model_len {max_model_len}: raise kv_cache_bytes or lower max_model_len"
                 )
@@ -82,7 +84,7 @@ class GenerationCore:
             enable_prefix_caching=settings.enable_prefix_caching,
             eos_token_ids=config.eos_token_ids,
             long_prompt_from=model.long_prompt_from,
-            sliding_window=config.window if all(t == SLIDING for t in config.layer_types) else None,
+            sliding_window=config.window_of_every_layer,
         )
         kv_cache = KVCache(config, num_blocks, settings.block_size, device, dtype)
         logger.info(
@@ -100,7 +102,8 @@ class GenerationCore:
             logger.info("the C decode kernel is float32-only: %s decodes use gather + SDPA", settings.dtype)
         elif device.type == "cpu" and settings.cpu_decode_kernel:
             kernel = PagedDecodeKernel.load()
-        runner = ModelRunner(model, kv_cache, device, kernel)
+        matchers = GrammarMatchers(model_dir_of(settings.model), config.vocab_size, config.eos_token_ids)
+        runner = ModelRunner(model, kv_cache, device, kernel, matchers)
         return cls(Scheduler(scheduler_config), runner)
 
     @property
@@ -134,7 +137,16 @@ class GenerationCore:
 
     def abort(self, request_id: str) -> bool:
         """Stop a sequence and free its blocks now; False if it is not here."""
-        return self.scheduler.finish(request_id, FinishReason.CANCELLED) is not None
+        return self.finish(request_id, FinishReason.CANCELLED)
+
+    def finish(self, request_id: str, reason: FinishReason) -> bool:
+        """End a sequence now (a stop string, a cancel); False if it is not here."""
+        self._forget(request_id)
+        return self.scheduler.finish(request_id, reason) is not None
+
+    def _forget(self, request_id: str) -> None:
+        if self.runner.matchers is not None:
+            self.runner.matchers.drop(request_id)
 
     def step(self) -> GenerationStep | None:
         """Schedule, run the model once, sample; None when nothing was due."""
@@ -144,6 +156,9 @@ class GenerationCore:
             return None
         sampled = self.runner.execute(output)
         chunks = self.scheduler.update(output, sampled)
+        for chunk in chunks:
+            if chunk.finish_reason is not None:
+                self._forget(chunk.request_id)
         stats = self.stats
         seconds = time.perf_counter() - started
         stats.num_steps += 1

@@ -6,6 +6,8 @@ buried, and its gateway told (JOB_FAILURE_INVALID)."""
 import math
 from dataclasses import dataclass
 
+import llguidance
+
 from checkpoints import ModelKind
 from protos import jobs_pb2
 
@@ -45,7 +47,12 @@ def _embed_refusal(embed: jobs_pb2.EmbedTask, limits: JobLimits) -> str | None:
 def _generation_refusal(job: jobs_pb2.Job, num_delivered: int, limits: JobLimits) -> str | None:
     if not job.prompt_token_ids:
         return "empty prompt"
-    ids = [*job.prompt_token_ids, *job.sampling.stop_token_ids]
+    ids = [
+        *job.prompt_token_ids,
+        *job.sampling.stop_token_ids,
+        *job.sampling.logit_bias,
+        *job.sampling.allowed_token_ids,
+    ]
     if max(ids) >= limits.vocab_size:
         return f"token id {max(ids)} outside the vocabulary (size {limits.vocab_size})"
     sampling = job.sampling
@@ -60,10 +67,13 @@ def _generation_refusal(job: jobs_pb2.Job, num_delivered: int, limits: JobLimits
         "frequency_penalty finite": math.isfinite(sampling.frequency_penalty),
         "top_k <= vocabulary size": sampling.top_k <= limits.vocab_size,
         "logprobs <= 20": sampling.logprobs <= 20,
+        "logit_bias finite": all(math.isfinite(bias) for bias in sampling.logit_bias.values()),
     }
     broken = [rule for rule, ok in checks.items() if not ok]
     if broken:
         return f"malformed sampling: {', '.join(broken)}"
+    if sampling.grammar and (problem := llguidance.LLMatcher.validate_grammar(sampling.grammar)):
+        return f"grammar does not compile: {problem}"
     num_tokens = len(job.prompt_token_ids) + num_delivered
     if num_tokens >= limits.max_context:
         return (

@@ -27,6 +27,9 @@ def sampling_from_proto(sampling: jobs_pb2.Sampling) -> SamplingParams:
         ignore_eos=sampling.ignore_eos,
         min_tokens=sampling.min_tokens,
         logprobs=sampling.logprobs if sampling.logprobs >= 0 else None,
+        grammar=sampling.grammar,
+        logit_bias=tuple(sorted(sampling.logit_bias.items())),
+        allowed_token_ids=tuple(sampling.allowed_token_ids),
     )
 
 

@@ -62,7 +62,7 @@ class LLM:
                 finish_reason = chunk.finish_reason
                 if stream.matched_stop is not None and finish_reason is None:
                     finish_reason = FinishReason.STOP
-                    self.core.scheduler.finish(chunk.request_id, finish_reason)
+                    self.core.finish(chunk.request_id, finish_reason)
                 if finish_reason is not None:
                     completion.finish_reason = finish_reason
                     completion.text += stream.flush()

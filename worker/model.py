@@ -13,6 +13,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from worker.attention import AttentionMetadata, LayerAttention, paged_attention
+from worker.families import Family
 from worker.kv_cache import KVCache
 from worker.model_config import ModelConfig
 from worker.moe import MixtureOfExperts
@@ -32,14 +33,15 @@ NORM_NAMES: dict[str, dict[str, str]] = {
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm in float32, as Hugging Face does; Gemma scales by (1 + weight) in
-    float32 too, the others cast back before scaling."""
+    """Root-mean-square norm in float32, as Hugging Face does. Llama casts back before scaling by
+    the weight, OLMo 2 after; Gemma scales by (1 + weight) in float32."""
 
-    def __init__(self, size: int, eps: float, gemma: bool = False):
+    def __init__(self, size: int, eps: float, family: Family):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
-        self.gemma = gemma
+        self.gemma = family.gemma
+        self.weight_in_float32 = family.norm_weight_in_float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -47,6 +49,8 @@ class RMSNorm(nn.Module):
         normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.gemma:
             return (normed * (1.0 + self.weight.float())).to(dtype)
+        if self.weight_in_float32:
+            return (self.weight * normed).to(dtype)
         return self.weight * normed.to(dtype)
 
 
@@ -118,9 +122,9 @@ class Attention(nn.Module):
         self.qk_norm = config.family.qk_norm
         if self.qk_norm != "none":
             per_head = self.qk_norm == "head"
-            gemma = config.family.gemma
-            self.q_norm = RMSNorm(config.head_dim if per_head else self.q_size, config.rms_norm_eps, gemma)
-            self.k_norm = RMSNorm(config.head_dim if per_head else self.kv_size, config.rms_norm_eps, gemma)
+            family = config.family
+            self.q_norm = RMSNorm(config.head_dim if per_head else self.q_size, config.rms_norm_eps, family)
+            self.k_norm = RMSNorm(config.head_dim if per_head else self.kv_size, config.rms_norm_eps, family)
         self.clip_qkv = config.clip_qkv
         self.rope_key = config.rope_key(index) or "default"
         self.layer = LayerAttention(config.attention_scale, config.layer_window(index), config.attn_softcap)
@@ -184,7 +188,7 @@ class DecoderLayer(nn.Module):
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.activation)
         present = NORM_NAMES[config.family.norms]
         for slot in ("attn_in", "attn_out", "mlp_in", "mlp_out"):
-            norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.family.gemma)
+            norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.family)
             setattr(self, slot, norm if slot in present else nn.Identity())
 
     def forward(
@@ -210,7 +214,7 @@ class CausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embed_scale = math.sqrt(config.hidden_size) if config.family.gemma else None
         self.layers = nn.ModuleList(DecoderLayer(config, index) for index in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.family.gemma)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.family)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight

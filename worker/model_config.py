@@ -63,9 +63,9 @@ class ModelConfig:
         return self.window if self.layer_types[index] == SLIDING else None
 
     @property
-    def sliding_window(self) -> int | None:
-        """The window, when any layer has one."""
-        return self.window if SLIDING in self.layer_types else None
+    def window_of_every_layer(self) -> int | None:
+        """The window when every layer has it: keys behind it are never read again."""
+        return self.window if all(t == SLIDING for t in self.layer_types) else None
 
     def rope_key(self, index: int) -> str | None:
         """The `rope_parameters` entry of layer `index`, where they differ by layer type (Gemma 3)."""
@@ -86,12 +86,12 @@ def _eos_ids(model_dir: Path, hf_config: Any) -> tuple[int, ...]:
 
 
 def _layer_types(hf_config: Any, family: Family) -> tuple[str, ...]:
-    """Which layers attend through a window: `layer_types` where the config has it, else all of them
-    when the family honours `sliding_window` and it is set."""
+    """Which layers attend through a window: those `layer_types` marks in the families that read it
+    (as transformers does), else all of them when the family honours a set `sliding_window`."""
     count = hf_config.num_hidden_layers
     if not family.sliding_window or getattr(hf_config, "sliding_window", None) is None:
         return ("full_attention",) * count
-    declared = getattr(hf_config, "layer_types", None)
+    declared = getattr(hf_config, "layer_types", None) if family.layer_types else None
     return tuple(declared) if declared else (SLIDING,) * count
 
 

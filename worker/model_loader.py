@@ -1,8 +1,9 @@
 """Load Hugging Face weights (a checkpoint directory of safetensors, or a GGUF file) into CausalLM.
 
-What cannot be served is refused before any weight is read, with one line naming the file, the
-field or the tensor: code the checkpoint asks us to trust, a quantization format we do not read,
-an architecture we do not implement, a shard the index names and the folder lacks.
+What cannot be served is refused before the worker joins its group, with one line naming the file,
+the field or the tensor: an architecture we do not implement (or one only the checkpoint's own code
+implements), a quantization format we do not read, a shard the index names and the folder lacks
+(all before any weight is read), a tensor missing or mis-shaped.
 """
 
 import json
@@ -35,11 +36,6 @@ def refusal(path: Path) -> str | None:
     if not config_path.exists():
         return f"{config_path} is missing"
     config: dict[str, Any] = json.loads(config_path.read_text())
-    if config.get("auto_map"):
-        return (
-            f"{config_path}: auto_map asks to run the checkpoint's own Python code (trust_remote_code), "
-            f"which this engine never does"
-        )
     quantization = config.get("quantization_config")
     if quantization:
         method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
@@ -50,14 +46,21 @@ def refusal(path: Path) -> str | None:
     model_type = config.get("model_type")
     if model_type in TEXT_OF_MULTIMODAL:
         model_type = (config.get("text_config") or {}).get("model_type")
-    if model_type not in FAMILIES:
-        supported = ", ".join([*FAMILIES, *TEXT_OF_MULTIMODAL])
-        return f"{config_path}: model_type {model_type!r} is not supported (supported: {supported})"
-    return None
+    if model_type in FAMILIES:
+        if config.get("auto_map"):  # as transformers does for a type it knows: its own code is not run
+            logger.info("%s: auto_map ignored: model_type %r is built in", config_path, model_type)
+        return None
+    if config.get("auto_map"):
+        return (
+            f"{config_path}: model_type {model_type!r} needs the checkpoint's own Python code (auto_map, "
+            f"trust_remote_code), which this engine never runs"
+        )
+    supported = ", ".join([*FAMILIES, *TEXT_OF_MULTIMODAL])
+    return f"{config_path}: model_type {model_type!r} is not supported (supported: {supported})"
 
 
 def _read_hf_weights(path: Path) -> tuple[Any, dict[str, torch.Tensor]]:
-    """The transformers config and the raw Hugging Face state dict, float32 on CPU."""
+    """The transformers config and the raw Hugging Face state dict on CPU, in the checkpoint's dtype."""
     if path.suffix == ".gguf":
         from transformers import AutoModelForCausalLM
 
@@ -79,7 +82,10 @@ def _read_hf_weights(path: Path) -> tuple[Any, dict[str, torch.Tensor]]:
     weights: dict[str, torch.Tensor] = {}
     for file in files:
         weights.update(load_file(file))
-    return AutoConfig.from_pretrained(str(path)), weights
+    try:
+        return AutoConfig.from_pretrained(str(path)), weights
+    except ValueError as error:  # transformers' own check of config.json (RoPE parameters, ...)
+        raise CheckpointError(f"{path}/config.json: {error}".replace("\n", " ")) from None
 
 
 def _text_model(hf_config: Any, weights: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:

@@ -2,11 +2,13 @@
 
 import dataclasses
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from scheduler import RELEASED, SampledToken, ScheduledSeq, SchedulerOutput
 from worker.attention import AttentionMetadata, PrefillChunk
+from worker.grammar_matchers import GrammarMatchers
 from worker.kernels import PagedDecodeKernel
 from worker.kv_cache import KVCache
 from worker.model import CausalLM
@@ -22,8 +24,16 @@ class ModelRunner:
         kv_cache: KVCache,
         device: torch.device,
         decode_kernel: PagedDecodeKernel | None = None,
+        matchers: GrammarMatchers | None = None,
     ):
         self.model = model
+        self.matchers = matchers
+        # On a GPU, grammar masks are computed while the forward runs (llguidance and torch both let
+        # go of the GIL). On a CPU the forward already has every core: a mask thread beside it stalls
+        # torch's threads (a third slower steps, measured), so masks are computed before it instead.
+        self._mask_thread = (
+            ThreadPoolExecutor(1, thread_name_prefix="grammar-masks") if device.type == "cuda" else None
+        )
         self.decode_kernel = decode_kernel
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
@@ -64,6 +74,14 @@ class ModelRunner:
         )
         if decodes:
             meta = self._with_decode_context(meta, [items[i] for i in decodes])
+        sampled = [items[i] for i in sampled_items]
+        masks: Future[torch.Tensor | None] | None = None
+        if self.matchers is not None and any(item.sampling.grammar for item in sampled):
+            if self._mask_thread is not None:
+                masks = self._mask_thread.submit(self.matchers.masks, sampled)
+            else:
+                masks = Future()
+                masks.set_result(self.matchers.masks(sampled))
         started = time.perf_counter()
         logits = self.model(
             self._tensor(input_ids),
@@ -78,7 +96,7 @@ class ModelRunner:
         self.model_s += time.perf_counter() - started
         results: list[SampledToken | None] = [None] * len(items)
         if sampled_items:
-            tokens = self.sampler(logits.float(), [items[i] for i in sampled_items])
+            tokens = self.sampler(logits.float(), sampled, None if masks is None else masks.result())
             for index, token in zip(sampled_items, tokens, strict=True):
                 results[index] = token
         return results

@@ -25,9 +25,17 @@ class Sampler:
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
         self._seeded = torch.Generator(device=device)
+        self._bit_shifts = torch.arange(32, dtype=torch.int32, device=device)
 
-    def __call__(self, logits: torch.Tensor, items: list[ScheduledSeq]) -> list[SampledToken]:
-        """logits: [num_items, vocab_size] float32, row i belonging to items[i]."""
+    def __call__(
+        self, logits: torch.Tensor, items: list[ScheduledSeq], bitmask: torch.Tensor | None = None
+    ) -> list[SampledToken]:
+        """logits: [num_items, vocab_size] float32, row i belonging to items[i]; `bitmask`: the
+        grammar masks of the step, one bit per token (see GrammarMatchers.masks)."""
+        if bitmask is not None or any(
+            item.sampling.allowed_token_ids or item.sampling.logit_bias for item in items
+        ):
+            logits = self._restrict(logits.clone(), items, bitmask)
         if any(item.history is not None for item in items):
             logits = self._apply_penalties(logits.clone(), items)
         if any(item.banned_token_ids for item in items):
@@ -52,6 +60,25 @@ class Sampler:
         if not want_logprobs:
             return [SampledToken(token) for token in token_ids]
         return self._with_logprobs(torch.log_softmax(scaled, dim=-1), token_ids, items)
+
+    def _restrict(
+        self, logits: torch.Tensor, items: list[ScheduledSeq], bitmask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Grammar masks and allowed tokens first, then logit biases: what a row may sample at all."""
+        vocab = logits.shape[1]
+        if bitmask is not None:
+            bits = (bitmask.to(logits.device).unsqueeze(-1) >> self._bit_shifts) & 1  # [rows, words, 32]
+            logits = logits.masked_fill(bits.view(len(items), -1)[:, :vocab] == 0, _MASK)
+        for row, item in enumerate(items):
+            sampling = item.sampling
+            if sampling.allowed_token_ids:
+                allowed = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+                allowed[list(sampling.allowed_token_ids)] = True
+                logits[row] = logits[row].masked_fill(~allowed, _MASK)
+            if sampling.logit_bias:
+                ids, biases = zip(*sampling.logit_bias, strict=True)
+                logits[row, list(ids)] += torch.tensor(biases, dtype=logits.dtype, device=self.device)
+        return logits
 
     def _apply_penalties(self, logits: torch.Tensor, items: list[ScheduledSeq]) -> torch.Tensor:
         for row, item in enumerate(items):

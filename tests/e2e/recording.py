@@ -2,6 +2,7 @@
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -16,6 +17,8 @@ class RecordedStream:
     frames: list[inference_pb2.GenerateResponse] = field(default_factory=list)
     arrivals: list[float] = field(default_factory=list)  # time.monotonic() of each frame
     error: grpc.RpcError | None = None
+    # Greedy with EOS ignored, so an undisturbed run gives exactly `max_tokens` known tokens.
+    sampling: dict[str, Any] = field(default_factory=lambda: {"temperature": 0.0, "ignore_eos": True})
 
     @property
     def token_ids(self) -> list[int]:
@@ -26,12 +29,15 @@ class RecordedStream:
         """The token index of every token received, in arrival order."""
         return [i for f in self.frames for i in range(f.index, f.index + len(f.token_ids))]
 
+    @property
+    def text(self) -> str:
+        return "".join(f.text for f in self.frames)
+
     def run(self, address: str) -> None:
-        """Greedy with EOS ignored, so an undisturbed run gives exactly `max_tokens` known tokens."""
         try:
             with ConveyorClient(address) as client:
                 for frame in client.stream(
-                    self.prompt, max_tokens=self.max_tokens, temperature=0.0, ignore_eos=True, timeout_s=300
+                    self.prompt, max_tokens=self.max_tokens, timeout_s=300, **self.sampling
                 ):
                     self.frames.append(frame)
                     self.arrivals.append(time.monotonic())

@@ -1,6 +1,7 @@
 """Faults with real processes: a worker killed mid-generation or holding an embedding call, a gateway
 killed mid-request."""
 
+import json
 import os
 import signal
 import socket
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import grpc
+import jsonschema
 import redis
 
 from client.library import ConveyorClient, vectors_of
@@ -29,12 +31,27 @@ from tests.e2e.conftest import Cluster
 from tests.e2e.recording import RecordedStream
 
 MODEL = "smollm2-135m-instruct"
+ROBOT = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 12}, "legs": {"type": "integer"}},
+    "required": ["name", "legs"],
+    "additionalProperties": False,
+}
 NUM_STREAMS = 16
 MAX_TOKENS = 48
 
 
-def run_streams(address: str, prompts: list[str], while_running: object = None) -> list[RecordedStream]:
-    streams = [RecordedStream(p, MAX_TOKENS) for p in prompts]
+def run_streams(
+    address: str,
+    prompts: list[str],
+    while_running: object = None,
+    sampling: list[dict[str, object]] | None = None,
+) -> list[RecordedStream]:
+    """One stream per prompt, each with its own sampling (default: greedy, EOS ignored)."""
+    streams = [
+        RecordedStream(p, MAX_TOKENS) if sampling is None else RecordedStream(p, MAX_TOKENS, sampling=s)
+        for p, s in zip(prompts, sampling or [{}] * len(prompts), strict=True)
+    ]
     threads = [threading.Thread(target=s.run, args=(address,)) for s in streams]
     for thread in threads:
         thread.start()
@@ -92,12 +109,19 @@ def test_a_worker_killed_mid_generation_loses_and_repeats_nothing(
         redis_server.url, namespace, model_dir, log_dir, "--max-num-seqs", "16"
     )
     prompts = [f"Write a short story about a {n}-legged robot." for n in range(NUM_STREAMS)]
+    # Half of the streams are constrained to a JSON schema: their matchers are rebuilt on the worker
+    # that resumes them by replaying the tokens already delivered.
+    constrained = {"temperature": 0.0, "json": json.dumps(ROBOT)}
+    sampling = [constrained] * (NUM_STREAMS // 2) + [{"temperature": 0.0, "ignore_eos": True}] * (
+        NUM_STREAMS // 2
+    )
     report: dict[str, object] = {}
     try:
         wait_until_serving(address, [*workers, gateway])
         assert wait_for(lambda: len(worker_statuses(redis_server.url, namespace)) == 2, timeout_s=120)
-        undisturbed = run_streams(address, prompts)
-        assert all(s.error is None and len(s.token_ids) == MAX_TOKENS for s in undisturbed)
+        undisturbed = run_streams(address, prompts, sampling=sampling)
+        assert all(s.error is None for s in undisturbed)
+        assert all(len(s.token_ids) == MAX_TOKENS for s in undisturbed[NUM_STREAMS // 2 :])
 
         def kill_the_busier_worker(streams: list[RecordedStream]) -> None:
             assert wait_for(lambda: all(len(s.token_ids) >= 2 for s in streams), timeout_s=120)
@@ -109,7 +133,7 @@ def test_a_worker_killed_mid_generation_loses_and_repeats_nothing(
             victim.wait()
             report["victim"] = victim
 
-        disturbed = run_streams(address, prompts, kill_the_busier_worker)
+        disturbed = run_streams(address, prompts, kill_the_busier_worker, sampling)
     finally:
         stop_process(gateway)
         for worker in workers:
@@ -117,9 +141,16 @@ def test_a_worker_killed_mid_generation_loses_and_repeats_nothing(
     assert isinstance(report["in_flight_on_victim"], int) and report["in_flight_on_victim"] > 0
     for before, after in zip(undisturbed, disturbed, strict=True):
         assert after.error is None, after.error
-        assert after.indexes == list(range(MAX_TOKENS)), "an index twice or missing"
+        assert after.indexes == list(range(len(before.token_ids))), "an index twice or missing"
         assert after.token_ids == before.token_ids, "greedy text differs from the undisturbed run"
-        assert after.frames[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
+        assert after.frames[-1].finish_reason == before.frames[-1].finish_reason
+    for stream in disturbed[: NUM_STREAMS // 2]:
+        assert stream.frames[-1].finish_reason == inference_pb2.FINISH_REASON_STOP, stream.text
+        jsonschema.validate(json.loads(stream.text), ROBOT)
+    assert all(
+        s.frames[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
+        for s in disturbed[NUM_STREAMS // 2 :]
+    )
     killed_at = report["killed_at"]
     assert isinstance(killed_at, float)
     resumed = [

@@ -15,6 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from bootstrap.process import EXIT_CANNOT_SERVE
 from client.redis_server import RedisServer
 from tests.tiny_checkpoints import build
+from worker.llm import LLM
 from worker.model_config import CheckpointError
 from worker.model_loader import load_model
 
@@ -73,8 +74,25 @@ def test_a_quantized_checkpoint_names_its_method(llama: Path) -> None:
 
 
 def test_remote_code_is_never_run(llama: Path) -> None:
-    edit_config(llama, auto_map={"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
-    assert "auto_map asks to run the checkpoint's own Python code (trust_remote_code)" in refusal_of(llama)
+    edit_config(
+        llama, model_type="custom", auto_map={"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    )
+    assert (
+        "model_type 'custom' needs the checkpoint's own Python code (auto_map, trust_remote_code)"
+        in refusal_of(llama)
+    )
+
+
+def test_a_built_in_type_loads_whatever_auto_map_says(llama: Path) -> None:
+    """Phi-3's official checkpoints carry an auto_map; transformers ignores it for a type it knows."""
+    edit_config(llama, auto_map={"AutoModelForCausalLM": "modeling_phi3.Phi3ForCausalLM"})
+    _model, config, _context = load_model(llama, torch.device("cpu"))
+    assert config.model_type == "llama"
+
+
+def test_a_kv_cache_too_small_for_the_asked_context_is_a_refusal(llama: Path) -> None:
+    with pytest.raises(CheckpointError, match="fewer than max_model_len 512"):
+        LLM(model=llama, kv_cache_bytes=1 << 16, max_model_len=512)
 
 
 def test_a_shard_the_index_names_must_be_there(llama: Path) -> None:

@@ -88,3 +88,46 @@ def test_banned_tokens_are_never_picked() -> None:
     banned = ScheduledSeq(**{**{f: getattr(greedy, f) for f in greedy.__slots__}, "banned_token_ids": (0, 1)})  # type: ignore[arg-type]
     tokens = sampler(torch.cat([LOGITS, LOGITS]), [greedy, banned])
     assert [t.token_id for t in tokens] == [0, 2]
+
+
+def bitmask(allowed_per_row: list[list[int] | None], vocab: int) -> torch.Tensor:
+    """An llguidance-layout bitmask: one bit per token, 32 tokens an int32 word; None = every token."""
+    words = -(-vocab // 32)
+    mask = torch.zeros(len(allowed_per_row), words, dtype=torch.int64)
+    for row, allowed in enumerate(allowed_per_row):
+        for token in range(words * 32) if allowed is None else allowed:
+            mask[row, token // 32] |= 1 << (token % 32)
+    return torch.where(mask >= 2**31, mask - 2**32, mask).to(torch.int32)
+
+
+def test_grammar_masks_apply_per_row_beside_free_rows_penalties_and_logprobs() -> None:
+    sampler = Sampler(torch.device("cpu"))
+    vocab = 70  # more than two mask words, the last one partial
+    logits = torch.arange(vocab, dtype=torch.float32).repeat(4, 1)  # the highest id is the most likely
+    items = [
+        item(temperature=0.0),  # constrained, greedy
+        item(temperature=0.0),  # free
+        item(temperature=1.0, seed=3, logprobs=2),  # constrained, sampled, with logprobs
+        item(history=[1, 64], num_prompt=1, temperature=0.0, repetition_penalty=4.0),  # constrained + penalty
+    ]
+    masks = bitmask([[5, 33, 64], None, [40, 41], [33, 64]], vocab)
+    tokens = sampler(logits.clone(), items, masks)
+    assert [t.token_id for t in tokens[:2]] == [64, 69]
+    assert tokens[2].token_id in (40, 41) and {token for token, _ in tokens[2].top_logprobs} == {40, 41}
+    assert tokens[3].token_id == 33  # 64 is allowed but penalised below 33
+    for _ in range(50):
+        assert sampler(logits[2:3].clone(), items[2:3], masks[2:3])[0].token_id in (40, 41)
+
+
+def test_allowed_tokens_and_logit_bias() -> None:
+    sampler = Sampler(torch.device("cpu"))
+    logits = torch.zeros(2, 10)
+    items = [
+        item(temperature=0.0, allowed_token_ids=(2, 7), logit_bias=((7, 5.0),)),
+        item(temperature=0.0, logit_bias=((3, 100.0), (9, -100.0))),
+    ]
+    assert [t.token_id for t in sampler(logits.clone(), items)] == [7, 3]
+    assert {sampler(logits.clone(), [item(allowed_token_ids=(4, 6))])[0].token_id for _ in range(100)} == {
+        4,
+        6,
+    }

@@ -19,7 +19,7 @@ from worker.model_config import SLIDING, model_config_from_hf
 
 
 def test_qwen2_has_a_window_only_on_the_layers_it_marks(tmp_path: Path) -> None:
-    assert model_config_from_hf(Qwen2Config(sliding_window=32), tmp_path).sliding_window is None
+    assert model_config_from_hf(Qwen2Config(sliding_window=32), tmp_path).window is None
     config = model_config_from_hf(
         Qwen2Config(sliding_window=32, use_sliding_window=True, num_hidden_layers=4, max_window_layers=2),
         tmp_path,
@@ -31,8 +31,11 @@ def test_gemma2_alternates_and_mistral_windows_every_layer(tmp_path: Path) -> No
     gemma = model_config_from_hf(Gemma2Config(num_hidden_layers=4, sliding_window=8), tmp_path)
     assert gemma.layer_types == (SLIDING, "full_attention", SLIDING, "full_attention")
     mistral = model_config_from_hf(MistralConfig(num_hidden_layers=2, sliding_window=8), tmp_path)
-    assert [mistral.layer_window(i) for i in range(2)] == [8, 8]
-    assert model_config_from_hf(LlamaConfig(num_hidden_layers=2), tmp_path).sliding_window is None
+    assert [mistral.layer_window(i) for i in range(2)] == [8, 8] and mistral.window_of_every_layer == 8
+    assert gemma.window_of_every_layer is None
+    assert model_config_from_hf(LlamaConfig(num_hidden_layers=2), tmp_path).window is None
+    declared = MistralConfig(num_hidden_layers=2, sliding_window=8, layer_types=[SLIDING, "full_attention"])
+    assert model_config_from_hf(declared, tmp_path).window_of_every_layer == 8  # Mistral ignores layer_types
 
 
 def test_the_parity_prompts_reach_past_the_window(

@@ -1,0 +1,79 @@
+"""GrammarMatchers: one llguidance matcher per constrained sequence, and the token masks of a step.
+
+A matcher is fed the sequence's output tokens by catching up with its history at each step, so a
+resumed job (whose delivered tokens arrive as output) and a preempted one (whose outputs are kept)
+rebuild the same state with no special path. Grammars compile once per worker, cached by their
+text; the tokenizer llguidance needs (about a second to build) is built at the first constrained job.
+"""
+
+import functools
+from collections import OrderedDict
+from pathlib import Path
+
+import llguidance
+import llguidance.torch
+import tokenizers
+import torch
+
+from scheduler import ScheduledSeq
+
+_MAX_CACHED_GRAMMARS = 256
+
+
+class GrammarMatchers:
+    def __init__(self, tokenizer_dir: Path, vocab_size: int, eos_token_ids: tuple[int, ...]):
+        self._tokenizer_dir = tokenizer_dir
+        self.vocab_size = vocab_size
+        self._eos_token_ids = list(eos_token_ids)
+        self._matchers: dict[str, tuple[llguidance.LLMatcher, list[int]]] = {}  # with tokens consumed
+        self._grammars: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()  # fresh matchers to copy
+        self._executor: llguidance.LLExecutor | None = None
+
+    @functools.cached_property
+    def tokenizer(self) -> llguidance.LLTokenizer:
+        backend = tokenizers.Tokenizer.from_file(str(self._tokenizer_dir / "tokenizer.json"))
+        backend.no_padding()
+        backend.no_truncation()
+        return llguidance.LLTokenizer(
+            backend.to_str(), n_vocab=self.vocab_size, eos_token=self._eos_token_ids or None
+        )
+
+    def masks(self, items: list[ScheduledSeq]) -> torch.Tensor | None:
+        """[len(items), vocab_size / 32] int32 bitmask rows (all ones for a free row) after each
+        constrained item's matcher caught up with its output; None when no item is constrained."""
+        rows = [(row, item) for row, item in enumerate(items) if item.sampling.grammar]
+        if not rows:
+            return None
+        bitmask = llguidance.torch.allocate_token_bitmask(len(items), self.vocab_size)
+        matchers = [(self._caught_up(item), row) for row, item in rows]
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor()
+        llguidance.torch.fill_next_token_bitmask_par(self._executor, matchers, bitmask)
+        return bitmask
+
+    def drop(self, request_id: str) -> None:
+        self._matchers.pop(request_id, None)
+
+    def _caught_up(self, item: ScheduledSeq) -> llguidance.LLMatcher:
+        entry = self._matchers.get(item.request_id)
+        if entry is None:
+            entry = self._matchers[item.request_id] = (self._fresh(item.sampling.grammar), [])
+        matcher, consumed = entry
+        assert item.history is not None, "a constrained sequence is scheduled with its history"
+        output = item.history[item.num_prompt_tokens :]
+        if len(output) > len(consumed):
+            new = output[len(consumed) :]
+            matcher.consume_tokens(new)
+            consumed.extend(new)
+        return matcher
+
+    def _fresh(self, grammar: str) -> llguidance.LLMatcher:
+        template = self._grammars.get(grammar)
+        if template is None:
+            template = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+            self._grammars[grammar] = template
+            if len(self._grammars) > _MAX_CACHED_GRAMMARS:
+                self._grammars.popitem(last=False)
+        else:
+            self._grammars.move_to_end(grammar)
+        return template.deep_copy()
