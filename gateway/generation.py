@@ -68,6 +68,7 @@ class Generation:
                     index=max(chunk.index, self.next_index),
                     finish_reason=piece.finish_reason,
                     logprobs=piece.logprobs,
+                    prompt_logprobs=chunk.prompt_logprobs if self.next_index == 0 else [],
                 )
                 self.next_index = max(chunk.index, self.next_index) + len(piece.token_ids)
                 if piece.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED:

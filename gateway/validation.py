@@ -131,8 +131,9 @@ def resolve_sampling(sampling: inference_pb2.SamplingParams, limits: Limits) -> 
     check_token_ids("sampling.stop_token_ids", list(sampling.stop_token_ids), limits.vocab_size)
     if top_k > limits.vocab_size:
         raise InvalidRequest(f"sampling.top_k: {top_k} exceeds the vocabulary size {limits.vocab_size}")
-    if sampling.HasField("logprobs") and sampling.logprobs > MAX_LOGPROBS:
-        raise InvalidRequest(f"sampling.logprobs: at most {MAX_LOGPROBS}, got {sampling.logprobs}")
+    for field in ("logprobs", "prompt_logprobs"):
+        if sampling.HasField(field) and getattr(sampling, field) > MAX_LOGPROBS:
+            raise InvalidRequest(f"sampling.{field}: at most {MAX_LOGPROBS}, got {getattr(sampling, field)}")
     resolved = jobs_pb2.Sampling(
         max_tokens=max_tokens,
         temperature=_range(
@@ -157,6 +158,7 @@ def resolve_sampling(sampling: inference_pb2.SamplingParams, limits: Limits) -> 
         ignore_eos=sampling.ignore_eos,
         min_tokens=sampling.min_tokens,
         logprobs=sampling.logprobs if sampling.HasField("logprobs") else -1,
+        prompt_logprobs=sampling.prompt_logprobs if sampling.HasField("prompt_logprobs") else -1,
     )
     if sampling.HasField("seed"):
         resolved.seed = sampling.seed

@@ -64,6 +64,7 @@ class TokenChunk:
     tokens: tuple[SampledToken, ...]
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
+    prompt_logprobs: tuple[SampledToken, ...] = ()  # on completion token 0, when asked for
 
     @property
     def token_ids(self) -> list[int]:

@@ -95,13 +95,23 @@ class Scheduler:
             scheduled=scheduled, num_batched_tokens=self.config.max_num_batched_tokens - budget
         )
 
-    def update(self, output: SchedulerOutput, sampled: list[SampledToken | None]) -> list[TokenChunk]:
-        """Record what the step computed and sampled; finish sequences that reached a stop."""
+    def update(
+        self,
+        output: SchedulerOutput,
+        sampled: list[SampledToken | None],
+        prompt_logprobs: dict[int, list[SampledToken]] | None = None,
+    ) -> list[TokenChunk]:
+        """Record what the step computed and sampled (and the prompt logprobs of chunks that asked,
+        by item); finish sequences that reached a stop."""
         chunks: list[TokenChunk] = []
-        for item, sample in zip(output.scheduled, sampled, strict=True):
+        for index, (item, sample) in enumerate(zip(output.scheduled, sampled, strict=True)):
             seq = self._live.get(item.request_id)
             if seq is None:
                 continue  # finished while the step ran
+            if prompt_logprobs and index in prompt_logprobs:
+                if item.start_pos == 0:  # computed afresh after a preemption: the same values again
+                    seq.prompt_logprobs.clear()
+                seq.prompt_logprobs.extend(prompt_logprobs[index])
             seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.cache_full_blocks(seq)
             if self.config.sliding_window is not None:
@@ -120,6 +130,7 @@ class Scheduler:
                     tokens=(sample,),
                     finish_reason=reason,
                     num_prompt_tokens=seq.num_prompt_tokens,
+                    prompt_logprobs=tuple(seq.prompt_logprobs) if len(seq.output_token_ids) == 1 else (),
                 )
             )
         return chunks
@@ -167,7 +178,9 @@ class Scheduler:
 
     def _schedule_seq(self, seq: Sequence, num_new: int) -> ScheduledSeq:
         start = seq.num_computed_tokens
-        penalized = seq.sampling.has_penalties or bool(seq.sampling.grammar)  # a grammar replays the output
+        # The whole history when penalties count it, a grammar replays it or prompt logprobs score it.
+        in_prompt = start < seq.num_prompt_tokens and seq.sampling.prompt_logprobs is not None
+        penalized = seq.sampling.has_penalties or bool(seq.sampling.grammar) or in_prompt
         return ScheduledSeq(
             request_id=seq.request_id,
             token_ids=seq.token_slice(start, start + num_new),

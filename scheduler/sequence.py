@@ -4,6 +4,10 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from scheduler.output import SampledToken
 
 
 class SequenceStatus(enum.IntEnum):
@@ -45,6 +49,7 @@ class SamplingParams:
     grammar: str = ""  # a structured-output constraint as an llguidance grammar; "" = none
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     allowed_token_ids: tuple[int, ...] = ()  # when set, nothing else may be sampled
+    prompt_logprobs: int | None = None  # None: none; n: each prompt token's and the top n there
 
     @property
     def is_greedy(self) -> bool:
@@ -75,6 +80,7 @@ class Sequence:
     num_released_blocks: int = 0  # leading blocks given back as outside the sliding window
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks
     num_preemptions: int = 0
+    prompt_logprobs: list["SampledToken"] = field(default_factory=list)  # prompt tokens 1.., when asked
     finish_reason: FinishReason | None = None
     arrival_order: int = field(default_factory=lambda: next(_arrival_counter))
 

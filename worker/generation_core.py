@@ -154,8 +154,8 @@ class GenerationCore:
         output = self.scheduler.schedule()
         if output.is_empty:
             return None
-        sampled = self.runner.execute(output)
-        chunks = self.scheduler.update(output, sampled)
+        result = self.runner.execute(output)
+        chunks = self.scheduler.update(output, result.sampled, result.prompt_logprobs)
         for chunk in chunks:
             if chunk.finish_reason is not None:
                 self._forget(chunk.request_id)

@@ -51,6 +51,10 @@ class GrammarMatchers:
         llguidance.torch.fill_next_token_bitmask_par(self._executor, matchers, bitmask)
         return bitmask
 
+    def __len__(self) -> int:
+        """Sequences holding a matcher now."""
+        return len(self._matchers)
+
     def drop(self, request_id: str) -> None:
         self._matchers.pop(request_id, None)
 

@@ -67,6 +67,7 @@ def _generation_refusal(job: jobs_pb2.Job, num_delivered: int, limits: JobLimits
         "frequency_penalty finite": math.isfinite(sampling.frequency_penalty),
         "top_k <= vocabulary size": sampling.top_k <= limits.vocab_size,
         "logprobs <= 20": sampling.logprobs <= 20,
+        "prompt_logprobs <= 20": sampling.prompt_logprobs <= 20,
         "logit_bias finite": all(math.isfinite(bias) for bias in sampling.logit_bias.values()),
     }
     broken = [rule for rule, ok in checks.items() if not ok]

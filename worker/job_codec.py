@@ -2,7 +2,7 @@
 proto chunks."""
 
 from protos import inference_pb2, jobs_pb2
-from scheduler import FinishReason, SamplingParams, Sequence, TokenChunk
+from scheduler import FinishReason, SampledToken, SamplingParams, Sequence, TokenChunk
 
 _FINISH_TO_PROTO = {
     None: inference_pb2.FINISH_REASON_UNSPECIFIED,
@@ -30,6 +30,7 @@ def sampling_from_proto(sampling: jobs_pb2.Sampling) -> SamplingParams:
         grammar=sampling.grammar,
         logit_bias=tuple(sorted(sampling.logit_bias.items())),
         allowed_token_ids=tuple(sampling.allowed_token_ids),
+        prompt_logprobs=sampling.prompt_logprobs if sampling.prompt_logprobs >= 0 else None,
     )
 
 
@@ -54,12 +55,17 @@ def chunk_to_proto(chunk: TokenChunk) -> jobs_pb2.TokenChunk:
     )
     for token in chunk.tokens:
         if token.logprob is not None:
-            message.logprobs.add(
-                token_id=token.token_id,
-                logprob=token.logprob,
-                top=[inference_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in token.top_logprobs],
-            )
+            message.logprobs.append(_token_logprobs(token))
+    message.prompt_logprobs.extend(_token_logprobs(token) for token in chunk.prompt_logprobs)
     return message
+
+
+def _token_logprobs(token: SampledToken) -> inference_pb2.TokenLogprobs:
+    return inference_pb2.TokenLogprobs(
+        token_id=token.token_id,
+        logprob=token.logprob or 0.0,
+        top=[inference_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in token.top_logprobs],
+    )
 
 
 def embedded_chunk(request_id: str, vectors: list[list[float]], prompt_tokens: int) -> jobs_pb2.TokenChunk:

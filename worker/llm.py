@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from checkpoints import model_dir_of
-from scheduler import FinishReason, SamplingParams, Sequence
+from scheduler import FinishReason, SampledToken, SamplingParams, Sequence
 from tokenization import TextStream, Tokenizer
 from worker.generation_core import GenerationCore
 from worker.settings import EngineSettings
@@ -23,6 +23,7 @@ class Completion:
     finish_reason: FinishReason | None = None
     submitted_s: float = 0.0  # time.perf_counter() when submitted
     token_times_s: list[float] = field(default_factory=list)  # perf_counter() when each token arrived
+    prompt_logprobs: list[SampledToken] = field(default_factory=list)  # prompt tokens 1.., when asked
 
 
 class LLM:
@@ -57,6 +58,7 @@ class LLM:
                 completion = completions[chunk.request_id]
                 stream = streams[chunk.request_id]
                 completion.token_ids.extend(chunk.token_ids)
+                completion.prompt_logprobs.extend(chunk.prompt_logprobs)
                 completion.token_times_s.extend(now for _ in chunk.tokens)
                 completion.text += stream.push(chunk.token_ids)
                 finish_reason = chunk.finish_reason

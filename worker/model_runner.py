@@ -3,6 +3,7 @@
 import dataclasses
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
@@ -13,6 +14,12 @@ from worker.kernels import PagedDecodeKernel
 from worker.kv_cache import KVCache
 from worker.model import CausalLM
 from worker.sampler import Sampler
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    sampled: list[SampledToken | None]  # by item: its token, when it needed one
+    prompt_logprobs: dict[int, list[SampledToken]]  # by item: its chunk's prompt tokens scored
 
 
 class ModelRunner:
@@ -42,8 +49,9 @@ class ModelRunner:
         self._offsets = torch.arange(self.block_size, device=device)
         self.model_s = 0.0  # time inside the model's forward, over the runner's life
 
-    def execute(self, output: SchedulerOutput) -> list[SampledToken | None]:
-        """One forward pass over every scheduled token; a token for each item that needs one."""
+    def execute(self, output: SchedulerOutput) -> StepResult:
+        """One forward pass over every scheduled token; a token for each item that needs one, and
+        the prompt logprobs of the chunks that asked for them."""
         items = output.scheduled
         decodes = [i for i, item in enumerate(items) if item.num_new_tokens == 1]
         chunks = [i for i, item in enumerate(items) if item.num_new_tokens > 1]
@@ -54,8 +62,17 @@ class ModelRunner:
         slot_mapping: list[int] = []
         logit_rows: list[int] = []
         sampled_items: list[int] = []
+        prompt_rows: list[int] = []  # rows whose logits score the next prompt token
+        prompt_targets: list[tuple[int, int]] = []  # (item, that token) of each
         for index in order:
             item = items[index]
+            first_row = len(input_ids)
+            for pos in range(item.start_pos, min(item.context_len, item.num_prompt_tokens - 1)):
+                if item.sampling.prompt_logprobs is None:
+                    break
+                assert item.history is not None, "a prompt that wants logprobs is scheduled with it"
+                prompt_rows.append(first_row + pos - item.start_pos)
+                prompt_targets.append((index, item.history[pos + 1]))
             input_ids.extend(item.token_ids)
             prompt_lens.extend([item.num_prompt_tokens] * item.num_new_tokens)
             for pos in range(item.start_pos, item.context_len):
@@ -88,7 +105,7 @@ class ModelRunner:
             self._tensor(positions),
             self.kv_cache,
             meta,
-            self._tensor(logit_rows),
+            self._tensor(logit_rows + prompt_rows),
             self._tensor(prompt_lens),
         )
         if self.device.type == "cuda":
@@ -96,10 +113,29 @@ class ModelRunner:
         self.model_s += time.perf_counter() - started
         results: list[SampledToken | None] = [None] * len(items)
         if sampled_items:
-            tokens = self.sampler(logits.float(), sampled, None if masks is None else masks.result())
+            tokens = self.sampler(
+                logits[: len(sampled)].float(), sampled, None if masks is None else masks.result()
+            )
             for index, token in zip(sampled_items, tokens, strict=True):
                 results[index] = token
-        return results
+        return StepResult(results, self._prompt_logprobs(logits[len(sampled) :], prompt_targets, items))
+
+    @staticmethod
+    def _prompt_logprobs(
+        logits: torch.Tensor, targets: list[tuple[int, int]], items: list[ScheduledSeq]
+    ) -> dict[int, list[SampledToken]]:
+        """Each prompt token's logprob under the raw distribution (no temperature, no penalties, as
+        vLLM gives them) and the most likely tokens there, by item."""
+        found: dict[int, list[SampledToken]] = {}
+        if not targets:
+            return found
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        for row, (index, token) in enumerate(targets):
+            num_top = items[index].sampling.prompt_logprobs or 0
+            values, ids = logprobs[row].topk(num_top) if num_top else (torch.empty(0), torch.empty(0))
+            top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+            found.setdefault(index, []).append(SampledToken(token, float(logprobs[row, token]), top))
+        return found
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
