@@ -29,6 +29,10 @@ def constraint_of(sampling: inference_pb2.SamplingParams) -> tuple[str, str] | N
     if len(present) > 1:
         raise InvalidRequest(f"sampling: set at most one of {', '.join(FIELDS)} (got {', '.join(present)})")
     field = present[0]
+    if sampling.min_tokens:  # past a finished match only EOS may come, which min_tokens bans
+        raise InvalidRequest(f"sampling.min_tokens: cannot be combined with sampling.{field}")
+    if sampling.allowed_token_ids:
+        raise InvalidRequest(f"sampling.allowed_token_ids: cannot be combined with sampling.{field}")
     if field == "choice":
         for index, choice in enumerate(sampling.choice):
             if not choice:

@@ -158,10 +158,11 @@ def resolve_sampling(sampling: inference_pb2.SamplingParams, limits: Limits) -> 
         ignore_eos=sampling.ignore_eos,
         min_tokens=sampling.min_tokens,
         logprobs=sampling.logprobs if sampling.HasField("logprobs") else -1,
-        prompt_logprobs=sampling.prompt_logprobs if sampling.HasField("prompt_logprobs") else -1,
     )
     if sampling.HasField("seed"):
         resolved.seed = sampling.seed
+    if sampling.HasField("prompt_logprobs"):
+        resolved.prompt_logprobs = sampling.prompt_logprobs
     if len(sampling.logit_bias) > MAX_LOGIT_BIAS:
         raise InvalidRequest(
             f"sampling.logit_bias: at most {MAX_LOGIT_BIAS} entries, got {len(sampling.logit_bias)}"

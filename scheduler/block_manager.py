@@ -79,7 +79,7 @@ class BlockManager:
         the model and samples. Returns the number of tokens found computed.
         """
         assert not seq.block_table and seq.num_computed_tokens == 0
-        if not self.enable_prefix_caching or seq.sampling.prompt_logprobs is not None:
+        if not self.enable_prefix_caching or seq.wants_prompt_logprobs:
             return 0  # prompt logprobs score every prompt token: none may be skipped
         max_blocks = (seq.num_tokens - 1) // self.block_size
         self.num_queried_tokens += seq.num_tokens

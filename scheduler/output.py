@@ -16,7 +16,7 @@ class ScheduledSeq:
     needs_sample: bool  # True when this step reaches the end of the sequence
     sampling: SamplingParams
     num_output_tokens: int  # index in the completion of the token sampled this step
-    history: list[int] | None  # prompt + output ids, only with penalties or a grammar
+    history: list[int] | None  # prompt + output ids, only with penalties, a grammar or prompt logprobs due
     num_prompt_tokens: int  # to split `history` into prompt and output
     banned_token_ids: tuple[int, ...] = ()  # stop tokens the sampler must not pick (below min_tokens)
 

@@ -179,7 +179,7 @@ class Scheduler:
     def _schedule_seq(self, seq: Sequence, num_new: int) -> ScheduledSeq:
         start = seq.num_computed_tokens
         # The whole history when penalties count it, a grammar replays it or prompt logprobs score it.
-        in_prompt = start < seq.num_prompt_tokens and seq.sampling.prompt_logprobs is not None
+        in_prompt = seq.wants_prompt_logprobs and start < seq.num_prompt_tokens
         penalized = seq.sampling.has_penalties or bool(seq.sampling.grammar) or in_prompt
         return ScheduledSeq(
             request_id=seq.request_id,

@@ -92,6 +92,12 @@ class Sequence:
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Asked for, and not yet sent (they go with completion token 0): a resumed or preempted
+        sequence that already has output does not score its prompt again."""
+        return self.sampling.prompt_logprobs is not None and not self.output_token_ids
+
     def token_slice(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output, without building the whole list."""
         num_prompt = len(self.prompt_token_ids)

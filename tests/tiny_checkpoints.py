@@ -86,6 +86,9 @@ FAMILIES: dict[str, Callable[[], PretrainedConfig]] = {
     "mistral": lambda: MistralConfig(**_COMMON, sliding_window=WINDOW),
     "qwen2": lambda: Qwen2Config(**_COMMON),
     "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=HEAD_DIM),
+    "qwen3-windowed": lambda: Qwen3Config(  # layers from max_window_layers on attend through a window
+        **_COMMON, head_dim=HEAD_DIM, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1
+    ),
     "phi3": lambda: Phi3Config(
         **_COMMON, sliding_window=WINDOW, partial_rotary_factor=0.75, rope_scaling=_longrope(12)
     ),
@@ -116,6 +119,7 @@ FAMILIES: dict[str, Callable[[], PretrainedConfig]] = {
         **_UNTIED,
     ),
     "mixtral": lambda: MixtralConfig(**_COMMON | _MOE, num_local_experts=4),
+    "mixtral-windowed": lambda: MixtralConfig(**_COMMON | _MOE, num_local_experts=4, sliding_window=WINDOW),
     "qwen3_moe": lambda: Qwen3MoeConfig(
         **_COMMON | _MOE | {"num_hidden_layers": 3},
         head_dim=HEAD_DIM,

@@ -39,7 +39,7 @@ class GrammarMatchers:
         )
 
     def masks(self, items: list[ScheduledSeq]) -> torch.Tensor | None:
-        """[len(items), vocab_size / 32] int32 bitmask rows (all ones for a free row) after each
+        """[len(items), ceil(vocab_size / 32)] int32 bitmask rows (all ones for a free row) after each
         constrained item's matcher caught up with its output; None when no item is constrained."""
         rows = [(row, item) for row, item in enumerate(items) if item.sampling.grammar]
         if not rows:

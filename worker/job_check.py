@@ -3,6 +3,7 @@ in one place. Gateways validate requests, but anything can write to the stream: 
 crash the model (an id outside the embedding, a NaN temperature) or can never fit is refused here,
 buried, and its gateway told (JOB_FAILURE_INVALID)."""
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -44,6 +45,13 @@ def _embed_refusal(embed: jobs_pb2.EmbedTask, limits: JobLimits) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=256)
+def _grammar_error(grammar: str) -> str:
+    """llguidance's error for a grammar that does not compile ("" when it does, warnings or not)."""
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    return messages[0] if is_error else ""
+
+
 def _generation_refusal(job: jobs_pb2.Job, num_delivered: int, limits: JobLimits) -> str | None:
     if not job.prompt_token_ids:
         return "empty prompt"
@@ -73,7 +81,7 @@ def _generation_refusal(job: jobs_pb2.Job, num_delivered: int, limits: JobLimits
     broken = [rule for rule, ok in checks.items() if not ok]
     if broken:
         return f"malformed sampling: {', '.join(broken)}"
-    if sampling.grammar and (problem := llguidance.LLMatcher.validate_grammar(sampling.grammar)):
+    if sampling.grammar and (problem := _grammar_error(sampling.grammar)):
         return f"grammar does not compile: {problem}"
     num_tokens = len(job.prompt_token_ids) + num_delivered
     if num_tokens >= limits.max_context:

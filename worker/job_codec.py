@@ -30,7 +30,7 @@ def sampling_from_proto(sampling: jobs_pb2.Sampling) -> SamplingParams:
         grammar=sampling.grammar,
         logit_bias=tuple(sorted(sampling.logit_bias.items())),
         allowed_token_ids=tuple(sampling.allowed_token_ids),
-        prompt_logprobs=sampling.prompt_logprobs if sampling.prompt_logprobs >= 0 else None,
+        prompt_logprobs=sampling.prompt_logprobs if sampling.HasField("prompt_logprobs") else None,
     )
 
 

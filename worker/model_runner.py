@@ -68,8 +68,8 @@ class ModelRunner:
             item = items[index]
             first_row = len(input_ids)
             for pos in range(item.start_pos, min(item.context_len, item.num_prompt_tokens - 1)):
-                if item.sampling.prompt_logprobs is None:
-                    break
+                if item.sampling.prompt_logprobs is None or item.num_output_tokens:
+                    break  # not asked for, or already sent with completion token 0
                 assert item.history is not None, "a prompt that wants logprobs is scheduled with it"
                 prompt_rows.append(first_row + pos - item.start_pos)
                 prompt_targets.append((index, item.history[pos + 1]))

@@ -54,3 +54,17 @@ def test_a_bad_constraint_is_refused_naming_its_field(fields: dict[str, object],
     with pytest.raises(InvalidRequest) as refused:
         compiled(**fields)
     assert message in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"regex": "a+", "min_tokens": 3}, "sampling.min_tokens: cannot be combined with sampling.regex"),
+        ({"json_object": True, "allowed_token_ids": [1]}, "sampling.allowed_token_ids: cannot be combined"),
+    ],
+)
+def test_fields_that_could_leave_no_token_to_sample_are_refused_with_a_constraint(
+    fields: dict[str, object], message: str
+) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        constraint_of(inference_pb2.SamplingParams(**fields))  # type: ignore[arg-type]

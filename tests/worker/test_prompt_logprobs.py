@@ -18,8 +18,18 @@ def test_prompt_logprobs_match_transformers_across_chunks_and_skip_the_prefix_ca
     assert len(prompt) > 16  # more than one chunk
     llm.generate([prompt], SamplingParams(max_tokens=2, temperature=0.0))  # now cached
     hits_before = llm.core.scheduler.block_manager.num_hit_tokens
-    (completion,) = llm.generate([prompt], SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=3))
+    busy = llm.tokenizer.encode("Count to ten:")  # decodes share the steps that score the prompt
+    completion, beside = llm.generate(
+        [prompt, busy],
+        [
+            SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=3),
+            SamplingParams(max_tokens=12, temperature=0.0),
+        ],
+    )
     assert llm.core.scheduler.block_manager.num_hit_tokens == hits_before
+    assert (
+        beside.token_ids == llm.generate([busy], SamplingParams(max_tokens=12, temperature=0.0))[0].token_ids
+    )
     hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     with torch.no_grad():
         reference = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
