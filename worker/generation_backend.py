@@ -12,7 +12,13 @@ class GenerationBackend:
     def __init__(self, core: GenerationCore, metrics: GenerationMetrics):
         self.core = core
         self.metrics = metrics
-        self.limits = JobLimits(ModelKind.GENERATE, core.vocab_size, core.max_model_len)
+        matchers = core.runner.matchers
+        self.limits = JobLimits(
+            ModelKind.GENERATE,
+            core.vocab_size,
+            core.max_model_len,
+            None if matchers is None else matchers.error_of,
+        )
 
     @property
     def max_jobs(self) -> int:

@@ -51,6 +51,12 @@ class GrammarMatchers:
         llguidance.torch.fill_next_token_bitmask_par(self._executor, matchers, bitmask)
         return bitmask
 
+    def error_of(self, grammar: str) -> str:
+        """Why `grammar` cannot be matched with this tokenizer ("" when it can): the gateway compiles
+        grammars without one, so a special token or token id the vocabulary lacks shows only here."""
+        template = self._template(grammar)
+        return template.get_error() if template.is_error() else ""
+
     def __len__(self) -> int:
         """Sequences holding a matcher now."""
         return len(self._matchers)
@@ -72,6 +78,9 @@ class GrammarMatchers:
         return matcher
 
     def _fresh(self, grammar: str) -> llguidance.LLMatcher:
+        return self._template(grammar).deep_copy()
+
+    def _template(self, grammar: str) -> llguidance.LLMatcher:
         template = self._grammars.get(grammar)
         if template is None:
             template = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
@@ -80,4 +89,4 @@ class GrammarMatchers:
                 self._grammars.popitem(last=False)
         else:
             self._grammars.move_to_end(grammar)
-        return template.deep_copy()
+        return template

@@ -5,6 +5,7 @@ buried, and its gateway told (JOB_FAILURE_INVALID)."""
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import llguidance
@@ -20,6 +21,9 @@ class JobLimits:
     kind: ModelKind
     vocab_size: int
     max_context: int  # generation: prompt and completion; embeddings: one input
+    # Why a grammar cannot be matched with this model's tokenizer ("" when it can); None: grammars
+    # are only checked to compile.
+    grammar_error: Callable[[str], str] | None = None
 
 
 def refusal(job: jobs_pb2.Job, num_delivered: int, limits: JobLimits) -> str | None:
@@ -81,7 +85,7 @@ def _generation_refusal(job: jobs_pb2.Job, num_delivered: int, limits: JobLimits
     broken = [rule for rule, ok in checks.items() if not ok]
     if broken:
         return f"malformed sampling: {', '.join(broken)}"
-    if sampling.grammar and (problem := _grammar_error(sampling.grammar)):
+    if sampling.grammar and (problem := (limits.grammar_error or _grammar_error)(sampling.grammar)):
         return f"grammar does not compile: {problem}"
     num_tokens = len(job.prompt_token_ids) + num_delivered
     if num_tokens >= limits.max_context:

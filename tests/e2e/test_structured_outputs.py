@@ -107,6 +107,7 @@ def test_a_constrained_output_cut_at_max_tokens_is_a_prefix_the_schema_accepts(
         ({"regex": "[a-z"}, "sampling.regex: "),
         ({"grammar": "start: missing"}, "sampling.grammar: "),
         ({"choice": ["a", ""]}, "sampling.choice[1]: must not be empty"),
+        ({"grammar": 'start: <|not_a_token|> "x"'}, 'unknown special token: "<|not_a_token|>"'),  # the worker
         ({"regex": "a", "json_object": True}, "sampling: set at most one of"),
         ({"logit_bias": {10**6: 1.0}}, "sampling.logit_bias: token 1000000 is outside the vocabulary"),
     ],

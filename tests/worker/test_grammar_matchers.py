@@ -6,8 +6,12 @@ from pathlib import Path
 
 import jsonschema
 
+from checkpoints import ModelKind
 from gateway.constraints import compile_constraint
+from protos import jobs_pb2
 from scheduler import SamplingParams
+from worker.grammar_matchers import GrammarMatchers
+from worker.job_check import JobLimits, refusal
 from worker.llm import LLM
 
 SCHEMA = {
@@ -40,3 +44,17 @@ def test_seeded_constrained_sampling_is_batch_invariant_and_survives_preemption(
     for completion in [alone, *preempted]:
         jsonschema.validate(json.loads(completion.text), SCHEMA)
     assert tight.core.runner.matchers is not None and len(tight.core.runner.matchers) == 0, "all dropped"
+
+
+def test_a_grammar_the_tokenizer_cannot_match_is_refused_by_the_worker(model_dir: Path) -> None:
+    matchers = GrammarMatchers(model_dir, vocab_size=49152, eos_token_ids=(2,))
+    limits = JobLimits(ModelKind.GENERATE, 49152, 2048, matchers.error_of)
+
+    def job_with(grammar_text: str) -> jobs_pb2.Job:
+        sampling = jobs_pb2.Sampling(max_tokens=4, top_p=1.0, repetition_penalty=1.0)
+        sampling.grammar = compile_constraint("grammar", grammar_text)  # compiles without a tokenizer
+        return jobs_pb2.Job(request_id="r", prompt_token_ids=[1, 2], sampling=sampling)
+
+    problem = refusal(job_with('start: <|not_a_token|> "x"'), 0, limits)
+    assert problem is not None and 'unknown special token: "<|not_a_token|>"' in problem
+    assert refusal(job_with("start: <|im_end|>"), 0, limits) is None
