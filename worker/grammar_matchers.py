@@ -25,7 +25,7 @@ class GrammarMatchers:
         self._tokenizer_dir = tokenizer_dir
         self.vocab_size = vocab_size
         self._eos_token_ids = list(eos_token_ids)
-        self._matchers: dict[str, tuple[llguidance.LLMatcher, list[int]]] = {}  # with tokens consumed
+        self._matchers: dict[str, tuple[llguidance.LLMatcher, int]] = {}  # with how many tokens it took
         self._grammars: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()  # fresh matchers to copy
         self._executor: llguidance.LLExecutor | None = None
 
@@ -65,16 +65,12 @@ class GrammarMatchers:
         self._matchers.pop(request_id, None)
 
     def _caught_up(self, item: ScheduledSeq) -> llguidance.LLMatcher:
-        entry = self._matchers.get(item.request_id)
-        if entry is None:
-            entry = self._matchers[item.request_id] = (self._fresh(item.sampling.grammar), [])
-        matcher, consumed = entry
+        matcher, consumed = self._matchers.get(item.request_id) or (self._fresh(item.sampling.grammar), 0)
         assert item.history is not None, "a constrained sequence is scheduled with its history"
-        output = item.history[item.num_prompt_tokens :]
-        if len(output) > len(consumed):
-            new = output[len(consumed) :]
+        new = item.history[item.num_prompt_tokens + consumed :]
+        if new:
             matcher.consume_tokens(new)
-            consumed.extend(new)
+        self._matchers[item.request_id] = (matcher, consumed + len(new))
         return matcher
 
     def _fresh(self, grammar: str) -> llguidance.LLMatcher:

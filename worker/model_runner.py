@@ -66,13 +66,13 @@ class ModelRunner:
         prompt_targets: list[tuple[int, int]] = []  # (item, that token) of each
         for index in order:
             item = items[index]
-            first_row = len(input_ids)
-            for pos in range(item.start_pos, min(item.context_len, item.num_prompt_tokens - 1)):
-                if item.sampling.prompt_logprobs is None or item.num_output_tokens:
-                    break  # not asked for, or already sent with completion token 0
+            # Asked for and not yet sent (they go with completion token 0): this chunk's prompt
+            # positions, each scoring the prompt token after it.
+            if item.sampling.prompt_logprobs is not None and not item.num_output_tokens:
                 assert item.history is not None, "a prompt that wants logprobs is scheduled with it"
-                prompt_rows.append(first_row + pos - item.start_pos)
-                prompt_targets.append((index, item.history[pos + 1]))
+                last = min(item.context_len, item.num_prompt_tokens - 1)
+                prompt_rows.extend(range(len(input_ids), len(input_ids) + last - item.start_pos))
+                prompt_targets.extend((index, token) for token in item.history[item.start_pos + 1 : last + 1])
             input_ids.extend(item.token_ids)
             prompt_lens.extend([item.num_prompt_tokens] * item.num_new_tokens)
             for pos in range(item.start_pos, item.context_len):
@@ -92,13 +92,13 @@ class ModelRunner:
         if decodes:
             meta = self._with_decode_context(meta, [items[i] for i in decodes])
         sampled = [items[i] for i in sampled_items]
-        masks: Future[torch.Tensor | None] | None = None
+        masks: torch.Tensor | None = None
+        pending_masks: Future[torch.Tensor | None] | None = None
         if self.matchers is not None and any(item.sampling.grammar for item in sampled):
             if self._mask_thread is not None:
-                masks = self._mask_thread.submit(self.matchers.masks, sampled)
+                pending_masks = self._mask_thread.submit(self.matchers.masks, sampled)
             else:
-                masks = Future()
-                masks.set_result(self.matchers.masks(sampled))
+                masks = self.matchers.masks(sampled)
         started = time.perf_counter()
         logits = self.model(
             self._tensor(input_ids),
@@ -113,9 +113,9 @@ class ModelRunner:
         self.model_s += time.perf_counter() - started
         results: list[SampledToken | None] = [None] * len(items)
         if sampled_items:
-            tokens = self.sampler(
-                logits[: len(sampled)].float(), sampled, None if masks is None else masks.result()
-            )
+            if pending_masks is not None:
+                masks = pending_masks.result()
+            tokens = self.sampler(logits[: len(sampled)].float(), sampled, masks)
             for index, token in zip(sampled_items, tokens, strict=True):
                 results[index] = token
         return StepResult(results, self._prompt_logprobs(logits[len(sampled) :], prompt_targets, items))
@@ -130,11 +130,16 @@ class ModelRunner:
         if not targets:
             return found
         logprobs = torch.log_softmax(logits.float(), dim=-1)
+        tokens = torch.tensor([token for _, token in targets], device=logprobs.device)
+        chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()  # one copy for all rows
+        most = max(items[index].sampling.prompt_logprobs or 0 for index, _ in targets)
+        top_values, top_ids = (v.tolist() for v in logprobs.topk(most, dim=-1)) if most else ([], [])
         for row, (index, token) in enumerate(targets):
             num_top = items[index].sampling.prompt_logprobs or 0
-            values, ids = logprobs[row].topk(num_top) if num_top else (torch.empty(0), torch.empty(0))
-            top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
-            found.setdefault(index, []).append(SampledToken(token, float(logprobs[row, token]), top))
+            top = (
+                tuple(zip(top_ids[row][:num_top], top_values[row][:num_top], strict=True)) if num_top else ()
+            )
+            found.setdefault(index, []).append(SampledToken(token, chosen[row], top))
         return found
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
