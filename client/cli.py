@@ -42,6 +42,7 @@ def _generate(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToJson
 
     from client.library import ConveyorClient, Security
+    from protos import inference_pb2
 
     sampling: dict[str, object] = {"max_tokens": args.max_tokens, "ignore_eos": args.ignore_eos}
     if args.temperature is not None:
@@ -59,21 +60,29 @@ def _generate(args: argparse.Namespace) -> int:
     inputs: dict[str, object] = (
         {"prompt": args.prompt} if args.raw else {"messages": [{"role": "user", "content": args.prompt}]}
     )
-    last = None
+    if args.n > 1:
+        sampling["n"] = args.n
+    last: dict[int, inference_pb2.GenerateResponse] = {}  # by choice: its last frame
+    texts: dict[int, str] = {}
     security = Security(args.api_key, args.tls_ca, args.tls_cert, args.tls_key)
     with ConveyorClient(args.address, security=security) as client:
         try:
             for response in client.stream(**inputs, timeout_s=args.timeout, **sampling):  # type: ignore[arg-type]
-                last = response
-                if not args.json:
+                last[response.choice_index] = response
+                texts[response.choice_index] = texts.get(response.choice_index, "") + response.text
+                if not args.json and args.n == 1:
                     sys.stdout.write(response.text)
                     sys.stdout.flush()
         except grpc.RpcError as error:
             print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
-    if args.json and last is not None:
-        print(MessageToJson(last))
-    elif not args.json:
+    if args.json:
+        for choice in sorted(last):
+            print(MessageToJson(last[choice]))
+    elif args.n > 1:  # the choices interleave as they stream: each is printed whole at the end
+        for choice in sorted(texts):
+            print(f"--- choice {choice} ---\n{texts[choice]}")
+    else:
         sys.stdout.write("\n")
     return 0
 
@@ -216,16 +225,23 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("worker", help="one worker alone (see `conveyor worker --help`)", add_help=False)
 
     generate = commands.add_parser("generate", help="stream a completion to stdout")
-    generate.add_argument("prompt")
-    generate.add_argument("--address", default="127.0.0.1:50051")
-    generate.add_argument("--max-tokens", type=int, default=256)
-    generate.add_argument("--temperature", type=float, default=None)
-    generate.add_argument("--seed", type=int, default=None)
-    generate.add_argument("--ignore-eos", action="store_true")
+    generate.add_argument("prompt", help="the user message (or, with --raw, the whole prompt)")
+    generate.add_argument("--address", default="127.0.0.1:50051", help="the gateway's host:port")
+    generate.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate")
+    generate.add_argument(
+        "--temperature", type=float, default=None, help="0 = greedy; default: the checkpoint's, else 1"
+    )
+    generate.add_argument("--seed", type=int, default=None, help="reproducible sampling")
+    generate.add_argument("--ignore-eos", action="store_true", help="generate past end-of-sequence")
+    generate.add_argument(
+        "-n", type=int, default=1, help="completions of the prompt (1 to 16), each printed whole at the end"
+    )
     generate.add_argument(
         "--raw", action="store_true", help="send the prompt as is, without the chat template"
     )
-    generate.add_argument("--json", action="store_true", help="print the final frame as JSON")
+    generate.add_argument(
+        "--json", action="store_true", help="print the final frame (of each choice) as JSON"
+    )
     constraint = generate.add_argument_group("structured output (at most one)")
     constraint.add_argument(
         "--json-schema", type=Path, default=None, help="a JSON Schema file the output matches"

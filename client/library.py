@@ -37,17 +37,37 @@ class Security:
 
 
 @dataclass(slots=True)
-class Completion:
-    """A finished generation."""
+class Choice:
+    """One of a generation's n completions."""
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = ""
+
+
+@dataclass(slots=True)
+class Completion:
+    """A finished generation: its choices (one unless n was asked for), usage and timings."""
+
+    choices: list[Choice] = field(default_factory=list)
     prompt_tokens: int = 0
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # over every choice
     time_to_first_token_s: float = 0.0
     total_s: float = 0.0
     last_response: inference_pb2.GenerateResponse | None = None
+
+    @property
+    def text(self) -> str:
+        """Choice 0's text."""
+        return self.choices[0].text if self.choices else ""
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.choices[0].token_ids if self.choices else []
+
+    @property
+    def finish_reason(self) -> str:
+        return self.choices[0].finish_reason if self.choices else ""
 
 
 def build_request(
@@ -77,10 +97,14 @@ def build_request(
 
 
 def _accumulate(completion: Completion, response: inference_pb2.GenerateResponse) -> None:
-    completion.text += response.text
-    completion.token_ids.extend(response.token_ids)
+    while len(completion.choices) <= response.choice_index:
+        completion.choices.append(Choice())
+    choice = completion.choices[response.choice_index]
+    choice.text += response.text
+    choice.token_ids.extend(response.token_ids)
     if response.finish_reason:
-        completion.finish_reason = inference_pb2.FinishReason.Name(response.finish_reason)
+        choice.finish_reason = inference_pb2.FinishReason.Name(response.finish_reason)
+    if response.HasField("usage"):  # the request's last frame
         completion.prompt_tokens = response.usage.prompt_tokens
         completion.completion_tokens = response.usage.completion_tokens
         completion.time_to_first_token_s = response.timings.time_to_first_token_s

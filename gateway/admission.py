@@ -27,7 +27,7 @@ from gateway.validation import (
     resolve_sampling,
 )
 from protos import inference_pb2, jobs_pb2
-from tokenization import TextStream, Tokenizer
+from tokenization import Tokenizer
 
 T = TypeVar("T")
 
@@ -77,7 +77,7 @@ class Admission:
         call = await self._admit(
             ModelKind.GENERATE, request.request_id, caller, parent, validate, tokenize, job, timeout_s
         )
-        return Generation(call, TextStream(call.model.tokenizer, tuple(request.sampling.stop)))
+        return Generation.of(call, tuple(request.sampling.stop))
 
     async def embedding(
         self, request: inference_pb2.EmbedRequest, timeout_s: float | None, caller: Caller, parent: Context

@@ -95,22 +95,28 @@ class ClientStream:
 
     async def _run(self, key: str, request: inference_pb2.GenerateRequest) -> None:
         client_id = request.request_id
+        open_choices = [0]  # until admitted: the cancel frame of a request that never started
         try:
             generation = await self.admission.generation(
                 request, self.timeout_s, self.caller, self.trace_parent
             )
             client_id = generation.call.client_request_id
+            open_choices = generation.open_choices()
             async for response in generation.run():
                 self._outbox.put_nowait(inference_pb2.ServerFrame(request_id=client_id, response=response))
+                open_choices = generation.open_choices()
         except asyncio.CancelledError:
-            self._outbox.put_nowait(
-                inference_pb2.ServerFrame(
-                    request_id=client_id,
-                    response=inference_pb2.GenerateResponse(
-                        request_id=client_id, finish_reason=inference_pb2.FINISH_REASON_CANCELLED
-                    ),
+            for choice_index in open_choices:  # each open choice ends, as it would have
+                self._outbox.put_nowait(
+                    inference_pb2.ServerFrame(
+                        request_id=client_id,
+                        response=inference_pb2.GenerateResponse(
+                            request_id=client_id,
+                            finish_reason=inference_pb2.FINISH_REASON_CANCELLED,
+                            choice_index=choice_index,
+                        ),
+                    )
                 )
-            )
         except GatewayError as error:
             self._error(client_id, error)
         except Exception as error:  # noqa: BLE001 - one request's failure must not end the stream

@@ -32,6 +32,10 @@ class JobCall:
     accepted_s: float = field(default_factory=time.time)
     _outcome: str | None = "ended early"  # what the log and the trace record; None: finished
 
+    async def stop_choice(self, choice_index: int) -> None:
+        """One choice has its answer (a stop string matched in it): its worker ends it; the others go on."""
+        await self.context.queues.cancel(self.model.name, self.job.request_id, True, choice_index)
+
     def finish(self) -> None:
         """The call has its answer (its last frame is out): leaving now is no early exit, even
         before the job's last chunk (a stop string matched), when the job is stopped."""
@@ -42,12 +46,13 @@ class JobCall:
         self._outcome = error.message
 
     async def chunks(self, describe: Callable[[], str]) -> AsyncIterator[jobs_pb2.TokenChunk]:
-        """The job's chunks up to its last; a failure chunk raises its status, a lost job raises
-        UNAVAILABLE. `describe` says, for the final log line, what the call did. Use under
-        `contextlib.aclosing`."""
+        """The job's chunks up to its last (every choice's last, when it has n); a failure chunk
+        raises its status, a lost job raises UNAVAILABLE. `describe` says, for the final log line,
+        what the call did. Use under `contextlib.aclosing`."""
         queues, policy = self.context.queues, self.context.watch_policy
         request_id = self.job.request_id
         queue = queues.register(request_id)
+        open_choices = set(range(max(self.job.sampling.n, 1)))
         last_seen = False
         try:
             watch = JobWatch(queues, self.model.name, await queues.submit(self.model.name, self.job), policy)
@@ -57,9 +62,12 @@ class JobCall:
                 except TimeoutError:
                     await watch.check()
                     continue
-                last_seen = chunk.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED
                 if chunk.finish_reason == inference_pb2.FINISH_REASON_ERROR:
+                    last_seen = True
                     raise GatewayError.of_failure(chunk)
+                if chunk.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED:
+                    open_choices.discard(chunk.choice_index)
+                    last_seen = not open_choices
                 yield chunk
             self._outcome = None
         except GatewayError as error:

@@ -84,10 +84,15 @@ class GatewayQueues:
         """Whether the job is still queued or running (an acknowledged job leaves its stream)."""
         return bool(await self.client.xrange(self.keys.requests(model), entry_id, entry_id, count=1))
 
-    async def cancel(self, model: str, request_id: str, stopped: bool = False) -> None:
-        """Tell every worker to drop the request (`stopped`: it is answered, its job done); best
-        effort (the job may already have ended)."""
-        payload = jobs_pb2.Cancel(request_id=request_id, stopped=stopped).SerializeToString()
+    async def cancel(
+        self, model: str, request_id: str, stopped: bool = False, choice_index: int | None = None
+    ) -> None:
+        """Tell every worker to drop the request (`stopped`: it is answered, its job done; with
+        `choice_index`, only that choice is); best effort (the job may already have ended)."""
+        cancel = jobs_pb2.Cancel(request_id=request_id, stopped=stopped)
+        if choice_index is not None:
+            cancel.choice_index = choice_index
+        payload = cancel.SerializeToString()
         try:
             await self.client.xadd(
                 self.keys.cancel(model), {FIELD: payload}, maxlen=CANCEL_MAXLEN, approximate=True

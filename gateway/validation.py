@@ -17,6 +17,7 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_EMBED_INPUTS = 2048  # OpenAI's bound on inputs per embeddings call
 MAX_LOGIT_BIAS = 300  # OpenAI's bound on logit_bias entries
 MAX_BIAS = 100.0
+MAX_CHOICES = 16  # vLLM's and OpenAI's `n` go higher; 16 keeps one request within one worker's batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +132,8 @@ def resolve_sampling(sampling: inference_pb2.SamplingParams, limits: Limits) -> 
     check_token_ids("sampling.stop_token_ids", list(sampling.stop_token_ids), limits.vocab_size)
     if top_k > limits.vocab_size:
         raise InvalidRequest(f"sampling.top_k: {top_k} exceeds the vocabulary size {limits.vocab_size}")
+    if sampling.n > MAX_CHOICES:
+        raise InvalidRequest(f"sampling.n: at most {MAX_CHOICES} completions, got {sampling.n}")
     for field in ("logprobs", "prompt_logprobs"):
         if sampling.HasField(field) and getattr(sampling, field) > MAX_LOGPROBS:
             raise InvalidRequest(f"sampling.{field}: at most {MAX_LOGPROBS}, got {getattr(sampling, field)}")
@@ -158,6 +161,7 @@ def resolve_sampling(sampling: inference_pb2.SamplingParams, limits: Limits) -> 
         ignore_eos=sampling.ignore_eos,
         min_tokens=sampling.min_tokens,
         logprobs=sampling.logprobs if sampling.HasField("logprobs") else -1,
+        n=sampling.n or 1,
     )
     if sampling.HasField("seed"):
         resolved.seed = sampling.seed

@@ -10,7 +10,7 @@ Keys, all under one namespace `ns`:
 | `ns:cancel:{model}` | stream, MAXLEN ~ | gateways (a `Cancel`) | the model's workers (XREAD) |
 | `ns:worker:{model}:worker` | hash, TTL, field `status` | its worker (`WorkerStatus`) | all, monitor |
 | `ns:gateway:gateway` | string with a TTL | its gateway (a `GatewayStatus`) | workers, monitor |
-| `ns:progress:{model}:request` | string with a TTL | workers | the worker that resumes the job |
+| `ns:progress:{model}:request[:choice]` | string with a TTL | workers | the worker that resumes the job |
 | `ns:dead:{model}` | stream, MAXLEN ~ | workers (`job`, `reason`, `worker`) | operators |
 
 `{model}` is literal: the model id in braces is the keys' hash tag, so every key of one model lives
@@ -24,9 +24,11 @@ number of jobs queued or running, and a job whose entry is gone from the stream 
 lost with Redis' data): gateways count and watch jobs by this rule.
 
 Progress: the token ids a worker has published for a running job, as little-endian uint32s (token
-i at byte 4 * i, see `pack_tokens`). It is written in the same script as the chunks that carry the
-tokens, so a worker that resumes the job starts exactly where the client's stream stands. Its TTL
-(`--progress-ttl-s`) is renewed every 64 tokens, and it is deleted when the job ends.
+i at byte 4 * i, see `pack_tokens`), one key per choice of the job (choice 0's key has no suffix).
+It is written in the same script as the chunks that carry the tokens, so a worker that resumes the
+job starts exactly where the client's stream stands. A choice that finished while others run has
+its last tokens and then `FINISHED` written: a resume does not run it again. Its TTL
+(`--progress-ttl-s`) is renewed every 64 tokens, and every choice's is deleted when the job ends.
 
 Fencing: a worker's heartbeat key is its licence to write. The worker's scripts promise:
 - heartbeat: refreshes `ns:worker:{model}:worker` and its TTL, and never re-creates it once it expired
@@ -48,6 +50,7 @@ DEAD_FIELDS = ("job", "reason", "worker")  # a dead-stream entry: the Job bytes,
 RESPONSES_MAXLEN = 10_000  # approximate cap of each gateway's response stream
 CANCEL_MAXLEN = 10_000  # approximate cap of each cancel stream
 DEAD_MAXLEN = 10_000
+FINISHED = 0xFFFFFFFF  # in a choice's progress after its last token: that choice has ended
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,9 +81,11 @@ class StreamKeys:
         """One worker's heartbeat (hash with a TTL, field `status`)."""
         return f"{self._of('worker', model)}:{worker_id}"
 
-    def progress(self, model: str, request_id: str) -> str:
-        """Token ids already delivered for a running job (see `pack_tokens`), to resume it."""
-        return f"{self._of('progress', model)}:{request_id}"
+    def progress(self, model: str, request_id: str, choice_index: int = 0) -> str:
+        """Token ids already delivered for one choice of a running job (see `pack_tokens`), to
+        resume it."""
+        suffix = f":{choice_index}" if choice_index else ""
+        return f"{self._of('progress', model)}:{request_id}{suffix}"
 
     def dead(self, model: str) -> str:
         """One model's jobs that no worker could run, with the reason (stream)."""
@@ -117,3 +122,18 @@ def unpack_tokens(packed: bytes | None) -> list[int]:
     if not packed:
         return []
     return list(struct.unpack(f"<{len(packed) // 4}I", packed[: len(packed) // 4 * 4]))
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceProgress:
+    """What one choice of a job had delivered when its worker stopped."""
+
+    token_ids: tuple[int, ...] = ()
+    finished: bool = False  # its last chunk went out: nothing more is due for it
+
+    @classmethod
+    def unpack(cls, packed: bytes | None) -> "ChoiceProgress":
+        token_ids = unpack_tokens(packed)
+        if token_ids and token_ids[-1] == FINISHED:
+            return cls(tuple(token_ids[:-1]), True)
+        return cls(tuple(token_ids))

@@ -1,4 +1,5 @@
-"""The KV pager: fixed-size blocks, a free list in eviction order, reference counts, prefix caching."""
+"""The KV pager: fixed-size blocks, a free list in eviction order, reference counts, prefix caching,
+blocks shared by the choices of one prompt and copied when one of them writes into a shared one."""
 
 import hashlib
 from array import array
@@ -51,6 +52,7 @@ class BlockManager:
         self._cached: dict[bytes, int] = {}  # block hash -> block id
         self.num_queried_tokens = 0  # tokens looked up in the prefix cache, over the pool's life
         self.num_hit_tokens = 0  # of those, tokens found computed
+        self._copies: dict[int, int] = {}  # destination -> source: copies on write not yet made
 
     @property
     def num_blocks(self) -> int:
@@ -97,19 +99,39 @@ class BlockManager:
         return seq.num_computed_tokens
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
-        """Grow the block table to hold `num_new_tokens` more tokens; False if blocks run out."""
+        """Grow the block table to hold `num_new_tokens` more tokens; False if blocks run out.
+
+        The first new token may land in a partly filled block another choice still shares: the
+        sequence then gets its own copy of it (copy on write), to be made before the step runs.
+        """
         num_needed = self.num_blocks_needed(seq, num_new_tokens)
-        if num_needed > len(self._free):
+        shared = self._shared_partial_block(seq)
+        if num_needed + (shared is not None) > len(self._free):
             return False
+        if shared is not None:
+            source = seq.block_table[shared]
+            seq.block_table[shared] = self._allocate()
+            self._copies[seq.block_table[shared]] = source
+            self._release(source)
         for _ in range(num_needed):
-            block_id, _ = self._free.popitem(last=False)
-            block = self.blocks[block_id]
-            if block.block_hash is not None:  # evict its old contents
-                del self._cached[block.block_hash]
-                block.block_hash = None
-            block.ref_count = 1
-            seq.block_table.append(block_id)
+            seq.block_table.append(self._allocate())
         return True
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Give `child` every block `parent` holds, shared: written by neither until copied."""
+        child.block_table = list(parent.block_table)
+        for block_id in parent.block_table[parent.num_released_blocks :]:
+            self.blocks[block_id].ref_count += 1
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.num_cached_blocks = parent.num_cached_blocks
+        child.num_released_blocks = parent.num_released_blocks
+        child.block_hashes = list(parent.block_hashes)
+
+    def take_copies(self) -> tuple[tuple[int, int], ...]:
+        """The (source, destination) block copies due before the next step, once."""
+        copies = tuple((source, destination) for destination, source in self._copies.items())
+        self._copies.clear()
+        return copies
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register the sequence's newly computed full blocks so later prompts can reuse them."""
@@ -164,6 +186,23 @@ class BlockManager:
         assert used + len(self._free) == len(self.blocks), "free + used != total"
         for block_hash, block_id in self._cached.items():
             assert self.blocks[block_id].block_hash == block_hash, f"block {block_id}: stale hash"
+
+    def _allocate(self) -> int:
+        block_id, _ = self._free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.block_hash is not None:  # evict its old contents
+            del self._cached[block.block_hash]
+            block.block_hash = None
+        block.ref_count = 1
+        return block_id
+
+    def _shared_partial_block(self, seq: Sequence) -> int | None:
+        """The index in the table of the block the next token goes into, when it is partly filled
+        and shared with another sequence; None otherwise."""
+        index, offset = divmod(seq.num_computed_tokens, self.block_size)
+        if offset == 0 or index >= len(seq.block_table):
+            return None
+        return index if self.blocks[seq.block_table[index]].ref_count > 1 else None
 
     def _release(self, block_id: int) -> None:
         block = self.blocks[block_id]

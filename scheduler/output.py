@@ -19,6 +19,14 @@ class ScheduledSeq:
     history: list[int] | None  # prompt + output ids, only with penalties, a grammar or prompt logprobs due
     num_prompt_tokens: int  # to split `history` into prompt and output
     banned_token_ids: tuple[int, ...] = ()  # stop tokens the sampler must not pick (below min_tokens)
+    choice_index: int = 0
+    # Choices forking off at this step's sample: one more token each from the same logits row.
+    fork_choices: tuple[int, ...] = ()
+
+    @property
+    def sample_choices(self) -> tuple[int, ...]:
+        """The choices that get a token from this item's last row, in the order they are sampled."""
+        return (self.choice_index, *self.fork_choices) if self.needs_sample else ()
 
     @property
     def num_new_tokens(self) -> int:
@@ -40,6 +48,8 @@ class SchedulerOutput:
 
     scheduled: list[ScheduledSeq]
     num_batched_tokens: int
+    # (source, destination) KV blocks to copy before the forward: copy on write of a shared block.
+    block_copies: tuple[tuple[int, int], ...] = ()
 
     @property
     def is_empty(self) -> bool:
@@ -65,6 +75,7 @@ class TokenChunk:
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
     prompt_logprobs: tuple[SampledToken, ...] = ()  # on completion token 0, when asked for
+    choice_index: int = 0
 
     @property
     def token_ids(self) -> list[int]:

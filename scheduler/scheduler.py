@@ -24,7 +24,7 @@ class Scheduler:
         )
         self.waiting: list[Sequence] = []  # sorted by Sequence.schedule_key; they hold no blocks
         self.running: list[Sequence] = []
-        self._live: dict[str, Sequence] = {}
+        self._live: dict[str, dict[int, Sequence]] = {}  # request id -> choice -> sequence
         self.num_preemptions = 0
 
     @property
@@ -33,31 +33,42 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence; its prompt must leave room for at least one generated token."""
-        if seq.request_id in self._live:
-            raise ValueError(f"request {seq.request_id} is already scheduled")
+        choices = self._live.get(seq.request_id, {})
+        if {seq.choice_index, *seq.fork_choices} & {c for s in choices.values() for c in _choices_of(s)}:
+            raise ValueError(f"request {seq.request_id} choice {seq.choice_index} is already scheduled")
         if seq.num_tokens >= self.config.max_model_len:
             raise ValueError(
                 f"{seq.num_tokens} tokens leave no room to generate within the context "
                 f"limit of {self.config.max_model_len}"
             )
+        if seq.num_seats > self.config.max_num_seqs:
+            raise ValueError(f"{seq.num_seats} choices exceed max_num_seqs {self.config.max_num_seqs}")
         seq.status = SequenceStatus.WAITING
         bisect.insort(self.waiting, seq, key=_schedule_key)
-        self._live[seq.request_id] = seq
+        self._live.setdefault(seq.request_id, {})[seq.choice_index] = seq
 
-    def finish(self, request_id: str, reason: FinishReason) -> Sequence | None:
-        """End a sequence now (a cancel, a stop string its front matched) and free its blocks; None if
-        unknown."""
-        seq = self._live.pop(request_id, None)
-        if seq is None:
-            return None
-        if seq.status == SequenceStatus.RUNNING:
-            self.running.remove(seq)
-        else:
-            self.waiting.remove(seq)
-        self.block_manager.free(seq)
-        seq.status = _FINISHED_STATUS[reason]
-        seq.finish_reason = reason
-        return seq
+    def finish(
+        self, request_id: str, reason: FinishReason, choice_index: int | None = None
+    ) -> list[Sequence]:
+        """End a request's sequences now (a cancel), or one choice of it (a stop string its front
+        matched), and free their blocks; the sequences ended, none if unknown."""
+        choices = self._live.get(request_id, {})
+        ended = [seq for seq in choices.values() if choice_index is None or seq.choice_index == choice_index]
+        for seq in ended:
+            del choices[seq.choice_index]
+            if seq.status == SequenceStatus.RUNNING:
+                self.running.remove(seq)
+            else:
+                self.waiting.remove(seq)
+            self.block_manager.free(seq)
+            seq.status = _FINISHED_STATUS[reason]
+            seq.finish_reason = reason
+        if choice_index is not None:  # a choice that has not forked off yet never will
+            for seq in choices.values():
+                seq.fork_choices = tuple(c for c in seq.fork_choices if c != choice_index)
+        if not choices:
+            self._live.pop(request_id, None)
+        return ended
 
     def schedule(self) -> SchedulerOutput:
         """Pick this step's tokens.
@@ -71,6 +82,7 @@ class Scheduler:
         later (cheaply, from whatever the prefix cache still holds). Waiting sequences are
         admitted by priority and arrival while budget, blocks and `max_num_seqs` allow, and not
         at all in a step that had to preempt.
+        A sequence whose choices fork off at its first sample takes a running place for each.
         """
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
@@ -92,20 +104,23 @@ class Scheduler:
         if not preempted:
             budget = self._admit_waiting(scheduled, budget)
         return SchedulerOutput(
-            scheduled=scheduled, num_batched_tokens=self.config.max_num_batched_tokens - budget
+            scheduled=scheduled,
+            num_batched_tokens=self.config.max_num_batched_tokens - budget,
+            block_copies=self.block_manager.take_copies(),
         )
 
     def update(
         self,
         output: SchedulerOutput,
-        sampled: list[SampledToken | None],
+        sampled: list[tuple[SampledToken, ...]],
         prompt_logprobs: dict[int, list[SampledToken]] | None = None,
     ) -> list[TokenChunk]:
-        """Record what the step computed and sampled (and the prompt logprobs of chunks that asked,
-        by item); finish sequences that reached a stop."""
+        """Record what the step computed and sampled (by item, a token for each of its
+        `sample_choices`; and the prompt logprobs of chunks that asked, by item); fork the choices
+        off their parent and finish sequences that reached a stop."""
         chunks: list[TokenChunk] = []
-        for index, (item, sample) in enumerate(zip(output.scheduled, sampled, strict=True)):
-            seq = self._live.get(item.request_id)
+        for index, (item, samples) in enumerate(zip(output.scheduled, sampled, strict=True)):
+            seq = self._live.get(item.request_id, {}).get(item.choice_index)
             if seq is None:
                 continue  # finished while the step ran
             if prompt_logprobs and index in prompt_logprobs:
@@ -118,29 +133,57 @@ class Scheduler:
                 self.block_manager.release_outside_window(seq, self.config.sliding_window)
             if not item.needs_sample:
                 continue
-            assert sample is not None, f"no token sampled for {item.request_id}"
-            seq.output_token_ids.append(sample.token_id)
-            reason = self._stop_reason(seq, sample.token_id)
-            if reason is not None:
-                self.finish(seq.request_id, reason)
-            chunks.append(
-                TokenChunk(
-                    request_id=seq.request_id,
-                    index=len(seq.output_token_ids) - 1,
-                    tokens=(sample,),
-                    finish_reason=reason,
-                    num_prompt_tokens=seq.num_prompt_tokens,
-                    prompt_logprobs=tuple(seq.prompt_logprobs) if len(seq.output_token_ids) == 1 else (),
-                )
-            )
+            assert len(samples) == 1 + len(seq.fork_choices), f"tokens missing for {item.request_id}"
+            family = [seq, *(self._fork(seq, choice) for choice in seq.fork_choices)]
+            seq.fork_choices = ()
+            for member, sample in zip(family, samples, strict=True):
+                chunks.append(self._append(member, sample))
         return chunks
 
     def check_invariants(self) -> None:
         """Assert queue and pool consistency; tests call it after every step."""
-        assert len(self.running) <= self.config.max_num_seqs
+        assert self._num_seats() <= self.config.max_num_seqs
         assert all(not seq.block_table for seq in self.waiting), "a waiting sequence holds blocks"
-        assert len(self.running) + len(self.waiting) == len(self._live)
-        self.block_manager.check_invariants(self._live.values())
+        live = [seq for choices in self._live.values() for seq in choices.values()]
+        assert len(self.running) + len(self.waiting) == len(live)
+        assert all(choices for choices in self._live.values()), "a request with no sequence is live"
+        self.block_manager.check_invariants(live)
+
+    def _fork(self, parent: Sequence, choice_index: int) -> Sequence:
+        """A running choice sharing the parent's prompt and its KV blocks, at the parent's first sample."""
+        child = Sequence(
+            request_id=parent.request_id,
+            prompt_token_ids=parent.prompt_token_ids,
+            sampling=parent.sampling,
+            choice_index=choice_index,
+            priority=parent.priority,
+            arrival_time=parent.arrival_time,
+            status=SequenceStatus.RUNNING,
+            arrival_order=parent.arrival_order,
+        )
+        self.block_manager.fork(parent, child)
+        self.running.append(child)
+        self._live[parent.request_id][choice_index] = child
+        return child
+
+    def _append(self, seq: Sequence, sample: SampledToken) -> TokenChunk:
+        """Add a sampled token to the sequence, finish it at a stop; its chunk."""
+        seq.output_token_ids.append(sample.token_id)
+        reason = self._stop_reason(seq, sample.token_id)
+        if reason is not None:
+            self.finish(seq.request_id, reason, seq.choice_index)
+        return TokenChunk(
+            request_id=seq.request_id,
+            index=len(seq.output_token_ids) - 1,
+            tokens=(sample,),
+            finish_reason=reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            prompt_logprobs=tuple(seq.prompt_logprobs) if len(seq.output_token_ids) == 1 else (),
+            choice_index=seq.choice_index,
+        )
+
+    def _num_seats(self) -> int:
+        return sum(seq.num_seats for seq in self.running)
 
     def _make_room(self, seq: Sequence, num_new: int, preempted: list[str]) -> bool:
         """Preempt from the tail of `running` until `seq` gets its blocks; False if it went itself."""
@@ -161,8 +204,11 @@ class Scheduler:
         bisect.insort(self.waiting, seq, key=_schedule_key)
 
     def _admit_waiting(self, scheduled: list[ScheduledSeq], budget: int) -> int:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        seats = self._num_seats()
+        while self.waiting and budget > 0:
             seq = self.waiting[0]
+            if seats + seq.num_seats > self.config.max_num_seqs:
+                break
             self.block_manager.match_prefix(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.block_manager.allocate_slots(seq, num_new):
@@ -174,6 +220,7 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(self._schedule_seq(seq, num_new))
             budget -= num_new
+            seats += seq.num_seats
         return budget
 
     def _schedule_seq(self, seq: Sequence, num_new: int) -> ScheduledSeq:
@@ -192,6 +239,8 @@ class Scheduler:
             history=seq.prompt_token_ids + seq.output_token_ids if penalized else None,
             num_prompt_tokens=seq.num_prompt_tokens,
             banned_token_ids=self._banned_token_ids(seq),
+            choice_index=seq.choice_index,
+            fork_choices=seq.fork_choices,
         )
 
     def _banned_token_ids(self, seq: Sequence) -> tuple[int, ...]:
@@ -215,5 +264,9 @@ class Scheduler:
         return None
 
 
-def _schedule_key(seq: Sequence) -> tuple[int, float, int]:
+def _schedule_key(seq: Sequence) -> tuple[int, float, int, int]:
     return seq.schedule_key
+
+
+def _choices_of(seq: Sequence) -> tuple[int, ...]:
+    return (seq.choice_index, *seq.fork_choices)

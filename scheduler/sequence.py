@@ -50,6 +50,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     allowed_token_ids: tuple[int, ...] = ()  # when set, nothing else may be sampled
     prompt_logprobs: int | None = None  # None: none; n: each prompt token's and the top n there
+    n: int = 1  # completions of the prompt (choices); see Sequence.fork_choices
 
     @property
     def is_greedy(self) -> bool:
@@ -70,6 +71,10 @@ class Sequence:
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    choice_index: int = 0  # which of the request's n completions this is
+    # Choices that fork off this sequence when it samples its first token: each gets its own token
+    # from the same logits and shares the prompt's KV blocks, so the prompt is computed once.
+    fork_choices: tuple[int, ...] = ()
     priority: int = 0  # higher runs first and is preempted last
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
@@ -87,6 +92,15 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.request_id, self.choice_index)
+
+    @property
+    def num_seats(self) -> int:
+        """Places in the running batch it takes once its choices have forked off."""
+        return 1 + len(self.fork_choices)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -108,6 +122,6 @@ class Sequence:
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
 
     @property
-    def schedule_key(self) -> tuple[int, float, int]:
-        """Sort key: higher priority first, then earlier arrival."""
-        return (-self.priority, self.arrival_time, self.arrival_order)
+    def schedule_key(self) -> tuple[int, float, int, int]:
+        """Sort key: higher priority first, then earlier arrival (a request's choices in order)."""
+        return (-self.priority, self.arrival_time, self.arrival_order, self.choice_index)

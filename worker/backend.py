@@ -5,6 +5,7 @@ deadlines, drain) serves a generation model and an embedding model alike. Two im
 from typing import Protocol
 
 from protos import jobs_pb2
+from protos.redis_layout import ChoiceProgress
 from worker.job_check import JobLimits
 
 
@@ -23,12 +24,17 @@ class Backend(Protocol):
         """How long the loop may wait for Redis now: None while work is due."""
         ...
 
-    def start(self, job: jobs_pb2.Job, delivered_token_ids: tuple[int, ...]) -> None:
-        """Take a job that passed the refusal check (a resumed one with the tokens its client has)."""
+    def start(self, job: jobs_pb2.Job, progress: tuple[ChoiceProgress, ...]) -> None:
+        """Take a job that passed the refusal check (a resumed one with, by choice, what its client
+        has; () for a new one)."""
         ...
 
     def abort(self, request_id: str) -> None:
         """Drop a job now and free what it holds."""
+        ...
+
+    def finish_choice(self, request_id: str, choice_index: int) -> None:
+        """End one choice of a job now (its gateway matched a stop string in it); no chunk follows."""
         ...
 
     def step(self) -> list[jobs_pb2.TokenChunk]:

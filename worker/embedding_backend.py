@@ -5,6 +5,7 @@ import math
 
 from checkpoints import ModelKind
 from protos import jobs_pb2
+from protos.redis_layout import ChoiceProgress
 from worker.embedding_core import EmbeddingCore
 from worker.job_check import JobLimits
 from worker.job_codec import embedded_chunk
@@ -29,12 +30,15 @@ class EmbeddingBackend:
         # Filling a batch: a new job wakes the read at once; otherwise the batch runs when due.
         return max(1, math.ceil(wait_s * 1000)) if wait_s > 0 else None
 
-    def start(self, job: jobs_pb2.Job, delivered_token_ids: tuple[int, ...]) -> None:
+    def start(self, job: jobs_pb2.Job, progress: tuple[ChoiceProgress, ...]) -> None:
         normalize = job.embed.normalize if job.embed.HasField("normalize") else None
         self.core.add(job.request_id, [list(item.ids) for item in job.embed.inputs], normalize)
 
     def abort(self, request_id: str) -> None:
         self.core.abort(request_id)
+
+    def finish_choice(self, request_id: str, choice_index: int) -> None:
+        self.abort(request_id)  # an embedding call is one choice
 
     def step(self) -> list[jobs_pb2.TokenChunk]:
         step = self.core.step()

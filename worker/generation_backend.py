@@ -2,9 +2,11 @@
 
 from checkpoints import ModelKind
 from protos import jobs_pb2
+from protos.redis_layout import ChoiceProgress
+from scheduler import FinishReason
 from worker.generation_core import GenerationCore
 from worker.job_check import JobLimits
-from worker.job_codec import chunk_to_proto, sequence_from_job
+from worker.job_codec import chunk_to_proto, sequences_from_job
 from worker.metrics import GenerationMetrics
 
 
@@ -18,6 +20,7 @@ class GenerationBackend:
             core.vocab_size,
             core.max_model_len,
             None if matchers is None else matchers.error_of,
+            core.scheduler.config.max_num_seqs,
         )
 
     @property
@@ -27,11 +30,15 @@ class GenerationBackend:
     def block_ms(self, idle_block_ms: int) -> int | None:
         return idle_block_ms if self.core.scheduler.is_idle else None
 
-    def start(self, job: jobs_pb2.Job, delivered_token_ids: tuple[int, ...]) -> None:
-        self.core.add(sequence_from_job(job, delivered_token_ids))
+    def start(self, job: jobs_pb2.Job, progress: tuple[ChoiceProgress, ...]) -> None:
+        for seq in sequences_from_job(job, progress):
+            self.core.add(seq)
 
     def abort(self, request_id: str) -> None:
         self.core.abort(request_id)
+
+    def finish_choice(self, request_id: str, choice_index: int) -> None:
+        self.core.finish(request_id, FinishReason.STOP, choice_index)
 
     def step(self) -> list[jobs_pb2.TokenChunk]:
         step = self.core.step()

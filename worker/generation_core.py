@@ -136,17 +136,20 @@ class GenerationCore:
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
-        """Stop a sequence and free its blocks now; False if it is not here."""
+        """Stop every choice of a request and free their blocks now; False if none is here."""
         return self.finish(request_id, FinishReason.CANCELLED)
 
-    def finish(self, request_id: str, reason: FinishReason) -> bool:
-        """End a sequence now (a stop string, a cancel); False if it is not here."""
-        self._forget(request_id)
-        return self.scheduler.finish(request_id, reason) is not None
+    def finish(self, request_id: str, reason: FinishReason, choice_index: int | None = None) -> bool:
+        """End a request's sequences now (a cancel), or one choice (a stop string); False if none
+        was here."""
+        ended = self.scheduler.finish(request_id, reason, choice_index)
+        for seq in ended:
+            self._forget(request_id, seq.choice_index)
+        return bool(ended)
 
-    def _forget(self, request_id: str) -> None:
+    def _forget(self, request_id: str, choice_index: int) -> None:
         if self.runner.matchers is not None:
-            self.runner.matchers.drop(request_id)
+            self.runner.matchers.drop(request_id, choice_index)
 
     def step(self) -> GenerationStep | None:
         """Schedule, run the model once, sample; None when nothing was due."""
@@ -158,7 +161,7 @@ class GenerationCore:
         chunks = self.scheduler.update(output, result.sampled, result.prompt_logprobs)
         for chunk in chunks:
             if chunk.finish_reason is not None:
-                self._forget(chunk.request_id)
+                self._forget(chunk.request_id, chunk.choice_index)
         stats = self.stats
         seconds = time.perf_counter() - started
         stats.num_steps += 1

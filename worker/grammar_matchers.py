@@ -25,7 +25,8 @@ class GrammarMatchers:
         self._tokenizer_dir = tokenizer_dir
         self.vocab_size = vocab_size
         self._eos_token_ids = list(eos_token_ids)
-        self._matchers: dict[str, tuple[llguidance.LLMatcher, int]] = {}  # with how many tokens it took
+        # By (request id, choice): the matcher, with how many tokens it took.
+        self._matchers: dict[tuple[str, int], tuple[llguidance.LLMatcher, int]] = {}
         self._grammars: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()  # fresh matchers to copy
         self._executor: llguidance.LLExecutor | None = None
 
@@ -61,16 +62,17 @@ class GrammarMatchers:
         """Sequences holding a matcher now."""
         return len(self._matchers)
 
-    def drop(self, request_id: str) -> None:
-        self._matchers.pop(request_id, None)
+    def drop(self, request_id: str, choice_index: int) -> None:
+        self._matchers.pop((request_id, choice_index), None)
 
     def _caught_up(self, item: ScheduledSeq) -> llguidance.LLMatcher:
-        matcher, consumed = self._matchers.get(item.request_id) or (self._fresh(item.sampling.grammar), 0)
+        key = (item.request_id, item.choice_index)
+        matcher, consumed = self._matchers.get(key) or (self._fresh(item.sampling.grammar), 0)
         assert item.history is not None, "a constrained sequence is scheduled with its history"
         new = item.history[item.num_prompt_tokens + consumed :]
         if new:
             matcher.consume_tokens(new)
-        self._matchers[item.request_id] = (matcher, consumed + len(new))
+        self._matchers[key] = (matcher, consumed + len(new))
         return matcher
 
     def _fresh(self, grammar: str) -> llguidance.LLMatcher:

@@ -13,6 +13,8 @@ import llguidance
 from checkpoints import ModelKind
 from protos import jobs_pb2
 
+MAX_CHOICES = 16  # the most completions one job may ask for
+
 
 @dataclass(frozen=True, slots=True)
 class JobLimits:
@@ -24,6 +26,7 @@ class JobLimits:
     # Why a grammar cannot be matched with this model's tokenizer ("" when it can); None: grammars
     # are only checked to compile.
     grammar_error: Callable[[str], str] | None = None
+    max_choices: int = MAX_CHOICES  # a job's n: its choices run at once
 
 
 def refusal(job: jobs_pb2.Job, num_delivered: int, limits: JobLimits) -> str | None:
@@ -81,10 +84,13 @@ def _generation_refusal(job: jobs_pb2.Job, num_delivered: int, limits: JobLimits
         "logprobs <= 20": sampling.logprobs <= 20,
         "prompt_logprobs <= 20": sampling.prompt_logprobs <= 20,
         "logit_bias finite": all(math.isfinite(bias) for bias in sampling.logit_bias.values()),
+        f"n <= {MAX_CHOICES}": sampling.n <= MAX_CHOICES,
     }
     broken = [rule for rule, ok in checks.items() if not ok]
     if broken:
         return f"malformed sampling: {', '.join(broken)}"
+    if sampling.n > limits.max_choices:
+        return f"n = {sampling.n} choices exceed the {limits.max_choices} sequences this worker runs at once"
     if sampling.grammar and (problem := (limits.grammar_error or _grammar_error)(sampling.grammar)):
         return f"grammar does not compile: {problem}"
     num_tokens = len(job.prompt_token_ids) + num_delivered

@@ -2,6 +2,7 @@
 proto chunks."""
 
 from protos import inference_pb2, jobs_pb2
+from protos.redis_layout import ChoiceProgress
 from scheduler import FinishReason, SampledToken, SamplingParams, Sequence, TokenChunk
 
 _FINISH_TO_PROTO = {
@@ -31,18 +32,35 @@ def sampling_from_proto(sampling: jobs_pb2.Sampling) -> SamplingParams:
         logit_bias=tuple(sorted(sampling.logit_bias.items())),
         allowed_token_ids=tuple(sampling.allowed_token_ids),
         prompt_logprobs=sampling.prompt_logprobs if sampling.HasField("prompt_logprobs") else None,
+        n=max(sampling.n, 1),
     )
 
 
-def sequence_from_job(job: jobs_pb2.Job, delivered_token_ids: tuple[int, ...] = ()) -> Sequence:
-    """A job's sequence; a resumed job starts with the tokens its client already has."""
-    return Sequence(
-        request_id=job.request_id,
-        prompt_token_ids=list(job.prompt_token_ids),
-        sampling=sampling_from_proto(job.sampling),
-        priority=job.priority,
-        output_token_ids=list(delivered_token_ids),
-    )
+def sequences_from_job(job: jobs_pb2.Job, progress: tuple[ChoiceProgress, ...] = ()) -> list[Sequence]:
+    """A job's sequences. The choices with nothing delivered are one sequence that forks them off at
+    its first sample; a resumed choice starts with the tokens its client already has; a finished
+    one has none."""
+    sampling = sampling_from_proto(job.sampling)
+    prompt = list(job.prompt_token_ids)
+    progress = progress or tuple(ChoiceProgress() for _ in range(sampling.n))
+    fresh = [c for c, choice in enumerate(progress) if not choice.token_ids and not choice.finished]
+    seqs = [
+        Sequence(
+            job.request_id,
+            prompt,
+            sampling,
+            c,
+            priority=job.priority,
+            output_token_ids=list(choice.token_ids),
+        )
+        for c, choice in enumerate(progress)
+        if choice.token_ids and not choice.finished
+    ]
+    if fresh:
+        seqs.append(
+            Sequence(job.request_id, prompt, sampling, fresh[0], tuple(fresh[1:]), priority=job.priority)
+        )
+    return seqs
 
 
 def chunk_to_proto(chunk: TokenChunk) -> jobs_pb2.TokenChunk:
@@ -52,6 +70,7 @@ def chunk_to_proto(chunk: TokenChunk) -> jobs_pb2.TokenChunk:
         token_ids=chunk.token_ids,
         finish_reason=_FINISH_TO_PROTO[chunk.finish_reason],
         prompt_tokens=chunk.num_prompt_tokens,
+        choice_index=chunk.choice_index,
     )
     for token in chunk.tokens:
         if token.logprob is not None:

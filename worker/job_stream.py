@@ -20,14 +20,15 @@ from protos import jobs_pb2
 from protos.redis_layout import (
     DEAD_MAXLEN,
     FIELD,
+    FINISHED,
     GROUP,
     RESPONSES_MAXLEN,
+    ChoiceProgress,
     StreamKeys,
     pack_tokens,
-    unpack_tokens,
 )
 from worker import fenced_scripts
-from worker.outbox import Burial, Outbox
+from worker.outbox import Ack, Burial, Outbox
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,20 @@ class ReceivedJob:
     entry_id: bytes
     job: jobs_pb2.Job
     received_unix_ms: int
-    delivered_token_ids: tuple[int, ...] = ()  # tokens a previous worker already streamed back
+    progress: tuple[ChoiceProgress, ...] = ()  # by choice, what a previous worker already streamed back
+
+    @property
+    def num_choices(self) -> int:
+        return num_choices(self.job)
+
+    @property
+    def num_delivered(self) -> int:
+        """Tokens of its longest choice already streamed back."""
+        return max((len(choice.token_ids) for choice in self.progress), default=0)
+
+
+def num_choices(job: jobs_pb2.Job) -> int:
+    return max(job.sampling.n, 1)
 
 
 def now_ms() -> int:
@@ -119,17 +133,24 @@ class JobStream:
         return self.with_progress(self.parse_jobs(reply[0][1] if reply else [], outbox))
 
     def with_progress(self, received: list[ReceivedJob]) -> list[ReceivedJob]:
-        """The jobs with the tokens already delivered for them, to resume where they stopped."""
+        """The jobs with what was already delivered of each choice, to resume where they stopped."""
         if not received:
             return []
-        progress = self.client.mget([self.keys.progress(self.model, r.job.request_id) for r in received])
+        keys = [
+            self.keys.progress(self.model, r.job.request_id, choice)
+            for r in received
+            for choice in range(r.num_choices)
+        ]
+        values = iter(self.client.mget(keys))
         return [
-            dataclasses.replace(r, delivered_token_ids=tuple(unpack_tokens(p)))
-            for r, p in zip(received, progress, strict=True)
+            dataclasses.replace(
+                r, progress=tuple(ChoiceProgress.unpack(next(values)) for _ in range(r.num_choices))
+            )
+            for r in received
         ]
 
     def was_cancelled(self, request_id: str) -> bool:
-        """True if a cancel for this id arrived before its job did."""
+        """True if a cancel (or stop) of the whole job arrived before the job did."""
         return request_id in self._recent_cancels
 
     def flush(self, outbox: Outbox) -> None:
@@ -141,17 +162,20 @@ class JobStream:
     def publish(
         self,
         batches: dict[str, list[jobs_pb2.TokenChunk]],
-        finished: Iterable[tuple[str, bytes]] = (),
+        finished: Iterable[Ack] = (),
         buried: Iterable[Burial] = (),
     ) -> None:
         """One atomic script: each gateway's chunks, the progress they make, the acks of finished
-        `(request_id, entry_id)` jobs and the burial of dead ones. Raises FencedOut, writing nothing,
-        once this worker's heartbeat has expired."""
+        jobs and the burial of dead ones. Raises FencedOut, writing nothing, once this worker's
+        heartbeat has expired."""
         finished, buried = list(finished), list(buried)
         if not batches and not finished and not buried:
             return
+        done = {ack.request_id: ack.num_choices for ack in finished if ack.request_id}
         response_keys, payloads = [], []
-        progress: dict[str, tuple[int, list[int]]] = {}  # request -> (first index, tokens from it)
+        # (request, choice) -> (first index, tokens from it): a choice that ended while its job
+        # goes on gets FINISHED after its last tokens.
+        progress: dict[tuple[str, int], tuple[int, list[int]]] = {}
         published_unix_us = time.time_ns() // 1000
         for gateway_id, chunks in batches.items():
             response_keys.append(self.keys.responses(self.model, gateway_id))
@@ -159,16 +183,24 @@ class JobStream:
                 jobs_pb2.TokenBatch(chunks=chunks, published_unix_us=published_unix_us).SerializeToString()
             )
             for chunk in chunks:
-                if chunk.token_ids and not chunk.finish_reason:
-                    progress.setdefault(chunk.request_id, (chunk.index, []))[1].extend(chunk.token_ids)
-        done = [request_id for request_id, _ in finished if request_id]
+                if chunk.request_id in done or not (chunk.token_ids or chunk.finish_reason):
+                    continue
+                key = (chunk.request_id, chunk.choice_index)
+                tokens = progress.setdefault(key, (chunk.index, []))[1]
+                tokens.extend(chunk.token_ids)
+                if chunk.finish_reason:
+                    tokens.append(FINISHED)
         keys = [
             self.keys.worker(self.model, self.worker_id),
             self.requests_key,
             self.keys.dead(self.model),
             *response_keys,
-            *(self.keys.progress(self.model, r) for r in progress),
-            *(self.keys.progress(self.model, r) for r in done),
+            *(self.keys.progress(self.model, request_id, choice) for request_id, choice in progress),
+            *(
+                self.keys.progress(self.model, request_id, choice)
+                for request_id, count in done.items()
+                for choice in range(count)
+            ),
         ]
         args: list[bytes | str | int] = [
             GROUP,
@@ -179,7 +211,7 @@ class JobStream:
             self.worker_id,
             len(response_keys),
             len(progress),
-            len(done),
+            sum(done.values()),
             len(buried),
             *payloads,
         ]
@@ -187,7 +219,7 @@ class JobStream:
             args += [first_index * 4, pack_tokens(token_ids)]
         for burial in buried:
             args += [burial.payload, burial.reason]
-        args += list(dict.fromkeys([entry_id for _, entry_id in finished] + [b.entry_id for b in buried]))
+        args += list(dict.fromkeys([ack.entry_id for ack in finished] + [b.entry_id for b in buried]))
         if not self._publish_script(keys=keys, args=args):
             raise FencedOut(f"heartbeat of {self.worker_id} expired")
 
@@ -295,7 +327,8 @@ class JobStream:
                     logger.warning("unreadable cancel %s ignored", entry_id)
                     continue
                 cancels.append(cancel)
-                self._recent_cancels[cancel.request_id] = None
+                if not cancel.HasField("choice_index"):  # one choice's stop leaves the job to run
+                    self._recent_cancels[cancel.request_id] = None
         while len(self._recent_cancels) > _REMEMBERED_CANCELS:
             self._recent_cancels.popitem(last=False)
         return cancels

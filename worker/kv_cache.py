@@ -25,6 +25,18 @@ class KVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
 
+    def copy_blocks(self, copies: tuple[tuple[int, int], ...]) -> None:
+        """Copy whole (source, destination) blocks in every layer: a choice's own copy of a block its
+        siblings share, before it writes there."""
+        device = self.keys[0].device
+        offsets = torch.arange(self.block_size, device=device)
+        sources, destinations = (
+            (torch.tensor(blocks, device=device)[:, None] * self.block_size + offsets).view(-1)
+            for blocks in zip(*copies, strict=True)
+        )
+        for tensor in self.keys + self.values:
+            tensor.index_copy_(0, destinations, tensor.index_select(0, sources))
+
     @property
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)

@@ -18,6 +18,7 @@ class Completion:
 
     request_id: str
     prompt_token_ids: list[int]
+    choice_index: int = 0  # which of the prompt's `n` completions
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: FinishReason | None = None
@@ -41,22 +42,27 @@ class LLM:
         prompts: list[str] | list[list[int]],
         sampling: SamplingParams | list[SamplingParams] | None = None,
     ) -> list[Completion]:
-        """Submit every prompt at once and step until all finish; raw text prompts get no chat template."""
+        """Submit every prompt at once and step until all finish: `n` completions of each, in the
+        prompts' order. Raw text prompts get no chat template."""
         params = sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * len(prompts)
-        completions: dict[str, Completion] = {}
-        streams: dict[str, TextStream] = {}
+        completions: dict[tuple[str, int], Completion] = {}
+        streams: dict[tuple[str, int], TextStream] = {}
         for prompt, sampling_params in zip(prompts, params, strict=True):
             token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             request_id = f"llm-{next(self._ids)}"
-            self.core.add(Sequence(request_id, token_ids, sampling_params))
-            completions[request_id] = Completion(request_id, token_ids, submitted_s=time.perf_counter())
-            streams[request_id] = TextStream(self.tokenizer, sampling_params.stop)
+            choices = tuple(range(1, sampling_params.n))
+            self.core.add(Sequence(request_id, token_ids, sampling_params, fork_choices=choices))
+            for choice in range(sampling_params.n):
+                key = (request_id, choice)
+                completions[key] = Completion(request_id, token_ids, choice, submitted_s=time.perf_counter())
+                streams[key] = TextStream(self.tokenizer, sampling_params.stop)
         while not self.core.scheduler.is_idle:
             step = self.core.step()
             for chunk in step.chunks if step is not None else []:
                 now = time.perf_counter()
-                completion = completions[chunk.request_id]
-                stream = streams[chunk.request_id]
+                key = (chunk.request_id, chunk.choice_index)
+                completion = completions[key]
+                stream = streams[key]
                 completion.token_ids.extend(chunk.token_ids)
                 completion.prompt_logprobs.extend(chunk.prompt_logprobs)
                 completion.token_times_s.extend(now for _ in chunk.tokens)
@@ -64,7 +70,7 @@ class LLM:
                 finish_reason = chunk.finish_reason
                 if stream.matched_stop is not None and finish_reason is None:
                     finish_reason = FinishReason.STOP
-                    self.core.finish(chunk.request_id, finish_reason)
+                    self.core.finish(chunk.request_id, finish_reason, chunk.choice_index)
                 if finish_reason is not None:
                     completion.finish_reason = finish_reason
                     completion.text += stream.flush()

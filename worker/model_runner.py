@@ -18,7 +18,7 @@ from worker.sampler import Sampler
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
-    sampled: list[SampledToken | None]  # by item: its token, when it needed one
+    sampled: list[tuple[SampledToken, ...]]  # by item: a token for each of its sample_choices
     prompt_logprobs: dict[int, list[SampledToken]]  # by item: its chunk's prompt tokens scored
 
 
@@ -61,7 +61,8 @@ class ModelRunner:
         prompt_lens: list[int] = []
         slot_mapping: list[int] = []
         logit_rows: list[int] = []
-        sampled_items: list[int] = []
+        sampled_items: list[int] = []  # by logit row: its item
+        sampled: list[ScheduledSeq] = []  # by logit row: the item as the choice sampled there
         prompt_rows: list[int] = []  # rows whose logits score the next prompt token
         prompt_targets: list[tuple[int, int]] = []  # (item, that token) of each
         for index in order:
@@ -80,9 +81,12 @@ class ModelRunner:
                 slot_mapping.append(
                     item.block_ids[pos // self.block_size] * self.block_size + pos % self.block_size
                 )
-            if item.needs_sample:
+            for choice in item.sample_choices:  # choices forking off sample the same row
                 logit_rows.append(len(input_ids) - 1)
                 sampled_items.append(index)
+                sampled.append(
+                    item if choice == item.choice_index else dataclasses.replace(item, choice_index=choice)
+                )
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slot_mapping),
             num_decodes=len(decodes),
@@ -91,7 +95,6 @@ class ModelRunner:
         )
         if decodes:
             meta = self._with_decode_context(meta, [items[i] for i in decodes])
-        sampled = [items[i] for i in sampled_items]
         masks: torch.Tensor | None = None
         pending_masks: Future[torch.Tensor | None] | None = None
         if self.matchers is not None and any(item.sampling.grammar for item in sampled):
@@ -100,6 +103,8 @@ class ModelRunner:
             else:
                 masks = self.matchers.masks(sampled)
         started = time.perf_counter()
+        if output.block_copies:
+            self.kv_cache.copy_blocks(output.block_copies)
         logits = self.model(
             self._tensor(input_ids),
             self._tensor(positions),
@@ -111,13 +116,13 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.model_s += time.perf_counter() - started
-        results: list[SampledToken | None] = [None] * len(items)
-        if sampled_items:
+        results: list[tuple[SampledToken, ...]] = [()] * len(items)
+        if sampled:
             if pending_masks is not None:
                 masks = pending_masks.result()
             tokens = self.sampler(logits[: len(sampled)].float(), sampled, masks)
             for index, token in zip(sampled_items, tokens, strict=True):
-                results[index] = token
+                results[index] += (token,)
         return StepResult(results, self._prompt_logprobs(logits[len(sampled) :], prompt_targets, items))
 
     @staticmethod

@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError
 from protos import jobs_pb2
 from protos.redis_layout import FIELD
 from worker.job_codec import failure_chunk
-from worker.job_stream import JobStream, ReceivedJob
+from worker.job_stream import JobStream, ReceivedJob, num_choices
 from worker.outbox import Burial, Outbox
 
 logger = logging.getLogger(__name__)
@@ -46,9 +46,9 @@ class OrphanClaimer:
         resumed = self.jobs.with_progress(self.jobs.parse_jobs(entries, outbox))
         for job in resumed:
             logger.warning(
-                "resuming orphaned request_id=%s after %d delivered tokens",
+                "resuming orphaned request_id=%s after %s delivered tokens",
                 job.job.request_id,
-                len(job.delivered_token_ids),
+                "+".join(str(len(choice.token_ids)) for choice in job.progress),
             )
         return resumed
 
@@ -62,4 +62,4 @@ class OrphanClaimer:
             return
         logger.error("poison request_id=%s buried: %s", job.request_id, reason)
         chunk = failure_chunk(job.request_id, jobs_pb2.JOB_FAILURE_WORKERS_DIED, f"the job failed: {reason}")
-        outbox.add(job.gateway_id, chunk, entry_id)
+        outbox.add(job.gateway_id, chunk, entry_id, num_choices(job))

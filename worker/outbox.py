@@ -14,6 +14,15 @@ class Burial:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """A job to acknowledge; with a request id, the progress of its `num_choices` choices is dropped."""
+
+    request_id: str
+    entry_id: bytes
+    num_choices: int = 1
+
+
 @dataclass(slots=True)
 class Outbox:
     """Chunks per gateway, jobs to acknowledge and jobs to bury, in the order they were produced.
@@ -23,23 +32,26 @@ class Outbox:
     """
 
     batches: dict[str, list[jobs_pb2.TokenChunk]] = field(default_factory=dict)
-    finished: list[tuple[str, bytes]] = field(default_factory=list)  # (request_id, entry_id)
+    finished: list[Ack] = field(default_factory=list)
     buried: list[Burial] = field(default_factory=list)
 
-    def add(self, gateway_id: str, chunk: jobs_pb2.TokenChunk, entry_id: bytes | None = None) -> None:
-        """Queue a chunk; with `entry_id`, the chunk ends its job and the entry is acknowledged."""
+    def add(
+        self, gateway_id: str, chunk: jobs_pb2.TokenChunk, entry_id: bytes | None = None, num_choices: int = 1
+    ) -> None:
+        """Queue a chunk; with `entry_id`, the chunk ends its job (of `num_choices` choices) and the
+        entry is acknowledged."""
         self.batches.setdefault(gateway_id, []).append(chunk)
         if entry_id is not None:
-            self.finished.append((chunk.request_id, entry_id))
+            self.finished.append(Ack(chunk.request_id, entry_id, num_choices))
 
     def bury(self, burial: Burial) -> None:
         """To the dead stream, acknowledged (the client's failure chunk goes through `add`)."""
         self.buried.append(burial)
 
-    def acknowledge(self, request_id: str, entry_id: bytes) -> None:
+    def acknowledge(self, request_id: str, entry_id: bytes, num_choices: int = 1) -> None:
         """Acknowledge a job without telling its gateway anything (it is gone, or the job vanished
         from the stream); with a request_id, its progress is dropped too."""
-        self.finished.append((request_id, entry_id))
+        self.finished.append(Ack(request_id, entry_id, num_choices))
 
     @property
     def is_empty(self) -> bool:
@@ -47,7 +59,7 @@ class Outbox:
 
     @property
     def entry_ids(self) -> set[bytes]:
-        return {entry_id for _, entry_id in self.finished} | {b.entry_id for b in self.buried}
+        return {ack.entry_id for ack in self.finished} | {b.entry_id for b in self.buried}
 
     def clear(self) -> None:
         self.batches = {}

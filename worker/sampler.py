@@ -1,7 +1,8 @@
 """Pick one token per row of logits, each row with its own sampling parameters.
 
-Seeded rows draw their noise from a generator seeded with (seed, token index), so a seeded request
-gets the same tokens alone or in any batch, after preemption, and on another worker.
+Seeded rows draw their noise from a generator seeded with (seed, token index, choice), so a seeded
+request gets the same tokens alone or in any batch, after preemption, and on another worker, and each
+of its n choices has a stream of its own (choice 0's is that of the same request with n = 1).
 """
 
 import os
@@ -13,8 +14,10 @@ from scheduler import SampledToken, ScheduledSeq
 _MASK = float("-inf")
 
 
-def _seed_for(seed: int, index: int) -> int:
-    return (seed * 6364136223846793005 + index * 1442695040888963407 + 1) % (1 << 63)
+def _seed_for(seed: int, index: int, choice: int) -> int:
+    return (seed * 6364136223846793005 + index * 1442695040888963407 + choice * 0x9E3779B97F4A7C15 + 1) % (
+        1 << 63
+    )
 
 
 class Sampler:
@@ -127,7 +130,7 @@ class Sampler:
         for row, item in enumerate(items):
             seed = item.sampling.seed
             if seed is not None and not item.sampling.is_greedy:
-                self._seeded.manual_seed(_seed_for(seed, item.num_output_tokens))
+                self._seeded.manual_seed(_seed_for(seed, item.num_output_tokens, item.choice_index))
                 noise[row].exponential_(generator=self._seeded)
         return (probs / noise).argmax(dim=-1)
 

@@ -37,6 +37,8 @@ class _Running:
     started_unix_ms: int
     deadline_unix_ms: int
     spans: JobSpans
+    num_choices: int
+    open_choices: set[int]  # the job ends when the last of these does
 
 
 class ServingLoop:
@@ -151,12 +153,12 @@ class ServingLoop:
     def _admit_and_cancel(self) -> None:
         """Read jobs and cancels; jobs refused at once get their last chunk in the outbox."""
         accepting = not self._draining.is_set()
-        # Take only what can run now, so idle workers in the group get the rest.
-        capacity = self.backend.max_jobs - len(self._running)
         block_ms = self.backend.block_ms(self.settings.idle_block_ms)
-        received, cancels = self.jobs.read(capacity if accepting else 0, block_ms, self._outbox)
+        received, cancels = self.jobs.read(self._capacity() if accepting else 0, block_ms, self._outbox)
         for cancel in cancels:
-            if cancel.stopped:
+            if cancel.stopped and cancel.HasField("choice_index"):
+                self._choice_stopped_by_gateway(cancel.request_id, cancel.choice_index)
+            elif cancel.stopped:
                 self._stopped_by_gateway(cancel.request_id)
             else:
                 self._finish_early(cancel.request_id, jobs_pb2.JOB_FAILURE_CANCELLED, "cancelled")
@@ -170,12 +172,12 @@ class ServingLoop:
                 continue
             failure = self._admit(item)
             if failure is not None:
-                self._outbox.add(item.job.gateway_id, failure, item.entry_id)
+                self._outbox.add(item.job.gateway_id, failure, item.entry_id, item.num_choices)
 
     def _admit(self, item: ReceivedJob) -> jobs_pb2.TokenChunk | None:
         """Start a job, or return the chunk that ends it at once."""
         job = item.job
-        problem = refusal(job, len(item.delivered_token_ids), self.backend.limits)
+        problem = refusal(job, item.num_delivered, self.backend.limits)
         if problem is not None:
             logger.warning("job %s request_id=%s buried: %s", item.entry_id, job.request_id, problem)
             self._outbox.bury(Burial(item.entry_id, job.SerializeToString(), problem))
@@ -188,15 +190,22 @@ class ServingLoop:
             return failure_chunk(
                 job.request_id, jobs_pb2.JOB_FAILURE_DEADLINE, "deadline passed while queued"
             )
-        self.backend.start(job, item.delivered_token_ids)
+        self.backend.start(job, item.progress)
         self._running[job.request_id] = _Running(
             job.gateway_id,
             item.entry_id,
             item.received_unix_ms,
             job.deadline_unix_ms,
             JobSpans.of(job, item.received_unix_ms),
+            item.num_choices,
+            {c for c in range(item.num_choices) if not (item.progress and item.progress[c].finished)},
         )
         return None
+
+    def _capacity(self) -> int:
+        """Jobs to take now: only what can run, so idle workers in the group get the rest; a job
+        of n choices takes n places."""
+        return self.backend.max_jobs - sum(running.num_choices for running in self._running.values())
 
     def _release(self, request_id: str, error: str | None) -> _Running | None:
         """Take a running job out of the backend now (its blocks freed) and end its spans."""
@@ -212,7 +221,7 @@ class ServingLoop:
         if running is not None:
             logger.info("job ended early: %s", message, extra=running.spans.log_fields(request_id))
             chunk = failure_chunk(request_id, failure, message)
-            self._outbox.add(running.gateway_id, chunk, running.entry_id)
+            self._outbox.add(running.gateway_id, chunk, running.entry_id, running.num_choices)
 
     def _stopped_by_gateway(self, request_id: str) -> None:
         """The gateway matched a stop string and answered its client: the job is done. Free it and
@@ -221,8 +230,19 @@ class ServingLoop:
         if running is not None:
             fields = running.spans.log_fields(request_id)
             logger.info("job finished (stop): its gateway matched a stop string", extra=fields)
-            self._outbox.acknowledge(request_id, running.entry_id)
+            self._outbox.acknowledge(request_id, running.entry_id, running.num_choices)
             self._num_finished += 1
+
+    def _choice_stopped_by_gateway(self, request_id: str, choice_index: int) -> None:
+        """The gateway matched a stop string in one choice: end that one; the job is done once no
+        choice is left. (A resume would run a choice stopped so again: its gateway drops what comes.)"""
+        running = self._running.get(request_id)
+        if running is None or choice_index not in running.open_choices:
+            return
+        self.backend.finish_choice(request_id, choice_index)
+        running.open_choices.discard(choice_index)
+        if not running.open_choices:
+            self._stopped_by_gateway(request_id)
 
     def _expire_deadlines(self) -> None:
         now = now_ms()
@@ -237,7 +257,9 @@ class ServingLoop:
         if message.index == 0:
             message.started_unix_ms = running.started_unix_ms  # the first chunk says when the job began
         running.spans.token_produced()
-        if message.finish_reason == inference_pb2.FINISH_REASON_UNSPECIFIED:
+        if message.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED:
+            running.open_choices.discard(message.choice_index)
+        if message.finish_reason == inference_pb2.FINISH_REASON_UNSPECIFIED or running.open_choices:
             self._outbox.add(running.gateway_id, message)
             return
         running.spans.end(self.tracer, self.jobs.worker_id)
@@ -246,10 +268,15 @@ class ServingLoop:
             inference_pb2.FinishReason.Name(message.finish_reason).removeprefix("FINISH_REASON_").lower(),
             f"{len(message.embeddings)} vectors"
             if message.embeddings
-            else f"{message.index + len(message.token_ids)} tokens",
+            else f"{message.index + len(message.token_ids)} tokens"
+            + (
+                f" (choice {message.choice_index}, the last of {running.num_choices})"
+                if running.num_choices > 1
+                else ""
+            ),
             extra=running.spans.log_fields(message.request_id),
         )
-        self._outbox.add(running.gateway_id, message, running.entry_id)
+        self._outbox.add(running.gateway_id, message, running.entry_id, running.num_choices)
         del self._running[message.request_id]
         self._num_finished += 1
 
@@ -264,7 +291,7 @@ class ServingLoop:
         self._send_heartbeat()
         self.backend.refresh_metrics()
         self._drop_work_of_lost_gateways()
-        capacity = self.backend.max_jobs - len(self._running)
+        capacity = self._capacity()
         if capacity > 0 and not self._draining.is_set():
             self._admit_all(self.claimer.claim(capacity, self._outbox))
 
@@ -277,7 +304,8 @@ class ServingLoop:
         logger.warning("gateways %s are gone: cancelling their %d jobs", sorted(lost), len(dropped))
         for request_id in dropped:
             self.backend.abort(request_id)
-            self._outbox.acknowledge(request_id, self._running.pop(request_id).entry_id)
+            running = self._running.pop(request_id)
+            self._outbox.acknowledge(request_id, running.entry_id, running.num_choices)
 
     def _send_heartbeat(self) -> None:
         self._next_heartbeat = time.monotonic() + self.settings.heartbeat_interval_s

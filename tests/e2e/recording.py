@@ -33,6 +33,11 @@ class RecordedStream:
     def text(self) -> str:
         return "".join(f.text for f in self.frames)
 
+    def choice(self, index: int) -> "RecordedStream":
+        """The frames of one of the request's n completions, as a stream of their own."""
+        frames = [f for f in self.frames if f.choice_index == index]
+        return RecordedStream(self.prompt, self.max_tokens, frames, sampling=self.sampling, error=self.error)
+
     def run(self, address: str) -> None:
         try:
             with ConveyorClient(address) as client:

@@ -39,6 +39,7 @@ ROBOT = {
 }
 NUM_STREAMS = 16
 MAX_TOKENS = 48
+NUM_CHOICES = 3  # of the streams that ask for several completions
 
 
 def run_streams(
@@ -108,12 +109,16 @@ def test_a_worker_killed_mid_generation_loses_and_repeats_nothing(
     workers, gateway, address = two_workers_and_a_gateway(
         redis_server.url, namespace, model_dir, log_dir, "--max-num-seqs", "16"
     )
-    prompts = [f"Write a short story about a {n}-legged robot." for n in range(NUM_STREAMS)]
+    prompts = [f"Write a short story about a {n}-legged robot." for n in range(NUM_STREAMS + 2)]
     # Half of the streams are constrained to a JSON schema: their matchers are rebuilt on the worker
-    # that resumes them by replaying the tokens already delivered.
+    # that resumes them by replaying the tokens already delivered. Two more sample n completions,
+    # seeded: each choice resumes from its own progress and its own seeded stream.
     constrained = {"temperature": 0.0, "json": json.dumps(ROBOT)}
-    sampling = [constrained] * (NUM_STREAMS // 2) + [{"temperature": 0.0, "ignore_eos": True}] * (
-        NUM_STREAMS // 2
+    several = {"temperature": 1.0, "seed": 9, "ignore_eos": True, "n": NUM_CHOICES}
+    sampling = (
+        [constrained] * (NUM_STREAMS // 2)
+        + [{"temperature": 0.0, "ignore_eos": True}] * (NUM_STREAMS // 2)
+        + [several] * 2
     )
     report: dict[str, object] = {}
     try:
@@ -121,7 +126,8 @@ def test_a_worker_killed_mid_generation_loses_and_repeats_nothing(
         assert wait_for(lambda: len(worker_statuses(redis_server.url, namespace)) == 2, timeout_s=120)
         undisturbed = run_streams(address, prompts, sampling=sampling)
         assert all(s.error is None for s in undisturbed)
-        assert all(len(s.token_ids) == MAX_TOKENS for s in undisturbed[NUM_STREAMS // 2 :])
+        assert all(len(s.token_ids) == MAX_TOKENS for s in undisturbed[NUM_STREAMS // 2 : NUM_STREAMS])
+        assert all(len(s.token_ids) == NUM_CHOICES * MAX_TOKENS for s in undisturbed[NUM_STREAMS:])
 
         def kill_the_busier_worker(streams: list[RecordedStream]) -> None:
             assert wait_for(lambda: all(len(s.token_ids) >= 2 for s in streams), timeout_s=120)
@@ -139,17 +145,23 @@ def test_a_worker_killed_mid_generation_loses_and_repeats_nothing(
         for worker in workers:
             stop_process(worker)
     assert isinstance(report["in_flight_on_victim"], int) and report["in_flight_on_victim"] > 0
-    for before, after in zip(undisturbed, disturbed, strict=True):
+    single = list(zip(undisturbed[:NUM_STREAMS], disturbed[:NUM_STREAMS], strict=True))
+    chosen = [
+        (before.choice(c), after.choice(c))
+        for before, after in zip(undisturbed[NUM_STREAMS:], disturbed[NUM_STREAMS:], strict=True)
+        for c in range(NUM_CHOICES)
+    ]
+    for before, after in single + chosen:
         assert after.error is None, after.error
         assert after.indexes == list(range(len(before.token_ids))), "an index twice or missing"
-        assert after.token_ids == before.token_ids, "greedy text differs from the undisturbed run"
+        assert after.token_ids == before.token_ids, "the text differs from the undisturbed run"
         assert after.frames[-1].finish_reason == before.frames[-1].finish_reason
     for stream in disturbed[: NUM_STREAMS // 2]:
         assert stream.frames[-1].finish_reason == inference_pb2.FINISH_REASON_STOP, stream.text
         jsonschema.validate(json.loads(stream.text), ROBOT)
     assert all(
         s.frames[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
-        for s in disturbed[NUM_STREAMS // 2 :]
+        for s in disturbed[NUM_STREAMS // 2 : NUM_STREAMS] + [after for _, after in chosen]
     )
     killed_at = report["killed_at"]
     assert isinstance(killed_at, float)
@@ -162,8 +174,8 @@ def test_a_worker_killed_mid_generation_loses_and_repeats_nothing(
         if s.arrivals[-1] > killed_at
     ]
     print(
-        f"\nworker killed with {report['in_flight_on_victim']} of {NUM_STREAMS} streams in flight: "
-        f"{NUM_STREAMS} completed, 0 duplicated, 0 lost; longest gap after the kill {max(resumed):.1f} s"
+        f"\nworker killed with {report['in_flight_on_victim']} of {len(prompts)} streams in flight: "
+        f"{len(prompts)} completed, 0 duplicated, 0 lost; longest gap after the kill {max(resumed):.1f} s"
     )
     keys = StreamKeys(namespace)
     assert client.xlen(keys.requests(MODEL)) == 0, "every job acknowledged"

@@ -53,7 +53,7 @@ def make_sequence(
 def run_step(scheduler: Scheduler, token_id: int = 7) -> tuple[object, list[object]]:
     """Schedule, 'sample' `token_id` for every sequence that needs it, update, check invariants."""
     output = scheduler.schedule()
-    sampled = [SampledToken(token_id) if item.needs_sample else None for item in output.scheduled]
+    sampled = [tuple(SampledToken(token_id) for _ in item.sample_choices) for item in output.scheduled]
     chunks = scheduler.update(output, sampled)
     scheduler.check_invariants()
     return output, chunks

@@ -159,7 +159,7 @@ def test_cancel_frees_blocks_of_running_and_waiting_sequences() -> None:
     assert scheduler.block_manager.num_used_blocks == 0
     assert running.status == SequenceStatus.FINISHED_ABORTED
     assert scheduler.is_idle
-    assert scheduler.finish("unknown", FinishReason.CANCELLED) is None
+    assert scheduler.finish("unknown", FinishReason.CANCELLED) == []
 
 
 def test_sequence_finished_during_a_step_is_skipped_by_update() -> None:
@@ -168,7 +168,7 @@ def test_sequence_finished_during_a_step_is_skipped_by_update() -> None:
     scheduler.add(seq)
     output = scheduler.schedule()
     scheduler.finish(seq.request_id, FinishReason.CANCELLED)
-    assert scheduler.update(output, [SampledToken(7)]) == []
+    assert scheduler.update(output, [(SampledToken(7),)]) == []
     scheduler.check_invariants()
 
 

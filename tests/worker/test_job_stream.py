@@ -7,10 +7,10 @@ import pytest
 import redis
 
 from protos import inference_pb2, jobs_pb2
-from protos.redis_layout import FIELD, GROUP, StreamKeys, unpack_tokens
+from protos.redis_layout import FIELD, GROUP, ChoiceProgress, StreamKeys, unpack_tokens
 from worker.job_stream import FencedOut, JobStream, ReceivedJob
 from worker.orphan_claimer import OrphanClaimer
-from worker.outbox import Outbox
+from worker.outbox import Ack, Outbox
 
 MODEL = "m"
 TTL_S = 30.0
@@ -30,8 +30,10 @@ def worker(client: redis.Redis, keys: StreamKeys, name: str) -> JobStream:
     return stream
 
 
-def submit(client: redis.Redis, keys: StreamKeys, request_id: str, gateway: str = "gw") -> None:
-    job = jobs_pb2.Job(request_id=request_id, gateway_id=gateway, prompt_token_ids=[1, 2, 3])
+def submit(client: redis.Redis, keys: StreamKeys, request_id: str, gateway: str = "gw", n: int = 0) -> None:
+    job = jobs_pb2.Job(
+        request_id=request_id, gateway_id=gateway, prompt_token_ids=[1, 2, 3], sampling=jobs_pb2.Sampling(n=n)
+    )
     client.xadd(keys.requests(MODEL), {FIELD: job.SerializeToString()})
 
 
@@ -50,8 +52,12 @@ def claim(claimer: OrphanClaimer, max_jobs: int) -> list[ReceivedJob]:
     return claimed
 
 
-def chunk(request_id: str, index: int, token_ids: list[int], finish: int = 0) -> jobs_pb2.TokenChunk:
-    return jobs_pb2.TokenChunk(request_id=request_id, index=index, token_ids=token_ids, finish_reason=finish)
+def chunk(
+    request_id: str, index: int, token_ids: list[int], finish: int = 0, choice: int = 0
+) -> jobs_pb2.TokenChunk:
+    return jobs_pb2.TokenChunk(
+        request_id=request_id, index=index, token_ids=token_ids, finish_reason=finish, choice_index=choice
+    )
 
 
 def die(client: redis.Redis, keys: StreamKeys, stream: JobStream) -> None:
@@ -78,13 +84,43 @@ def test_progress_follows_what_is_published_and_goes_with_the_ack(
     stream.publish({"gw": [chunk("r1", 1, [8, 9])]})  # retried after a lost reply
     assert unpack_tokens(client.get(keys.progress(MODEL, "r1"))) == [7, 8, 9]
     assert 0 < client.pttl(keys.progress(MODEL, "r1")) <= 60_000
-    stream.publish({"gw": [chunk("r1", 3, [10], inference_pb2.FINISH_REASON_LENGTH)]}, [("r1", job.entry_id)])
+    stream.publish(
+        {"gw": [chunk("r1", 3, [10], inference_pb2.FINISH_REASON_LENGTH)]}, [Ack("r1", job.entry_id)]
+    )
     assert client.get(keys.progress(MODEL, "r1")) is None
     assert (
         client.xlen(keys.requests(MODEL)) == 0
         and client.xpending(keys.requests(MODEL), GROUP)["pending"] == 0
     )
     assert [c.index for c in responses(client, keys)] == [0, 1, 1, 3]
+
+
+def test_each_choice_resumes_from_its_own_progress_and_a_finished_one_not_at_all(
+    client: redis.Redis, keys: StreamKeys
+) -> None:
+    dead = worker(client, keys, "dead")
+    submit(client, keys, "r1", n=3)
+    read(dead, 1)
+    length = inference_pb2.FINISH_REASON_LENGTH
+    dead.publish(
+        {"gw": [chunk("r1", 0, [5], choice=0), chunk("r1", 0, [6], choice=1), chunk("r1", 0, [7], choice=2)]}
+    )
+    dead.publish({"gw": [chunk("r1", 1, [8], choice=0), chunk("r1", 1, [9], length, choice=1)]})
+    die(client, keys, dead)
+    claimer = worker(client, keys, "claimer")
+    time.sleep(0.02)
+    (resumed,) = claim(OrphanClaimer(claimer, min_idle_ms=10, max_attempts=3), 8)
+    assert resumed.progress == (
+        ChoiceProgress((5, 8)),
+        ChoiceProgress((6, 9), finished=True),
+        ChoiceProgress((7,)),
+    )
+    assert resumed.num_delivered == 2
+    claimer.publish(
+        {"gw": [chunk("r1", 2, [1], length, choice=0), chunk("r1", 1, [2], length, choice=2)]},
+        [Ack("r1", resumed.entry_id, 3)],
+    )
+    assert not list(client.scan_iter(match=keys.progress(MODEL, "*"))), "every choice's progress is gone"
 
 
 def test_a_worker_whose_heartbeat_expired_writes_nothing_and_is_not_revived(
@@ -95,7 +131,7 @@ def test_a_worker_whose_heartbeat_expired_writes_nothing_and_is_not_revived(
     ((job,), _) = read(stream, 4)
     die(client, keys, stream)
     with pytest.raises(FencedOut):
-        stream.publish({"gw": [chunk("r1", 0, [7])]}, [("r1", job.entry_id)])
+        stream.publish({"gw": [chunk("r1", 0, [7])]}, [Ack("r1", job.entry_id)])
     assert responses(client, keys) == [] and client.get(keys.progress(MODEL, "r1")) is None
     assert client.xpending(keys.requests(MODEL), GROUP)["pending"] == 1
     with pytest.raises(FencedOut):
@@ -121,7 +157,10 @@ def test_orphans_of_a_dead_worker_are_resumed_from_their_progress(
     claimer_stream = worker(client, keys, "claimer")
     time.sleep(0.02)
     claimed = claim(OrphanClaimer(claimer_stream, min_idle_ms=10, max_attempts=3), 8)
-    assert sorted((j.job.request_id, j.delivered_token_ids) for j in claimed) == [("r1", (5, 6)), ("r2", ())]
+    assert sorted((j.job.request_id, j.progress) for j in claimed) == [
+        ("r1", (ChoiceProgress((5, 6)),)),
+        ("r2", (ChoiceProgress(),)),
+    ]
     owners = {
         p["consumer"].decode() for p in client.xpending_range(keys.requests(MODEL), GROUP, "-", "+", 10)
     }
@@ -134,7 +173,7 @@ def test_a_dead_consumer_with_nothing_pending_is_forgotten(client: redis.Redis, 
     dead, live = worker(client, keys, "dead"), worker(client, keys, "live")
     submit(client, keys, "done")
     ((job,), _) = read(dead, 1)
-    dead.publish({}, [("done", job.entry_id)])
+    dead.publish({}, [Ack("done", job.entry_id)])
     die(client, keys, dead)
     submit(client, keys, "running")
     read(live, 1)
@@ -199,7 +238,10 @@ def test_own_pending_lists_what_was_handed_over_with_its_progress(
     read(stream, 2)  # as if the reply had been lost on the way
     stream.publish({"gw": [chunk("r2", 0, [4, 2])]})
     pending = stream.own_pending(Outbox())
-    assert [(j.job.request_id, j.delivered_token_ids) for j in pending] == [("r1", ()), ("r2", (4, 2))]
+    assert [(j.job.request_id, j.progress) for j in pending] == [
+        ("r1", (ChoiceProgress(),)),
+        ("r2", (ChoiceProgress((4, 2)),)),
+    ]
 
 
 @pytest.mark.parametrize(

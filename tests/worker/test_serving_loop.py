@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
 from protos import inference_pb2, jobs_pb2
-from protos.redis_layout import FIELD, GROUP, WORKER_STATUS_FIELD, StreamKeys
+from protos.redis_layout import FIELD, GROUP, WORKER_STATUS_FIELD, ChoiceProgress, StreamKeys
 from worker.health import LoopHealth
 from worker.job_stream import JobStream
 from worker.metrics import StepMetrics
@@ -30,12 +30,12 @@ class FakeBackend(SimulatedBackend):
 
     def __init__(self) -> None:
         super().__init__(100, 64, 4, 1e6, StepMetrics(CollectorRegistry(), MODEL))
-        self.started: list[tuple[str, tuple[int, ...]]] = []
+        self.started: list[tuple[str, tuple[int, ...]]] = []  # with choice 0's delivered tokens
         self.aborted: list[str] = []
 
-    def start(self, job: jobs_pb2.Job, delivered_token_ids: tuple[int, ...]) -> None:
-        self.started.append((job.request_id, delivered_token_ids))
-        super().start(job, delivered_token_ids)
+    def start(self, job: jobs_pb2.Job, progress: tuple[ChoiceProgress, ...]) -> None:
+        self.started.append((job.request_id, progress[0].token_ids if progress else ()))
+        super().start(job, progress)
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
@@ -112,6 +112,37 @@ def test_a_job_streams_its_tokens_and_leaves_the_stream_when_done(
     assert chunks[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
     assert client.xlen(keys.requests(MODEL)) == 0 and client.get(keys.progress(MODEL, "r1")) is None
     assert client.xpending(keys.requests(MODEL), GROUP)["pending"] == 0
+
+
+def test_a_job_of_n_choices_ends_when_its_last_choice_does(
+    loop: ServingLoop, client: redis.Redis, keys: StreamKeys
+) -> None:
+    sampled = job("r1", max_tokens=4)
+    sampled.sampling.n = 3  # the fake stops choice c c tokens early
+    submit(client, keys, sampled)
+    step_until(loop, lambda: client.xlen(keys.requests(MODEL)) == 0)
+    chunks = responses(client, keys)
+    ends = [(c.choice_index, c.index) for c in chunks if c.finish_reason]
+    assert ends == [(2, 1), (1, 2), (0, 3)]
+    for choice in range(3):
+        assert [c.index for c in chunks if c.choice_index == choice] == list(range(4 - choice))
+    assert not list(client.scan_iter(match=keys.progress(MODEL, "*")))
+
+
+def test_a_stop_of_one_choice_ends_it_and_the_job_runs_on(
+    loop: ServingLoop, client: redis.Redis, keys: StreamKeys, backend: FakeBackend
+) -> None:
+    sampled = job("r1", max_tokens=30)
+    sampled.sampling.n = 2
+    submit(client, keys, sampled)
+    step_until(loop, lambda: len(responses(client, keys)) >= 2)
+    stop = jobs_pb2.Cancel(request_id="r1", stopped=True, choice_index=1)
+    client.xadd(keys.cancel(MODEL), {FIELD: stop.SerializeToString()})
+    step_until(loop, lambda: client.xlen(keys.requests(MODEL)) == 0)
+    chunks = responses(client, keys)
+    assert [c.choice_index for c in chunks if c.finish_reason] == [0], "choice 1 ends without a word"
+    assert max(c.index for c in chunks if c.choice_index == 1) < 29 and backend.aborted == []
+    assert not list(client.scan_iter(match=keys.progress(MODEL, "*")))
 
 
 def test_a_job_it_can_never_run_is_buried_and_its_gateway_told(
