@@ -37,6 +37,13 @@ def _serve(args: argparse.Namespace) -> int:
     )
 
 
+def _num_choices(value: str) -> int:
+    number = int(value)
+    if not 1 <= number <= 16:
+        raise argparse.ArgumentTypeError(f"{value}: from 1 to 16")
+    return number
+
+
 def _generate(args: argparse.Namespace) -> int:
     import grpc
     from google.protobuf.json_format import MessageToJson
@@ -234,7 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=None, help="reproducible sampling")
     generate.add_argument("--ignore-eos", action="store_true", help="generate past end-of-sequence")
     generate.add_argument(
-        "-n", type=int, default=1, help="completions of the prompt (1 to 16), each printed whole at the end"
+        "-n",
+        type=_num_choices,
+        default=1,
+        help="completions of the prompt (1 to 16), each printed whole at the end",
     )
     generate.add_argument(
         "--raw", action="store_true", help="send the prompt as is, without the chat template"

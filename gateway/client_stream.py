@@ -11,6 +11,7 @@ from gateway.admission import Admission
 from gateway.call_context import Caller
 from gateway.errors import ErrorKind, GatewayError, InvalidRequest, Overloaded
 from protos import inference_pb2
+from protos.redis_layout import MAX_CHOICES
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,8 @@ class ClientStream:
 
     async def _run(self, key: str, request: inference_pb2.GenerateRequest) -> None:
         client_id = request.request_id
-        open_choices = [0]  # until admitted: the cancel frame of a request that never started
+        # Until admitted, the choices it asked for (within the bound): each gets its cancel frame.
+        open_choices = list(range(min(max(request.sampling.n, 1), MAX_CHOICES)))
         try:
             generation = await self.admission.generation(
                 request, self.timeout_s, self.caller, self.trace_parent

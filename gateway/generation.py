@@ -31,6 +31,7 @@ class _Choice:
     text_stream: TextStream  # with the request's stop strings
     next_index: int = 0
     finished: bool = False
+    last_token_s: float = 0.0  # when its latest tokens came, for the inter-token latency
 
 
 @dataclass(slots=True)
@@ -45,12 +46,13 @@ class Generation:
 
     @classmethod
     def of(cls, call: JobCall, stop: tuple[str, ...]) -> "Generation":
+        """The call's generation, with a text stream for each choice its job asks for."""
         num_choices = max(call.job.sampling.n, 1)
         return cls(call, [_Choice(TextStream(call.model.tokenizer, stop)) for _ in range(num_choices)])
 
     async def run(self) -> AsyncIterator[inference_pb2.GenerateResponse]:
         call, metrics = self.call, self.call.model.metrics
-        started_s = first_token_s = last_token_s = 0.0
+        started_s = first_token_s = 0.0
         async with aclosing(call.chunks(self._describe)) as chunks:
             async for chunk in chunks:
                 if chunk.started_unix_ms:
@@ -72,10 +74,10 @@ class Generation:
                     first_token_s = now
                     metrics.ttft.observe(now - call.accepted_s)
                 if num_new > 0:
-                    if last_token_s:  # tokens that came together share the gap since the last ones
+                    if choice.last_token_s:  # tokens that came together share the gap since the last ones
                         for _ in range(num_new):
-                            metrics.inter_token.observe((now - last_token_s) / num_new)
-                    last_token_s = now
+                            metrics.inter_token.observe((now - choice.last_token_s) / num_new)
+                    choice.last_token_s = now
                 piece = await asyncio.get_running_loop().run_in_executor(
                     call.context.executor, self._piece, choice, chunk, skip
                 )
@@ -99,8 +101,10 @@ class Generation:
                         self._finish(response, prompt_tokens, started_s, first_token_s)
                         yield response
                         return
+                    yield response
                     if not finished:  # its stop string matched here: its worker may stop it
                         await call.stop_choice(chunk.choice_index)
+                    continue
                 yield response
 
     @staticmethod

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from checkpoints import SamplingDefaults
 from gateway.errors import InvalidRequest
 from protos import inference_pb2, jobs_pb2
+from protos.redis_layout import MAX_CHOICES
 
 MAX_REQUEST_ID_LEN = 256
 MAX_STOP_STRINGS = 16
@@ -17,7 +18,6 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_EMBED_INPUTS = 2048  # OpenAI's bound on inputs per embeddings call
 MAX_LOGIT_BIAS = 300  # OpenAI's bound on logit_bias entries
 MAX_BIAS = 100.0
-MAX_CHOICES = 16  # vLLM's and OpenAI's `n` go higher; 16 keeps one request within one worker's batch
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,6 +51,8 @@ RESPONSES_MAXLEN = 10_000  # approximate cap of each gateway's response stream
 CANCEL_MAXLEN = 10_000  # approximate cap of each cancel stream
 DEAD_MAXLEN = 10_000
 FINISHED = 0xFFFFFFFF  # in a choice's progress after its last token: that choice has ended
+# The most completions (Sampling.n) one job may ask for: its choices run at once on one worker.
+MAX_CHOICES = 16
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,7 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence; its prompt must leave room for at least one generated token."""
         choices = self._live.get(seq.request_id, {})
-        if {seq.choice_index, *seq.fork_choices} & {c for s in choices.values() for c in _choices_of(s)}:
+        if set(_choices_of(seq)) & {c for s in choices.values() for c in _choices_of(s)}:
             raise ValueError(f"request {seq.request_id} choice {seq.choice_index} is already scheduled")
         if seq.num_tokens >= self.config.max_model_len:
             raise ValueError(
@@ -56,6 +56,9 @@ class Scheduler:
         ended = [seq for seq in choices.values() if choice_index is None or seq.choice_index == choice_index]
         for seq in ended:
             del choices[seq.choice_index]
+            if choice_index is not None and seq.fork_choices:
+                self._pass_on(seq, choices)
+                continue
             if seq.status == SequenceStatus.RUNNING:
                 self.running.remove(seq)
             else:
@@ -68,7 +71,17 @@ class Scheduler:
                 seq.fork_choices = tuple(c for c in seq.fork_choices if c != choice_index)
         if not choices:
             self._live.pop(request_id, None)
-        return ended
+        return [seq for seq in ended if seq.finish_reason is not None]
+
+    def _pass_on(self, seq: Sequence, choices: dict[int, Sequence]) -> None:
+        """A choice ends before its sequence sampled a token: the first choice due to fork off it
+        becomes that sequence (the prompt computed so far is its prompt too)."""
+        if seq.status == SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.choice_index, seq.fork_choices = seq.fork_choices[0], seq.fork_choices[1:]
+        if seq.status == SequenceStatus.WAITING:
+            bisect.insort(self.waiting, seq, key=_schedule_key)  # its key names its choice
+        choices[seq.choice_index] = seq
 
     def schedule(self) -> SchedulerOutput:
         """Pick this step's tokens.
@@ -133,11 +146,11 @@ class Scheduler:
                 self.block_manager.release_outside_window(seq, self.config.sliding_window)
             if not item.needs_sample:
                 continue
-            assert len(samples) == 1 + len(seq.fork_choices), f"tokens missing for {item.request_id}"
-            family = [seq, *(self._fork(seq, choice) for choice in seq.fork_choices)]
+            by_choice = dict(zip(item.sample_choices, samples, strict=True))
+            family = [seq, *(self._fork(seq, c) for c in seq.fork_choices if c in by_choice)]
             seq.fork_choices = ()
-            for member, sample in zip(family, samples, strict=True):
-                chunks.append(self._append(member, sample))
+            for member in family:
+                chunks.append(self._append(member, by_choice[member.choice_index]))
         return chunks
 
     def check_invariants(self) -> None:
@@ -183,6 +196,7 @@ class Scheduler:
         )
 
     def _num_seats(self) -> int:
+        """Running places taken, counting the choices still to fork off."""
         return sum(seq.num_seats for seq in self.running)
 
     def _make_room(self, seq: Sequence, num_new: int, preempted: list[str]) -> bool:
@@ -269,4 +283,5 @@ def _schedule_key(seq: Sequence) -> tuple[int, float, int, int]:
 
 
 def _choices_of(seq: Sequence) -> tuple[int, ...]:
+    """The choices a sequence stands for: its own and those to fork off it."""
     return (seq.choice_index, *seq.fork_choices)

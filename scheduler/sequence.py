@@ -94,10 +94,6 @@ class Sequence:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
-    def key(self) -> tuple[str, int]:
-        return (self.request_id, self.choice_index)
-
-    @property
     def num_seats(self) -> int:
         """Places in the running batch it takes once its choices have forked off."""
         return 1 + len(self.fork_choices)

@@ -12,8 +12,7 @@ import llguidance
 
 from checkpoints import ModelKind
 from protos import jobs_pb2
-
-MAX_CHOICES = 16  # the most completions one job may ask for
+from protos.redis_layout import MAX_CHOICES
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from protos.redis_layout import (
     FIELD,
     FINISHED,
     GROUP,
+    MAX_CHOICES,
     RESPONSES_MAXLEN,
     ChoiceProgress,
     StreamKeys,
@@ -60,7 +61,9 @@ class ReceivedJob:
 
 
 def num_choices(job: jobs_pb2.Job) -> int:
-    return max(job.sampling.n, 1)
+    """The job's choices, within the bound: a malformed n (refused later) must not size the Redis
+    calls made for it first (reading its progress, dropping it)."""
+    return min(max(job.sampling.n, 1), MAX_CHOICES)
 
 
 def now_ms() -> int:
@@ -156,7 +159,7 @@ class JobStream:
     def flush(self, outbox: Outbox) -> None:
         """Publish what the outbox holds and empty it; on an error it keeps everything."""
         if not outbox.is_empty:
-            self.publish(outbox.batches, outbox.finished, outbox.buried)
+            self.publish(outbox.batches, outbox.finished, outbox.buried, outbox.stopped)
             outbox.clear()
 
     def publish(
@@ -164,12 +167,14 @@ class JobStream:
         batches: dict[str, list[jobs_pb2.TokenChunk]],
         finished: Iterable[Ack] = (),
         buried: Iterable[Burial] = (),
+        stopped: Iterable[tuple[str, int, int]] = (),
     ) -> None:
-        """One atomic script: each gateway's chunks, the progress they make, the acks of finished
-        jobs and the burial of dead ones. Raises FencedOut, writing nothing, once this worker's
+        """One atomic script: each gateway's chunks, the progress they make (and the end of the
+        `(request_id, choice, tokens)` choices stopped by their gateway), the acks of finished jobs
+        and the burial of dead ones. Raises FencedOut, writing nothing, once this worker's
         heartbeat has expired."""
-        finished, buried = list(finished), list(buried)
-        if not batches and not finished and not buried:
+        finished, buried, stopped = list(finished), list(buried), list(stopped)
+        if not batches and not finished and not buried and not stopped:
             return
         done = {ack.request_id: ack.num_choices for ack in finished if ack.request_id}
         response_keys, payloads = [], []
@@ -190,6 +195,9 @@ class JobStream:
                 tokens.extend(chunk.token_ids)
                 if chunk.finish_reason:
                     tokens.append(FINISHED)
+        for request_id, choice, num_tokens in stopped:
+            if request_id not in done:
+                progress.setdefault((request_id, choice), (num_tokens, []))[1].append(FINISHED)
         keys = [
             self.keys.worker(self.model, self.worker_id),
             self.requests_key,

@@ -34,6 +34,8 @@ class Outbox:
     batches: dict[str, list[jobs_pb2.TokenChunk]] = field(default_factory=dict)
     finished: list[Ack] = field(default_factory=list)
     buried: list[Burial] = field(default_factory=list)
+    # (request id, choice, its tokens so far): choices its gateway ended while the job goes on
+    stopped: list[tuple[str, int, int]] = field(default_factory=list)
 
     def add(
         self, gateway_id: str, chunk: jobs_pb2.TokenChunk, entry_id: bytes | None = None, num_choices: int = 1
@@ -43,6 +45,11 @@ class Outbox:
         self.batches.setdefault(gateway_id, []).append(chunk)
         if entry_id is not None:
             self.finished.append(Ack(chunk.request_id, entry_id, num_choices))
+
+    def stop_choice(self, request_id: str, choice_index: int, num_tokens: int) -> None:
+        """Record in the job's progress that one choice ended (its gateway stopped it): a resume
+        does not run it again."""
+        self.stopped.append((request_id, choice_index, num_tokens))
 
     def bury(self, burial: Burial) -> None:
         """To the dead stream, acknowledged (the client's failure chunk goes through `add`)."""
@@ -55,7 +62,7 @@ class Outbox:
 
     @property
     def is_empty(self) -> bool:
-        return not (self.batches or self.finished or self.buried)
+        return not (self.batches or self.finished or self.buried or self.stopped)
 
     @property
     def entry_ids(self) -> set[bytes]:
@@ -65,3 +72,4 @@ class Outbox:
         self.batches = {}
         self.finished = []
         self.buried = []
+        self.stopped = []

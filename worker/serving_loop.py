@@ -11,6 +11,7 @@ from opentelemetry.trace import Tracer
 from redis.exceptions import RedisError
 
 from protos import inference_pb2, jobs_pb2
+from protos.redis_layout import ChoiceProgress
 from worker.backend import Backend
 from worker.health import LoopHealth
 from worker.job_check import refusal
@@ -39,6 +40,7 @@ class _Running:
     spans: JobSpans
     num_choices: int
     open_choices: set[int]  # the job ends when the last of these does
+    num_tokens: dict[int, int]  # by choice: tokens sent so far
 
 
 class ServingLoop:
@@ -190,6 +192,11 @@ class ServingLoop:
             return failure_chunk(
                 job.request_id, jobs_pb2.JOB_FAILURE_DEADLINE, "deadline passed while queued"
             )
+        progress = item.progress or tuple(ChoiceProgress() for _ in range(item.num_choices))
+        open_choices = {c for c, choice in enumerate(progress) if not choice.finished}
+        if not open_choices:  # every choice had its last chunk: the job was done
+            self._outbox.acknowledge(job.request_id, item.entry_id, item.num_choices)
+            return None
         self.backend.start(job, item.progress)
         self._running[job.request_id] = _Running(
             job.gateway_id,
@@ -198,14 +205,15 @@ class ServingLoop:
             job.deadline_unix_ms,
             JobSpans.of(job, item.received_unix_ms),
             item.num_choices,
-            {c for c in range(item.num_choices) if not (item.progress and item.progress[c].finished)},
+            open_choices,
+            {c: len(choice.token_ids) for c, choice in enumerate(progress)},
         )
         return None
 
     def _capacity(self) -> int:
         """Jobs to take now: only what can run, so idle workers in the group get the rest; a job
         of n choices takes n places."""
-        return self.backend.max_jobs - sum(running.num_choices for running in self._running.values())
+        return self.backend.max_jobs - sum(len(running.open_choices) for running in self._running.values())
 
     def _release(self, request_id: str, error: str | None) -> _Running | None:
         """Take a running job out of the backend now (its blocks freed) and end its spans."""
@@ -234,14 +242,16 @@ class ServingLoop:
             self._num_finished += 1
 
     def _choice_stopped_by_gateway(self, request_id: str, choice_index: int) -> None:
-        """The gateway matched a stop string in one choice: end that one; the job is done once no
-        choice is left. (A resume would run a choice stopped so again: its gateway drops what comes.)"""
+        """The gateway matched a stop string in one choice: end that one, and say so in the job's
+        progress so that a resume does not run it again; the job is done once no choice is left."""
         running = self._running.get(request_id)
         if running is None or choice_index not in running.open_choices:
             return
         self.backend.finish_choice(request_id, choice_index)
         running.open_choices.discard(choice_index)
-        if not running.open_choices:
+        if running.open_choices:
+            self._outbox.stop_choice(request_id, choice_index, running.num_tokens[choice_index])
+        else:
             self._stopped_by_gateway(request_id)
 
     def _expire_deadlines(self) -> None:
@@ -257,6 +267,7 @@ class ServingLoop:
         if message.index == 0:
             message.started_unix_ms = running.started_unix_ms  # the first chunk says when the job began
         running.spans.token_produced()
+        running.num_tokens[message.choice_index] = message.index + len(message.token_ids)
         if message.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED:
             running.open_choices.discard(message.choice_index)
         if message.finish_reason == inference_pb2.FINISH_REASON_UNSPECIFIED or running.open_choices:

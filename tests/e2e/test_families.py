@@ -1,16 +1,21 @@
-"""`conveyor serve --model DIR` serves a checkpoint of every family, as users run it: greedy tokens
-through the gateway, Redis and the worker are those of transformers `generate`, ListModels names
-the architecture and dtype, and the checkpoint's generation_config.json sampling defaults apply to
-requests that leave them unset."""
+"""A checkpoint of every family served as users run it: greedy tokens through the gateway, Redis and
+a worker of each are those of transformers `generate`, ListModels names the architecture and dtype,
+and the checkpoint's generation_config.json sampling defaults apply to requests that leave them
+unset. One gateway fronts every family (each with its own worker, as a fleet of several models
+runs), so the processes start once and together; `conveyor serve` itself runs one family in
+bfloat16 and refuses a checkpoint it cannot serve."""
 
 import json
 import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from client.library import ConveyorClient
-from client.redis_server import free_port
+from client.redis_server import RedisServer, free_port
+from tests.e2e.cluster import start_gateway, start_process, stop_process, wait_until_serving
 from tests.e2e.test_supervisor import serve_until_it_exits, start_serve, wait_for_line
 from tests.tiny_checkpoints import WINDOW, build
 from tests.worker.test_families import hf_greedy
@@ -32,39 +37,66 @@ SERVED_FAMILIES = [
 NUM_TOKENS = 12
 
 
+@dataclass(frozen=True, slots=True)
+class Fleet:
+    address: str
+    checkpoints: dict[str, Path]  # model id (the folder's name) -> checkpoint
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    redis_server: RedisServer, model_dir: Path, log_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Fleet]:
+    root = tmp_path_factory.mktemp("families")
+    namespace = "families"
+    common = ["--redis-url", redis_server.url, "--namespace", namespace, "--metrics-port", "-1"]
+    checkpoints: dict[str, Path] = {}
+    workers = []
+    try:
+        for family in SERVED_FAMILIES:  # each worker starts while the next checkpoint is built
+            path = checkpoints[family] = build(family, root / family, model_dir)
+            generation_config = json.loads((path / "generation_config.json").read_text())
+            # Sampling at 1.0 under the checkpoint's top_k of 1 is greedy.
+            (path / "generation_config.json").write_text(json.dumps({**generation_config, "top_k": 1}))
+            workers.append(
+                start_process(
+                    "worker",
+                    ["--model", str(path), *common, "--kv-cache-bytes", str(32 << 20), "--num-threads", "1"],
+                    log_dir / f"worker-{namespace}-{family}.log",
+                )
+            )
+        paths = list(checkpoints.values())
+        extra = [argument for path in paths[1:] for argument in ("--extra-models", str(path))]
+        gateway, address = start_gateway(redis_server.url, namespace, paths[0], log_dir, *extra)
+        try:
+            wait_until_serving(address, [*workers, gateway], timeout_s=300)  # a live worker for each
+            yield Fleet(address, checkpoints)
+        finally:
+            assert stop_process(gateway) == 0
+    finally:
+        for worker in workers:  # all told at once: they drain together
+            worker.send_signal(signal.SIGTERM)
+        assert all(stop_process(worker) == 0 for worker in workers)
+
+
 @pytest.mark.parametrize("family", SERVED_FAMILIES)
-def test_conveyor_serve_answers_with_the_tokens_of_transformers(
-    family: str, model_dir: Path, tmp_path: Path, workload: list[dict[str, object]]
+def test_every_family_answers_with_the_tokens_of_transformers(
+    family: str, fleet: Fleet, workload: list[dict[str, object]]
 ) -> None:
-    path = build(family, tmp_path / family, model_dir)
+    path = fleet.checkpoints[family]
     prompts = [list(row["prompt_token_ids"]) for row in workload[:2]]  # type: ignore[call-overload]
     assert all(len(prompt) > WINDOW for prompt in prompts)
-    expected = hf_greedy(path, prompts)
-    generation_config = json.loads((path / "generation_config.json").read_text())
-    (path / "generation_config.json").write_text(json.dumps({**generation_config, "top_k": 1}))
-    port = free_port()
-    log = tmp_path / "serve.log"
-    serve = start_serve(
-        log, "--model", str(path), "--port", str(port), "--worker-args", "--kv-cache-bytes", str(32 << 20)
-    )
-    try:
-        wait_for_line(log, "serving on")
-        with ConveyorClient(f"127.0.0.1:{port}") as client:
-            (info,) = client.list_models()
-            # No temperature: sampling at 1.0 under the checkpoint's top_k of 1 is greedy.
-            outputs = [
-                client.generate(token_ids=prompt, max_tokens=NUM_TOKENS, ignore_eos=True).token_ids
-                for prompt in prompts
-            ]
-        config = json.loads((path / "config.json").read_text())
-        text_config = config.get("text_config") or config  # a multimodal checkpoint serves its text model
-        assert (info.architecture, info.dtype) == (text_config["model_type"], "float32")
-        assert outputs == expected
-        serve.send_signal(signal.SIGTERM)
-        assert serve.wait(timeout=60) == 0
-    finally:
-        if serve.poll() is None:
-            serve.kill()
+    with ConveyorClient(fleet.address) as client:
+        (info,) = [model for model in client.list_models() if model.id == family]
+        # No temperature: the checkpoint's generation_config.json makes it greedy.
+        outputs = [
+            client.generate(token_ids=prompt, model=family, max_tokens=NUM_TOKENS, ignore_eos=True).token_ids
+            for prompt in prompts
+        ]
+    config = json.loads((path / "config.json").read_text())
+    text_config = config.get("text_config") or config  # a multimodal checkpoint serves its text model
+    assert (info.architecture, info.dtype) == (text_config["model_type"], "float32")
+    assert outputs == hf_greedy(path, prompts)
 
 
 def test_conveyor_serve_runs_a_family_in_bfloat16(model_dir: Path, tmp_path: Path) -> None:

@@ -135,7 +135,7 @@ def test_fuzzed_requests_get_an_answer_or_a_clear_status(cluster: Cluster) -> No
     outcomes: dict[str, int] = {}
 
     @settings(
-        max_examples=150,
+        max_examples=100,
         deadline=None,
         database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -147,7 +147,7 @@ def test_fuzzed_requests_get_an_answer_or_a_clear_status(cluster: Cluster) -> No
 
     run()
     print(f"\nfuzz: {sum(outcomes.values())} requests, outcomes {dict(sorted(outcomes.items()))}")
-    assert sum(outcomes.values()) >= 1000 and outcomes.get("OK", 0) >= 300
+    assert sum(outcomes.values()) >= 600 and outcomes.get("OK", 0) >= 180
     client = redis.Redis.from_url(cluster.redis_url)
     dead = [
         f[b"reason"] for _, f in client.xrange(StreamKeys(cluster.namespace).dead("smollm2-135m-instruct"))

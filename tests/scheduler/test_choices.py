@@ -150,6 +150,17 @@ def test_a_choice_stopped_before_it_forked_never_starts() -> None:
     assert [chunk.choice_index for chunk in chunks] == [0, 1]
 
 
+def test_a_parent_whose_own_choice_ends_before_it_forked_goes_on_as_the_next_choice() -> None:
+    scheduler = make_scheduler(num_blocks=16, max_num_seqs=4)
+    parent = _parent(5, n=3)
+    scheduler.add(parent)
+    assert scheduler.finish(parent.request_id, FinishReason.STOP, choice_index=0) == []
+    scheduler.check_invariants()
+    output, chunks = run_step(scheduler)
+    assert output.scheduled[0].sample_choices == (1, 2)
+    assert [chunk.choice_index for chunk in chunks] == [1, 2]
+
+
 def test_one_token_choices_finish_at_the_fork_and_free_the_shared_blocks() -> None:
     scheduler = make_scheduler(num_blocks=16, max_num_seqs=4)
     scheduler.add(_parent(6, n=4, max_tokens=1))

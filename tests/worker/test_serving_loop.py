@@ -138,6 +138,8 @@ def test_a_stop_of_one_choice_ends_it_and_the_job_runs_on(
     step_until(loop, lambda: len(responses(client, keys)) >= 2)
     stop = jobs_pb2.Cancel(request_id="r1", stopped=True, choice_index=1)
     client.xadd(keys.cancel(MODEL), {FIELD: stop.SerializeToString()})
+    # Said in its progress, so that a resume does not run it again.
+    step_until(loop, lambda: ChoiceProgress.unpack(client.get(keys.progress(MODEL, "r1", 1))).finished)
     step_until(loop, lambda: client.xlen(keys.requests(MODEL)) == 0)
     chunks = responses(client, keys)
     assert [c.choice_index for c in chunks if c.finish_reason] == [0], "choice 1 ends without a word"
