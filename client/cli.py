@@ -27,6 +27,7 @@ def _serve(args: argparse.Namespace) -> int:
         ServeOptions(
             args.host,
             args.port,
+            args.http_port,
             args.workers,
             args.model,
             args.redis_url,
@@ -209,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="private Redis + gateway + workers, until Ctrl-C")
     serve.add_argument("--host", default="127.0.0.1", help="where the gateway listens")
     serve.add_argument("--port", type=int, default=50051, help="the gateway's gRPC port")
+    serve.add_argument(
+        "--http-port", type=int, default=8000, help="the gateway's OpenAI-compatible HTTP port; -1 = none"
+    )
     serve.add_argument("--workers", type=int, default=1, help="generation workers to run")
     serve.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the generation checkpoint")
     serve.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")

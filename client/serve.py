@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class ServeOptions:
     host: str
-    port: int
+    port: int  # the gateway's gRPC port
+    http_port: int  # its OpenAI-compatible HTTP port; -1 = none
     num_workers: int
     model: Path
     redis_url: str | None
@@ -76,7 +77,14 @@ def children(options: ServeOptions, redis_url: str) -> list[Child]:
     embedder = options.embedding_model
     gateway_args = ["--model", str(options.model), "--redis-url", redis_url]
     gateway_args += [] if embedder is None else ["--extra-models", str(embedder)]
-    gateway_args += ["--host", options.host, "--port", str(options.port)]
+    gateway_args += [
+        "--host",
+        options.host,
+        "--port",
+        str(options.port),
+        "--http-port",
+        str(options.http_port),
+    ]
     probe_host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(options.host, options.host)
     probe_host = f"[{probe_host}]" if ":" in probe_host and not probe_host.startswith("[") else probe_host
     # "" is SERVING once every served model has a live worker.
@@ -129,10 +137,13 @@ def serve(options: ServeOptions) -> int:
 
     def ready() -> None:
         logger.info(
-            "serving on %s:%d with %d generation worker(s)%s; Ctrl-C stops; "
+            "serving on %s:%d%s with %d generation worker(s)%s; Ctrl-C stops; "
             "watch: conveyor monitor --redis-url %s",
             options.host,
             options.port,
+            f" (gRPC), the OpenAI API on http://{options.host}:{options.http_port}/v1"
+            if options.http_port >= 0
+            else "",
             options.num_workers,
             ""
             if options.embedding_model is None

@@ -45,7 +45,12 @@ class Admission:
         self.context = context
 
     async def generation(
-        self, request: inference_pb2.GenerateRequest, timeout_s: float | None, caller: Caller, parent: Context
+        self,
+        request: inference_pb2.GenerateRequest,
+        timeout_s: float | None,
+        caller: Caller,
+        parent: Context,
+        api: str = "grpc",
     ) -> Generation:
         """Raises GatewayError with what to answer. The request's trace starts here, under `parent`
         (the caller's, if any)."""
@@ -75,12 +80,17 @@ class Admission:
             return {"prompt_token_ids": token_ids, "sampling": sampling, "priority": request.priority}
 
         call = await self._admit(
-            ModelKind.GENERATE, request.request_id, caller, parent, validate, tokenize, job, timeout_s
+            ModelKind.GENERATE, request.request_id, caller, parent, validate, tokenize, job, timeout_s, api
         )
         return Generation.of(call, tuple(request.sampling.stop))
 
     async def embedding(
-        self, request: inference_pb2.EmbedRequest, timeout_s: float | None, caller: Caller, parent: Context
+        self,
+        request: inference_pb2.EmbedRequest,
+        timeout_s: float | None,
+        caller: Caller,
+        parent: Context,
+        api: str = "grpc",
     ) -> EmbeddingCall:
         """As `generation`, for an embedding call: every input tokenized (and cut, if the request
         allows)."""
@@ -108,7 +118,7 @@ class Admission:
             return {"embed": embed}
 
         call = await self._admit(
-            ModelKind.EMBED, request.request_id, caller, parent, validate, tokenize, job, timeout_s
+            ModelKind.EMBED, request.request_id, caller, parent, validate, tokenize, job, timeout_s, api
         )
         return EmbeddingCall(call)
 
@@ -122,6 +132,7 @@ class Admission:
         tokenize: Callable[[ServedModel], Awaitable[T]],
         job_fields: Callable[[T], dict[str, object]],
         timeout_s: float | None,
+        api: str,
     ) -> JobCall:
         """The steps every request takes, each a span of its trace: validate, take a lease (before
         tokenizing: under a flood, refusing must cost nothing), tokenize. The trace ends here if
@@ -157,7 +168,7 @@ class Admission:
         )
         trace.root.set_attribute("conveyor.request_id", job.request_id)
         trace.carry(job.trace_context)  # type: ignore[arg-type]  # the worker's spans join this trace
-        return JobCall(context, noun, request_id or job.request_id, model, job, lease, trace)
+        return JobCall(context, noun, request_id or job.request_id, model, job, lease, trace, api)
 
     async def tokenize(
         self, request: inference_pb2.GenerateRequest | inference_pb2.TokenizeRequest, tokenizer: Tokenizer

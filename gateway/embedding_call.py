@@ -40,7 +40,7 @@ class EmbeddingCall:
                 queued_s=max(started_s - call.accepted_s, 0.0), total_s=now - call.accepted_s
             ),
         )
-        call.model.metrics.embedded(response)
+        call.metrics.embedded(response)
         call.trace.interval("queue", call.accepted_s, started_s)
         call.trace.interval("embed", started_s, now)
         return response

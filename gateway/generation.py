@@ -51,7 +51,7 @@ class Generation:
         return cls(call, [_Choice(TextStream(call.model.tokenizer, stop)) for _ in range(num_choices)])
 
     async def run(self) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        call, metrics = self.call, self.call.model.metrics
+        call, metrics = self.call, self.call.metrics
         started_s = first_token_s = 0.0
         async with aclosing(call.chunks(self._describe)) as chunks:
             async for chunk in chunks:
@@ -149,6 +149,6 @@ class Generation:
         response.timings.queued_s = max(started_s - call.accepted_s, 0.0) if started_s else 0.0
         response.timings.time_to_first_token_s = first_token_s - call.accepted_s
         response.timings.total_s = now - call.accepted_s
-        call.model.metrics.finished(response)
+        call.metrics.finished(response)
         call.trace.interval("queue", call.accepted_s, started_s or first_token_s)
         call.trace.interval("stream", first_token_s, now)

@@ -12,6 +12,7 @@ from gateway.call_context import CallContext
 from gateway.errors import GatewayError
 from gateway.job_watch import JobWatch
 from gateway.load_limits import Lease
+from gateway.metrics import ModelMetrics
 from gateway.request_trace import RequestTrace
 from gateway.served_models import ServedModel
 from protos import inference_pb2, jobs_pb2
@@ -29,12 +30,23 @@ class JobCall:
     job: jobs_pb2.Job
     lease: Lease  # the call's place within the load limits
     trace: RequestTrace
+    api: str  # the front it came through: "grpc" or "openai"
     accepted_s: float = field(default_factory=time.time)
     _outcome: str | None = "ended early"  # what the log and the trace record; None: finished
 
     async def stop_choice(self, choice_index: int) -> None:
         """One choice has its answer (a stop string matched in it): its worker ends it; the others go on."""
         await self.context.queues.cancel(self.model.name, self.job.request_id, True, choice_index)
+
+    @property
+    def metrics(self) -> ModelMetrics:
+        return self.model.metrics[self.api]
+
+    def abandon(self) -> None:
+        """The call ends before its job was submitted (another part of its request was refused):
+        its lease goes back and its trace ends."""
+        self._outcome = "not submitted"
+        self._end("nothing submitted")
 
     def finish(self) -> None:
         """The call has its answer (its last frame is out): leaving now is no early exit, even

@@ -20,11 +20,15 @@ _FINISHED_REASON = {  # vLLM's label values
 }
 
 
+APIS = ("grpc", "openai")  # the `api` label: which front a request came through
+
+
 class GatewayMetrics:
-    """The metric families, created once in the gateway's registry; `model()` gives one model's series."""
+    """The metric families, created once in the gateway's registry; `model()` gives one model's
+    series for one API."""
 
     def __init__(self, registry: CollectorRegistry, max_model_len: int):
-        labels = ["model_name"]
+        labels = ["model_name", "api"]
         tokens = token_count_buckets(max_model_len)
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
@@ -66,28 +70,30 @@ class GatewayMetrics:
         self.success = Counter(
             f"{PREFIX}request_success",
             "Count of successfully processed requests.",
-            ["model_name", "finished_reason"],
+            ["model_name", "api", "finished_reason"],
             registry=registry,
         )
 
-    def model(self, model_name: str) -> "ModelMetrics":
-        return ModelMetrics(self, model_name)
+    def model(self, model_name: str) -> dict[str, "ModelMetrics"]:
+        """One model's series, by API."""
+        return {api: ModelMetrics(self, model_name, api) for api in APIS}
 
 
 class ModelMetrics:
-    """One model's series of every family."""
+    """One model's series of every family, for the requests of one API."""
 
-    def __init__(self, families: GatewayMetrics, model_name: str):
-        self.ttft = families.ttft.labels(model_name)
-        self.inter_token = families.inter_token.labels(model_name)
-        self.e2e = families.e2e.labels(model_name)
-        self.queue_time = families.queue_time.labels(model_name)
-        self.prompt_tokens_request = families.prompt_tokens_request.labels(model_name)
-        self.generation_tokens_request = families.generation_tokens_request.labels(model_name)
-        self.prompt_tokens = families.prompt_tokens.labels(model_name)
-        self.generation_tokens = families.generation_tokens.labels(model_name)
+    def __init__(self, families: GatewayMetrics, model_name: str, api: str):
+        labels = (model_name, api)
+        self.ttft = families.ttft.labels(*labels)
+        self.inter_token = families.inter_token.labels(*labels)
+        self.e2e = families.e2e.labels(*labels)
+        self.queue_time = families.queue_time.labels(*labels)
+        self.prompt_tokens_request = families.prompt_tokens_request.labels(*labels)
+        self.generation_tokens_request = families.generation_tokens_request.labels(*labels)
+        self.prompt_tokens = families.prompt_tokens.labels(*labels)
+        self.generation_tokens = families.generation_tokens.labels(*labels)
         self._success = families.success
-        self._model_name = model_name
+        self._labels = labels
 
     def finished(self, response: inference_pb2.GenerateResponse) -> None:
         """A request ended with a finish reason; its timings and usage are in the last frame (its time
@@ -101,7 +107,7 @@ class ModelMetrics:
         self.generation_tokens_request.observe(usage.completion_tokens)
         reason = _FINISHED_REASON.get(response.finish_reason)
         if reason is not None:
-            self._success.labels(self._model_name, reason).inc()
+            self._success.labels(*self._labels, reason).inc()
 
     def embedded(self, response: inference_pb2.EmbedResponse) -> None:
         """An embedding call answered: its latency, queue time and tokens (its reason is "stop")."""
@@ -109,4 +115,4 @@ class ModelMetrics:
         self.queue_time.observe(response.timings.queued_s)
         self.prompt_tokens.inc(response.usage.prompt_tokens)
         self.prompt_tokens_request.observe(response.usage.prompt_tokens)
-        self._success.labels(self._model_name, "stop").inc()
+        self._success.labels(*self._labels, "stop").inc()

@@ -2,7 +2,7 @@
 how a request's `model` field picks one. What the fleet says of each (workers, context) is the
 fleet monitor's `FleetView`, not kept here."""
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +39,7 @@ class ServedModel:
     name: str
     kind: ModelKind
     tokenizer: Tokenizer
-    metrics: ModelMetrics
+    metrics: Mapping[str, ModelMetrics]  # by API
     checkpoint_max_context: int  # until live workers report theirs
     dimension: int  # an embedder's vector size; 0 for a generator
     architecture: str  # config.json's model_type, until live workers report theirs
@@ -51,7 +51,7 @@ class ServedModel:
         name: str,
         path: Path,
         kind: ModelKind,
-        metrics: ModelMetrics,
+        metrics: Mapping[str, ModelMetrics],
         max_context: int,
         generation_config: bool = True,
     ) -> "ServedModel":

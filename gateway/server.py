@@ -16,6 +16,8 @@ from gateway.admission import Admission
 from gateway.auth import ApiKeys
 from gateway.call_context import CallContext
 from gateway.fleet import FleetMonitor
+from gateway.http_front import OpenAIFront
+from gateway.http_server import HttpServer
 from gateway.job_watch import WatchPolicy
 from gateway.load_limits import LimitSettings, LoadLimits
 from gateway.metrics import GatewayMetrics
@@ -70,9 +72,10 @@ async def serve(settings: GatewaySettings, process: Process) -> None:
         WatchPolicy(settings.job_watch_interval_s, settings.max_redis_outage_s),
         settings.default_max_tokens,
     )
+    admission = Admission(context)
     server = grpc.aio.server()
     inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceService(Admission(context), settings.max_open_requests_per_stream, api_keys), server
+        InferenceService(admission, settings.max_open_requests_per_stream, api_keys), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -92,14 +95,26 @@ async def serve(settings: GatewaySettings, process: Process) -> None:
     await queues.start()
     await fleet.start()
     await server.start()
+    http: HttpServer | None = None
+    http_line = ""
+    if settings.http_port >= 0:
+
+        def is_serving() -> bool:
+            return all(fleet.view.of(model.name).serving for model in models)
+
+        front = OpenAIFront(admission, api_keys, telemetry.registry, is_serving)
+        http = HttpServer(front.app(), settings)
+        scheme = "http" if credentials is None else "https"
+        http_line = f"; the OpenAI API on {scheme}://{settings.host}:{await http.start()}/v1"
     logger.info(
-        "gateway %s serving %s on %s:%d (%s, %s)",
+        "gateway %s serving %s on %s:%d (%s, %s)%s",
         gateway_id,
         ", ".join(f"{model.name} ({model.kind.value})" for model in models),
         settings.host,
         port,
         "plaintext" if credentials is None else "mutual TLS" if settings.tls_client_ca_file else "TLS",
         f"{len(api_keys)} API keys" if api_keys else "no API keys: open to every caller",
+        http_line,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -114,6 +129,8 @@ async def serve(settings: GatewaySettings, process: Process) -> None:
         await asyncio.sleep(0.05)
     if load_limits.in_flight:
         logger.warning("grace period over: cancelling %d open generations", load_limits.in_flight)
+    if http is not None:
+        await http.stop()
     await server.stop(0)
     await fleet.stop()
     await queues.stop()

@@ -15,7 +15,9 @@ class GatewaySettings(ModelSettings, RedisSettings, TelemetrySettings):
     host: str = "127.0.0.1"
     """Address to listen on."""
     port: int = Field(50051, ge=0, le=65535)
-    """Port to listen on; 0 = any free port."""
+    """Port of the gRPC API; 0 = any free port."""
+    http_port: int = Field(-1, ge=-1, le=65535)
+    """Port of the OpenAI-compatible HTTP API on the same host (and TLS); 0 = any free port, -1 = off."""
     gateway_id: str = ""
     """Default: hostname-pid; a random incarnation suffix is always added."""
     extra_models: list[Path] = []

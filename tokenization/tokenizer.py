@@ -80,5 +80,9 @@ class Tokenizer:
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         return list(self._tokenizer.encode(self.render_chat(messages), add_special_tokens=False).ids)
 
+    def token_text(self, token_id: int) -> str:
+        """One token as text, special tokens included: what logprobs name a token by."""
+        return str(self._tokenizer.decode([token_id], skip_special_tokens=False))
+
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=True))

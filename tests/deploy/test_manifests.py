@@ -228,4 +228,4 @@ def test_gateway_scales_and_survives_drains(rendered: tuple[str, list[Doc]]) -> 
     assert hpa["scaleTargetRef"]["name"] == "conveyor-gateway" and hpa["minReplicas"] >= 2
     assert one(docs, "PodDisruptionBudget", "conveyor-gateway")["spec"]["minAvailable"] == 1
     service = one(docs, "Service", "conveyor-gateway")["spec"]
-    assert {p["name"]: p["port"] for p in service["ports"]} == {"grpc": 50051, "metrics": 9400}
+    assert {p["name"]: p["port"] for p in service["ports"]} == {"grpc": 50051, "http": 8000, "metrics": 9400}

@@ -25,6 +25,7 @@ class Cluster:
     gateway_metrics: str  # http://host:port/metrics
     worker_metrics: str
     worker_health: str  # host:port of the worker's grpc.health.v1
+    http_url: str  # http://host:port of the gateway's OpenAI-compatible API
     collector: OtlpCollector  # where both send their spans
 
 
@@ -44,7 +45,7 @@ def cluster(
     redis_server: RedisServer, model_dir: Path, embedder_dir: Path, log_dir: Path, collector: OtlpCollector
 ) -> Iterator[Cluster]:
     namespace = "e2e"
-    worker_port, gateway_port, health_port = free_port(), free_port(), free_port()
+    worker_port, gateway_port, health_port, http_port = free_port(), free_port(), free_port(), free_port()
     otlp = ("--otlp-endpoint", collector.endpoint, "--otlp-metrics-interval-s", "1")
     worker = start_worker(
         redis_server.url,
@@ -62,6 +63,7 @@ def cluster(
         model_dir,
         log_dir,
         *("--metrics-port", str(gateway_port), "--extra-models", str(embedder_dir), *otlp),
+        *("--http-port", str(http_port)),
     )
     try:
         wait_until_serving(address, [worker, embedder, gateway])
@@ -75,6 +77,7 @@ def cluster(
             f"http://127.0.0.1:{gateway_port}/metrics",
             f"http://127.0.0.1:{worker_port}/metrics",
             f"127.0.0.1:{health_port}",
+            f"http://127.0.0.1:{http_port}",
             collector,
         )
     finally:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import openai
 import pytest
 import redis
 
@@ -142,8 +143,8 @@ def _alive(pid: int) -> bool:
 
 
 def test_make_run_serves_and_ctrl_c_ends_every_process(model_dir: Path) -> None:
-    port = free_port()
-    run_args = f"--port {port} --worker-args {' '.join(TEST_WORKER_ARGS)}"
+    port, http_port = free_port(), free_port()
+    run_args = f"--port {port} --http-port {http_port} --worker-args {' '.join(TEST_WORKER_ARGS)}"
     make = subprocess.Popen(
         ["make", "--no-print-directory", "run", f"RUN_ARGS={run_args}"],
         cwd=ROOT,
@@ -161,6 +162,15 @@ def test_make_run_serves_and_ctrl_c_ends_every_process(model_dir: Path) -> None:
                 temperature=0.0,
             )
         assert "Paris" in reply.text
+        # The README's OpenAI SDK call, against the same `make run`.
+        api = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="none")
+        chat = api.chat.completions.create(
+            model="smollm2-135m-instruct",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=20,
+            temperature=0,
+        )
+        assert chat.choices[0].message.content == reply.text
         tree = _descendants(make.pid)
         assert len(tree) >= 4  # conveyor serve, redis-server, gateway, worker
         os.killpg(make.pid, signal.SIGINT)  # what Ctrl-C in the terminal does

@@ -25,7 +25,12 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted({**LABELS, **labels}.items()))), 0.0)
+    """A worker's sample, or a gateway's for its gRPC requests (the gateway labels them by API)."""
+    for api in ({"api": "grpc"}, {}):
+        key = (name, tuple(sorted({**LABELS, **api, **labels}.items())))
+        if key in samples:
+            return samples[key]
+    return 0.0
 
 
 def test_metrics_pages_count_what_was_served(cluster: Cluster) -> None:
@@ -79,15 +84,15 @@ def test_the_same_metrics_go_out_by_otlp(cluster: Cluster) -> None:
     assert wait_for(lambda: ttft_count() >= sent, timeout_s=15), ttft_count()
     metric = collector.metric("conveyor-gateway", "conveyor.time_to_first_token_seconds")
     assert metric is not None and metric.unit == "s"
-    # One series per served model; the generator's is the one this request added to.
+    # One series per served model and API; the generator's gRPC one is what this request added to.
+    grpc_labels = {**LABELS, "api": "grpc"}
     (point,) = [
         p
         for p in metric.histogram.data_points
-        if {a.key: a.value.string_value for a in p.attributes} == LABELS
+        if {a.key: a.value.string_value for a in p.attributes} == grpc_labels
     ]
     assert list(point.explicit_bounds) == list(TTFT_BUCKETS)
     assert sum(point.bucket_counts) == point.count
-    assert {a.key: a.value.string_value for a in point.attributes} == LABELS
     assert wait_for(lambda: collector.metric("conveyor-worker", "conveyor.kv_cache_usage_perc"), timeout_s=15)
     tokens = collector.metric("conveyor-gateway", "conveyor.generation_tokens")
     assert (

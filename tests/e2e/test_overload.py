@@ -5,8 +5,10 @@ import time
 from pathlib import Path
 
 import grpc
+import httpx2 as httpx
 
 from client.library import build_request
+from client.redis_server import free_port
 from protos import inference_pb2_grpc
 from tests.e2e.cluster import start_gateway, stop_process, wait_until_serving
 from tests.e2e.conftest import Cluster
@@ -80,15 +82,29 @@ async def concurrent(address: str, count: int) -> list[tuple[str, float, str]]:
         return await asyncio.gather(*(one_call(stub, n) for n in range(count)))
 
 
+async def http_calls(url: str, count: int) -> list[tuple[int, str]]:
+    """(status, Retry-After) of `count` OpenAI completion calls at once."""
+    body = {"model": "smollm2-135m-instruct", "prompt": "Count to ten:", "max_tokens": 16, "ignore_eos": True}
+    async with httpx.AsyncClient(timeout=60) as client:
+        replies = await asyncio.gather(*(client.post(url, json=body) for _ in range(count)))
+    return [(reply.status_code, reply.headers.get("retry-after", "")) for reply in replies]
+
+
 def test_per_caller_limits_on_open_calls_and_on_rate(cluster: Cluster) -> None:
     args = (cluster.redis_url, cluster.namespace, cluster.model_dir, cluster.log_dir)
-    capped, capped_address = start_gateway(*args, "--max-in-flight-per-caller", "2")
+    http_port = free_port()
+    capped, capped_address = start_gateway(
+        *args, "--max-in-flight-per-caller", "2", "--http-port", str(http_port)
+    )
     rated, rated_address = start_gateway(*args, "--requests-per-s-per-caller", "3")
     try:
         wait_until_serving(capped_address, [capped, rated])
         wait_until_serving(rated_address, [capped, rated])
         by_cap = [r[0] for r in asyncio.run(concurrent(capped_address, 5))]
         assert sorted(by_cap) == ["OK", "OK"] + ["RESOURCE_EXHAUSTED"] * 3
+        over_http = asyncio.run(http_calls(f"http://127.0.0.1:{http_port}/v1/completions", 5))
+        assert sorted(status for status, _ in over_http) == [200, 200, 429, 429, 429]
+        assert {retry for status, retry in over_http if status == 429} == {"1"}  # seconds, rounded up
         by_rate = asyncio.run(concurrent(rated_address, 5))
         assert sorted(r[0] for r in by_rate) == ["OK"] * 3 + ["RESOURCE_EXHAUSTED"] * 2
         assert all(0 < int(r[2]) <= 334 for r in by_rate if r[0] != "OK"), "the wait for the next token"

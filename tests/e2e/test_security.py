@@ -1,13 +1,16 @@
 """API keys and mutual TLS on the gateway; an ACL user over TLS to Redis for gateway and worker."""
 
+import ssl
 from pathlib import Path
 
 import grpc
+import httpx2 as httpx
+import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.library import ConveyorClient, Security
-from client.redis_server import RedisServer
+from client.redis_server import RedisServer, free_port
 from protos import inference_pb2
 from tests.e2e.certificates import Pki, make_pki
 from tests.e2e.cluster import start_gateway, start_worker, stop_process, wait_for, wait_until_serving
@@ -53,6 +56,8 @@ def test_api_keys_and_mutual_tls(cluster: Cluster, pki: Pki, tmp_path: Path) -> 
         str(pki.server_key),
         "--tls-client-ca-file",
         str(pki.ca),
+        "--http-port",
+        str(http_port := free_port()),
     )
     port = address.rsplit(":", 1)[1]
     mutual = Security(ca_file=pki.ca, cert_file=pki.client_cert, key_file=pki.client_key)
@@ -87,11 +92,36 @@ def test_api_keys_and_mutual_tls(cluster: Cluster, pki: Pki, tmp_path: Path) -> 
         ):
             assert refusal(stranger, address).code() == grpc.StatusCode.UNAVAILABLE
         assert refusal(Security(ALICE_KEY), address).code() == grpc.StatusCode.UNAVAILABLE
+        check_the_openai_front(pki, f"https://127.0.0.1:{http_port}/v1")
     finally:
         assert stop_process(gateway) == 0
     log = (cluster.log_dir / f"gateway-{cluster.namespace}-{port}.log").read_text()
     assert "mutual TLS" in log and "2 API keys" in log
     assert ALICE_KEY not in log and BOB_KEY not in log, "API keys must never be logged"
+
+
+def check_the_openai_front(pki: Pki, base_url: str) -> None:
+    """The same keys and the same mutual TLS over HTTP, with OpenAI's statuses."""
+    tls = ssl.create_default_context(cafile=str(pki.ca))
+    tls.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    http = httpx.Client(verify=tls, timeout=30)
+    alice = openai.OpenAI(base_url=base_url, api_key=ALICE_KEY, max_retries=0, http_client=http)
+    reply = alice.chat.completions.create(
+        model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Say hi."}], max_tokens=4
+    )
+    assert reply.choices[0].message.content
+    body = {"model": "smollm2-135m-instruct", "prompt": "Hi", "max_tokens": 2}
+    for headers, status, kind in (
+        ({}, 401, "authentication_error"),
+        ({"authorization": "Bearer sk-nobody"}, 401, "authentication_error"),
+        ({"authorization": f"Bearer {BOB_KEY}"}, 403, "permission_error"),
+    ):
+        refused = http.post(f"{base_url}/completions", json=body, headers=headers)
+        assert (refused.status_code, refused.json()["error"]["type"]) == (status, kind), refused.text
+    bob = http.get(f"{base_url}/models", headers={"authorization": f"Bearer {BOB_KEY}"})
+    assert bob.json()["data"] == []
+    with pytest.raises(httpx.HTTPError):  # no client certificate: the handshake fails
+        httpx.get(f"{base_url}/models", verify=ssl.create_default_context(cafile=str(pki.ca)))
 
 
 def test_gateway_and_worker_reach_redis_as_an_acl_user_over_tls(

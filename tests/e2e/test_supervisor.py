@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def start_serve(log_path: Path, *args: str) -> subprocess.Popen[bytes]:
     with log_path.open("wb") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "client", "serve", "--no-embedder", *args],
+            # Any free port for the HTTP API: these runs follow each other faster than ports free up.
+            [sys.executable, "-m", "client", "serve", "--no-embedder", "--http-port", "0", *args],
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
