@@ -178,11 +178,19 @@ def _load(args: argparse.Namespace) -> int:
     requests = load_prompts(args.workload, args.num_requests, args.max_tokens)
     security = Security(args.api_key, args.tls_ca, args.tls_cert, args.tls_key)
     results, seconds = asyncio.run(
-        run_load(args.address, requests, args.concurrency, args.request_rate, security)
+        run_load(
+            args.address,
+            requests,
+            args.concurrency,
+            args.request_rate,
+            security,
+            api=args.api,
+            model_name=args.model_name,
+        )
     )
     summary = summarize(results, seconds)
     mode = f"Poisson {args.request_rate:g} req/s" if args.request_rate else f"concurrency {args.concurrency}"
-    print(format_table(summary, args.address, mode))
+    print(format_table(summary, args.address, f"{args.api}, {mode}"))
     if args.json:
         args.json.write_text(json.dumps({**summary, "mode": mode}, indent=2) + "\n")
     if args.plot:
@@ -337,6 +345,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     live = bench.add_argument_group("against a live gateway (load generator)")
     live.add_argument("--address", default=None, help="host:port of a gateway: send the workload there")
+    live.add_argument(
+        "--api",
+        choices=("grpc", "openai"),
+        default="grpc",
+        help="openai: stream through the OpenAI HTTP API at --address (Conveyor's, vLLM's or any other)",
+    )
+    live.add_argument(
+        "--model-name",
+        default="",
+        help="with --api openai: the model id to ask for ('' = the server's default)",
+    )
     live.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
     live.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second instead")
     live.add_argument("--max-tokens", type=int, default=128, help="for prompts that do not say")

@@ -1,4 +1,5 @@
-"""`conveyor bench --address`: load on a live gateway, at a fixed concurrency or a Poisson rate.
+"""`conveyor bench --address`: load on a live gateway, at a fixed concurrency or a Poisson rate,
+over gRPC or (`--api openai`) over the OpenAI HTTP API, Conveyor's or any other server's (vLLM's).
 
 Prompts come from a JSONL file (`prompt_token_ids`, `messages` or `prompt`; optional `max_tokens`),
 the standard workload by default. Each request streams; the report is what its client saw.
@@ -7,14 +8,17 @@ the standard workload by default. Each request streams; the report is what its c
 import asyncio
 import json
 import random
+import ssl
 import statistics
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx2 as httpx
 from rich.progress import Progress
 
 from client.library import Security, build_request
@@ -81,8 +85,19 @@ async def run_load(
     request_rate: float | None,
     security: Security,
     seed: int = 0,
+    api: str = "grpc",
+    model_name: str = "",
 ) -> tuple[list[RequestResult], float]:
-    """All requests, each sent when the concurrency allows or (with a rate) at Poisson arrivals."""
+    """All requests, each sent when the concurrency allows or (with a rate) at Poisson arrivals;
+    `api` "openai" sends them to the OpenAI API at `address` (host:port or a URL), for `model_name`."""
+    if api == "openai":
+        client = _http_client(address, security)
+        try:
+            return await _run(
+                requests, concurrency, request_rate, seed, lambda r, t: _one_openai(client, r, model_name, t)
+            )
+        finally:
+            await client.aclose()
     credentials = security.channel_credentials()
     channel = (
         grpc.aio.insecure_channel(address)
@@ -90,6 +105,21 @@ async def run_load(
         else grpc.aio.secure_channel(address, credentials)
     )
     stub = inference_pb2_grpc.InferenceStub(channel)
+    try:
+        return await _run(
+            requests, concurrency, request_rate, seed, lambda r, t: _one(stub, r, security.metadata, t)
+        )
+    finally:
+        await channel.close()
+
+
+async def _run(
+    requests: list[inference_pb2.GenerateRequest],
+    concurrency: int,
+    request_rate: float | None,
+    seed: int,
+    send: Callable[[inference_pb2.GenerateRequest, float], Awaitable[RequestResult]],
+) -> tuple[list[RequestResult], float]:
     slots = asyncio.Semaphore(concurrency)
     arrivals = random.Random(seed)
     started = time.perf_counter()
@@ -98,7 +128,7 @@ async def run_load(
 
         async def limited(request: inference_pb2.GenerateRequest) -> RequestResult:
             async with slots:
-                result = await _one(stub, request, security.metadata, started)
+                result = await send(request, started)
             progress.advance(bar)
             return result
 
@@ -108,8 +138,77 @@ async def run_load(
             if request_rate:
                 await asyncio.sleep(arrivals.expovariate(request_rate))
         results = list(await asyncio.gather(*tasks))
-    await channel.close()
     return results, time.perf_counter() - started
+
+
+def _http_client(address: str, security: Security) -> "httpx.AsyncClient":
+    """One HTTP client for the run, with the API key and TLS settings of the gRPC one."""
+    base = address if address.startswith(("http://", "https://")) else f"http://{address}"
+    verify: ssl.SSLContext | bool = True
+    if security.ca_file is not None:
+        verify = ssl.create_default_context(cafile=str(security.ca_file))
+        if security.cert_file is not None and security.key_file is not None:
+            verify.load_cert_chain(str(security.cert_file), str(security.key_file))
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    return httpx.AsyncClient(
+        base_url=base, headers=dict(security.metadata), timeout=None, verify=verify, limits=limits
+    )
+
+
+async def _one_openai(
+    client: "httpx.AsyncClient", request: inference_pb2.GenerateRequest, model_name: str, started: float
+) -> RequestResult:
+    """One streamed OpenAI call. Tokens are dated by the chunk that brought their text; the count
+    is the usage the server reports at the end (a chunk may carry several tokens)."""
+    path, body = openai_body(request, model_name)
+    result = RequestResult(sent_s=time.perf_counter() - started)
+    completion_tokens = None
+    try:
+        async with client.stream("POST", path, json=body) as reply:
+            if reply.status_code != 200:
+                await reply.aread()
+                result.status = f"HTTP {reply.status_code}"
+            async for line in reply.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                now = time.perf_counter() - started
+                chunk = json.loads(line.removeprefix("data: "))
+                if "error" in chunk:
+                    result.status = f"error {chunk['error'].get('type', '')}".strip()
+                if chunk.get("usage"):
+                    completion_tokens = chunk["usage"]["completion_tokens"]
+                for choice in chunk.get("choices") or []:
+                    if choice.get("text") or (choice.get("delta") or {}).get("content"):
+                        result.token_times_s.append(now)
+    except httpx.HTTPError as error:
+        result.status = type(error).__name__
+    times = result.token_times_s
+    if completion_tokens is not None and times and completion_tokens > len(times):
+        times += [times[-1]] * (completion_tokens - len(times))
+    result.ended_s = time.perf_counter() - started
+    return result
+
+
+def openai_body(request: inference_pb2.GenerateRequest, model_name: str) -> tuple[str, dict[str, Any]]:
+    """The OpenAI endpoint and body of a gRPC request: a chat goes to chat completions, a text or
+    token ids to completions; streamed, with the usage at the end."""
+    sampling = request.sampling
+    body: dict[str, Any] = {
+        "model": model_name,
+        "max_tokens": sampling.max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if sampling.HasField("temperature"):
+        body["temperature"] = sampling.temperature
+    if sampling.ignore_eos:
+        body["ignore_eos"] = True  # vLLM's extra field, which Conveyor takes too
+    kind = request.WhichOneof("input")
+    if kind == "chat":
+        messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+        return "/v1/chat/completions", {**body, "messages": messages}
+    prompt: str | list[int] = list(request.token_ids.ids) if kind == "token_ids" else request.prompt
+    return "/v1/completions", {**body, "prompt": prompt}
 
 
 def percentiles(values: list[float]) -> dict[str, float]:

@@ -159,13 +159,18 @@ class Admission:
             trace.end("failed")
             raise
         now_ms = int(time.time() * 1000)
-        job = jobs_pb2.Job(
-            request_id=uuid.uuid4().hex,
-            gateway_id=context.queues.gateway_id,
-            arrival_unix_ms=now_ms,
-            deadline_unix_ms=now_ms + int(timeout_s * 1000) if timeout_s is not None else 0,
-            **job_fields(tokens),  # type: ignore[arg-type]
-        )
+        try:
+            job = jobs_pb2.Job(
+                request_id=uuid.uuid4().hex,
+                gateway_id=context.queues.gateway_id,
+                arrival_unix_ms=now_ms,
+                deadline_unix_ms=now_ms + int(timeout_s * 1000) if timeout_s is not None else 0,
+                **job_fields(tokens),  # type: ignore[arg-type]
+            )
+        except BaseException:  # whatever it was, the lease goes back and the trace ends
+            lease.release()
+            trace.end("failed")
+            raise
         trace.root.set_attribute("conveyor.request_id", job.request_id)
         trace.carry(job.trace_context)  # type: ignore[arg-type]  # the worker's spans join this trace
         return JobCall(context, noun, request_id or job.request_id, model, job, lease, trace, api)

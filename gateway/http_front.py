@@ -4,24 +4,23 @@ same metrics (labelled api="openai") and the same traces."""
 
 import asyncio
 import base64
-import json
+import math
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from checkpoints import ModelKind
 from gateway.admission import Admission
 from gateway.auth import ApiKeys
 from gateway.call_context import Caller
-from gateway.errors import ErrorKind, GatewayError, InvalidRequest, Unavailable
+from gateway.errors import GatewayError, InvalidRequest, Unavailable
 from gateway.generation import Generation
 from gateway.openai_bodies import (
     ChatCompletionBody,
@@ -30,15 +29,32 @@ from gateway.openai_bodies import (
     EmbeddingBody,
     TokenizeBody,
 )
-from gateway.openai_errors import error_object, error_response
-from gateway.openai_requests import chat_messages, chat_request, completion_requests, embed_request
+from gateway.openai_errors import CHAT_NAMES, NO_NAMES, error_object, error_response
+from gateway.openai_requests import (
+    chat_messages,
+    chat_request,
+    completion_requests,
+    embed_request,
+    refuse_not_served,
+)
 from gateway.openai_responses import FINISH_REASONS, ChoiceText, Shape, usage
+from gateway.openai_streams import (
+    EventStream,
+    deadline_of,
+    event_line,
+    frames_of,
+    until_deadline,
+    while_connected,
+)
 from protos import inference_pb2
 from telemetry.tracing import extract
 
 Body = TypeVar("Body", bound=BaseModel)
 API = "openai"  # the `api` label of this front's requests in the metrics
 TIMEOUT_HEADER = "x-request-timeout"  # seconds: past it the call ends with 504, as a gRPC deadline
+MAX_TIMEOUT_S = 1e6
+MAX_BODY_BYTES = 32 << 20
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}  # pydantic's union members in `loc`
 
 
 class OpenAIFront:
@@ -72,15 +88,18 @@ class OpenAIFront:
             body = {"error": {"message": message, "type": "not_found_error", "param": None, "code": code}}
             return JSONResponse(body, status_code=code)
 
-        return Starlette(routes=routes, exception_handlers={404: no_route, 405: no_route})
+        async def failed(request: Request, error: Exception) -> Response:
+            return error_response(GatewayError(f"internal error: {error}"))
+
+        return Starlette(routes=routes, exception_handlers={404: no_route, 405: no_route, Exception: failed})
 
     async def chat(self, request: Request) -> Response:
         async def answer(body: ChatCompletionBody, caller: Caller) -> Response:
             generation = await self._admit(request, chat_request(body), caller)
             shape = Shape(f"chatcmpl-{generation.call.job.request_id}", generation.call.model.name, chat=True)
-            return await self._respond(request, shape, [generation], body.stream, _include_usage(body))
+            return await self._respond(request, shape, [generation], body)
 
-        return await self._answer(request, ChatCompletionBody, answer, "top_logprobs")
+        return await self._answer(request, ChatCompletionBody, answer, CHAT_NAMES)
 
     async def completions(self, request: Request) -> Response:
         async def answer(body: CompletionBody, caller: Caller) -> Response:
@@ -94,23 +113,23 @@ class OpenAIFront:
                 raise
             first = generations[0].call
             shape = Shape(f"cmpl-{first.job.request_id}", first.model.name, chat=False)
-            return await self._respond(request, shape, generations, body.stream, _include_usage(body))
+            return await self._respond(request, shape, generations, body)
 
         return await self._answer(request, CompletionBody, answer)
 
     async def embeddings(self, request: Request) -> Response:
         async def answer(body: EmbeddingBody, caller: Caller) -> Response:
-            self._check_served(body.model, caller, ModelKind.EMBED)
-            call = await self.admission.embedding(
-                embed_request(body), _timeout_s(request), caller, extract(request.headers), API
-            )
-            dimension = call.call.model.dimension
-            if body.dimensions is not None and body.dimensions != dimension:
-                call.call.abandon()
+            refuse_not_served(body)
+            model = self._check_served(body.model, caller, ModelKind.EMBED)
+            if body.dimensions is not None and body.dimensions != model.dimension:
                 raise InvalidRequest(
-                    f"dimensions: this model's vectors have {dimension} dimensions and cannot be shortened"
+                    f"dimensions: this model's vectors have {model.dimension} dimensions; they are not cut"
                 )
-            response = await _until_disconnected(request, call.run())
+            timeout_s = _timeout_s(request)
+            call = await self.admission.embedding(
+                embed_request(body), timeout_s, caller, extract(request.headers), API
+            )
+            response = await while_connected(request, call.run(), deadline_of(timeout_s))
             data = [
                 {
                     "object": "embedding",
@@ -119,15 +138,13 @@ class OpenAIFront:
                 }
                 for index, e in enumerate(response.embeddings)
             ]
+            tokens = response.usage.prompt_tokens
             return JSONResponse(
                 {
                     "object": "list",
                     "data": data,
                     "model": response.model,
-                    "usage": {
-                        "prompt_tokens": response.usage.prompt_tokens,
-                        "total_tokens": response.usage.prompt_tokens,
-                    },
+                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
                 }
             )
 
@@ -155,7 +172,9 @@ class OpenAIFront:
     async def tokenize(self, request: Request) -> Response:
         async def answer(body: TokenizeBody, caller: Caller) -> Response:
             context = self.admission.context
-            model = context.check_model(body.model, caller, None)
+            model = context.check_model(body.model or "", caller, None)
+            if body.add_special_tokens is False:
+                raise InvalidRequest("add_special_tokens: false is not served (prompts take the model's own)")
             grpc_request = inference_pb2.TokenizeRequest(model=model.name)
             if body.messages is not None:
                 grpc_request.chat.messages.extend(chat_messages(body.messages))
@@ -171,9 +190,9 @@ class OpenAIFront:
 
     async def detokenize(self, request: Request) -> Response:
         async def answer(body: DetokenizeBody, caller: Caller) -> Response:
-            model = self.admission.context.check_model(body.model, caller, None)
+            model = self.admission.context.check_model(body.model or "", caller, None)
             for index, token_id in enumerate(body.tokens):
-                if not 0 <= token_id < model.tokenizer.vocab_size:
+                if token_id >= model.tokenizer.vocab_size:
                     raise InvalidRequest(f"tokens[{index}]: {token_id} is outside the vocabulary")
             loop = asyncio.get_running_loop()
             text = await loop.run_in_executor(
@@ -188,26 +207,30 @@ class OpenAIFront:
         return Response(status_code=200 if self.is_serving() else 503)
 
     async def metrics(self, request: Request) -> Response:
-        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+        loop = asyncio.get_running_loop()
+        page = await loop.run_in_executor(self.admission.context.executor, generate_latest, self.registry)
+        return Response(page, media_type=CONTENT_TYPE_LATEST)
 
     async def _answer(
         self,
         request: Request,
         body_type: type[Body],
         answer: Callable[[Body, Caller], Awaitable[Response]],
-        logprobs_name: str = "logprobs",
+        names: Mapping[str, str] = NO_NAMES,
     ) -> Response:
         """The body parsed and answered; any failure is an OpenAI error object with its status."""
         try:
             caller = self._identify(request)
             return await answer(await _body(request, body_type), caller)
         except GatewayError as error:
-            return error_response(error, logprobs_name)
+            return error_response(error, names)
 
     def _identify(self, request: Request) -> Caller:
-        """As gRPC: the API key's principal when keys are configured, else the peer's address."""
+        """As gRPC: the API key's principal when keys are configured, else the peer's address, named
+        as gRPC names it (so one client has one budget on both fronts)."""
         if self.api_keys is None:
-            return Caller(request.client.host if request.client else "unknown", None)
+            host = request.client.host if request.client else "unknown"
+            return Caller(f"ipv6:[{host}]" if ":" in host else f"ipv4:{host}", None)
         header = request.headers.get("authorization")
         principal = self.api_keys.authenticate([("authorization", header)] if header is not None else [])
         return Caller(principal.name, principal)
@@ -220,45 +243,49 @@ class OpenAIFront:
             grpc_request, _timeout_s(request), caller, extract(request.headers), API
         )
 
-    def _check_served(self, name: str, caller: Caller, kind: ModelKind) -> None:
-        """503 while no live worker serves the model, as an OpenAI client expects (and retries); gRPC
-        calls queue instead, for a fleet scaling up from zero on them."""
+    def _check_served(self, name: str | None, caller: Caller, kind: ModelKind) -> Any:
+        """The model, if a live worker serves it; else 503, as an OpenAI client expects (and
+        retries). gRPC calls queue instead, for a fleet scaling up from zero on them."""
         context = self.admission.context
-        model = context.check_model(name, caller, kind)
+        model = context.check_model(name or "", caller, kind)
         if not context.fleet.view.of(model.name).serving:
             retry_after_ms = context.load_limits.settings.retry_after_ms
             raise Unavailable(
                 f"no live worker serves model {model.name!r} now: retry", retry_after_ms=retry_after_ms
             )
+        return model
 
     async def _respond(
         self,
         request: Request,
         shape: Shape,
         generations: list[Generation],
-        stream: bool,
-        include_usage: bool,
+        body: ChatCompletionBody | CompletionBody,
     ) -> Response:
-        if not stream:
-            return JSONResponse(await _until_disconnected(request, self._whole(shape, generations)))
+        deadline = deadline_of(_timeout_s(request))
+        if not body.stream:
+            return JSONResponse(await while_connected(request, self._whole(shape, generations), deadline))
         # The first event is awaited here, not by the response: a failure before any token still
-        # gets its status, a client leaving before it cancels the job, and the events' generator has
-        # started, so however the response ends its jobs are closed with it.
+        # gets its status, and a client leaving before it cancels the job.
+        include_usage = body.stream_options is not None and bool(body.stream_options.include_usage)
         events = self._events(shape, generations, include_usage)
-        first = await _until_disconnected(request, anext(events))
+        try:
+            first = await while_connected(request, anext(events), deadline)
+        except BaseException:
+            await events.aclose()
+            raise
 
-        async def body() -> AsyncIterator[str]:
-            async with aclosing(events):
-                yield first
-                async for event in events:
-                    yield event
+        async def rest() -> AsyncIterator[str]:
+            yield first
+            async for event in until_deadline(events, deadline):
+                yield event
 
-        return StreamingResponse(body(), media_type="text/event-stream")
+        return EventStream(rest())
 
     async def _whole(self, shape: Shape, generations: list[Generation]) -> dict[str, Any]:
         choices: list[ChoiceText] = []
         prompt_tokens = completion_tokens = 0
-        async for offset, frame in _frames(generations):
+        async for offset, frame in frames_of(generations):
             index = offset + frame.choice_index
             while len(choices) <= index:
                 choices.append(ChoiceText())
@@ -279,110 +306,55 @@ class OpenAIFront:
         """Server-sent events: a chunk per frame, usage if asked, then [DONE]. A failure once the
         stream has begun is an error event (the status is already sent); before, it is raised."""
         tokenizer = generations[0].call.model.tokenizer
-        started: set[int] = set()  # choices that have had their first chunk
+        text_offsets: dict[int, int] = {}  # by choice: characters sent, for completions' text_offset
         prompt_tokens = completion_tokens = 0
         try:
-            async for offset, frame in _frames(generations):
+            async for offset, frame in frames_of(generations):
                 index = offset + frame.choice_index
-                if not (frame.text or frame.finish_reason or frame.logprobs or index not in started):
+                first = index not in text_offsets
+                if not (frame.text or frame.finish_reason or frame.logprobs or first):
                     continue
-                chunk = shape.chunk(
-                    index,
-                    frame.text,
-                    list(frame.logprobs),
-                    FINISH_REASONS.get(frame.finish_reason),
-                    tokenizer,
-                    index not in started,
+                reason = FINISH_REASONS.get(frame.finish_reason)
+                logprobs = list(frame.logprobs)
+                yield event_line(
+                    shape.chunk(
+                        index, frame.text, logprobs, reason, tokenizer, first, text_offsets.get(index, 0)
+                    )
                 )
-                started.add(index)
-                yield _event(chunk)
+                text_offsets[index] = text_offsets.get(index, 0) + len(frame.text)
                 if frame.HasField("usage"):
                     prompt_tokens += frame.usage.prompt_tokens
                     completion_tokens += frame.usage.completion_tokens
             if include_usage:
-                yield _event(shape.usage_chunk(usage(prompt_tokens, completion_tokens)))
+                yield event_line(shape.usage_chunk(usage(prompt_tokens, completion_tokens)))
         except GatewayError as error:
-            if not started:
+            if not text_offsets:
                 raise  # nothing sent yet: the call gets the error's status
-            yield _event(error_object(error))
+            yield event_line(error_object(error))
         yield "data: [DONE]\n\n"
 
 
-async def _frames(generations: list[Generation]) -> AsyncIterator[tuple[int, inference_pb2.GenerateResponse]]:
-    """Every generation's frames as they come, each with the index of its first choice (a completion
-    call of several prompts numbers its choices prompt by prompt, n each)."""
-    if len(generations) == 1:
-        async with aclosing(generations[0].run()) as frames:
-            async for frame in frames:
-                yield 0, frame
-        return
-    queue: asyncio.Queue[tuple[int, inference_pb2.GenerateResponse] | BaseException | None] = asyncio.Queue()
-    num_choices = max(generations[0].call.job.sampling.n, 1)
-
-    async def pump(offset: int, generation: Generation) -> None:
-        try:
-            async with aclosing(generation.run()) as frames:
-                async for frame in frames:
-                    queue.put_nowait((offset, frame))
-        except Exception as error:  # noqa: BLE001 - handed to the reader, which raises it
-            queue.put_nowait(error)
-        finally:
-            queue.put_nowait(None)
-
-    tasks = [asyncio.create_task(pump(i * num_choices, g)) for i, g in enumerate(generations)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 async def _body(request: Request, body_type: type[Body]) -> Body:
-    raw = await request.body()
+    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+        raise InvalidRequest(f"body: over {MAX_BODY_BYTES} bytes")
+    raw = bytearray()
+    async for piece in request.stream():
+        raw += piece
+        if len(raw) > MAX_BODY_BYTES:
+            raise InvalidRequest(f"body: over {MAX_BODY_BYTES} bytes")
     try:
-        return body_type.model_validate_json(raw)
+        return body_type.model_validate_json(bytes(raw))
     except ValidationError as error:
         problem = error.errors()[0]
-        field = "".join(
-            f"[{part}]" if isinstance(part, int) else (f".{part}" if i else str(part))
-            for i, part in enumerate(problem["loc"])
-        )
         if problem["type"] == "json_invalid":
             raise InvalidRequest(f"body: not valid JSON ({problem['msg']})") from error
-        raise InvalidRequest(f"{field or 'body'}: {problem['msg']}") from error
+        raise InvalidRequest(f"{_path(problem['loc']) or 'body'}: {problem['msg']}") from error
 
 
-async def _until_disconnected(request: Request, work: Awaitable[Any]) -> Any:
-    """The work's result, unless the client leaves first: then it is cancelled (its job with it)."""
-    task = asyncio.ensure_future(work)
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watch = asyncio.create_task(disconnected())
-    try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-    if not task.done():
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        raise GatewayError("the client disconnected", ErrorKind.CANCELLED)
-    return task.result()
-
-
-def _include_usage(body: ChatCompletionBody | CompletionBody) -> bool:
-    return body.stream_options is not None and body.stream_options.include_usage
+def _path(loc: tuple[int | str, ...]) -> str:
+    """A pydantic error location as the body's field path, without the union members it tried."""
+    parts = [p for p in loc if isinstance(p, int) or (p.isidentifier() and p not in _TYPE_TAGS)]
+    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else p) for i, p in enumerate(parts))
 
 
 def _timeout_s(request: Request) -> float | None:
@@ -392,17 +364,15 @@ def _timeout_s(request: Request) -> float | None:
     try:
         seconds = float(value)
     except ValueError:
-        seconds = -1.0
-    if not seconds > 0:
-        raise InvalidRequest(f"{TIMEOUT_HEADER}: {value!r} is not a positive number of seconds")
+        seconds = math.nan
+    if not 0 < seconds <= MAX_TIMEOUT_S:
+        raise InvalidRequest(
+            f"{TIMEOUT_HEADER}: {value!r} is not a number of seconds in (0, {MAX_TIMEOUT_S:g}]"
+        )
     return seconds
 
 
-def _encoded(values: list[float], encoding_format: str) -> list[float] | str:
+def _encoded(values: list[float], encoding_format: str | None) -> list[float] | str:
     if encoding_format == "base64":  # little-endian float32, as OpenAI's SDK decodes it
         return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
     return values
-
-
-def _event(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"

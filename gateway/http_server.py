@@ -3,6 +3,7 @@ with the gateway's TLS settings; the gateway, not uvicorn, handles SIGTERM and S
 
 import asyncio
 import contextlib
+import socket
 import ssl
 from collections.abc import Iterator
 
@@ -10,6 +11,8 @@ import uvicorn
 from starlette.applications import Starlette
 
 from gateway.settings import GatewaySettings
+
+_CLOSE_WAIT_S = 5.0
 
 
 class _Server(uvicorn.Server):
@@ -19,6 +22,9 @@ class _Server(uvicorn.Server):
 
 
 class HttpServer:
+    """Binds its port at construction, before the gateway starts anything: a port in use stops the
+    gateway at once, with the reason, instead of after it reported healthy on gRPC."""
+
     def __init__(self, app: Starlette, settings: GatewaySettings):
         tls = settings.tls_cert_file is not None
         config = uvicorn.Config(
@@ -28,6 +34,7 @@ class HttpServer:
             lifespan="off",
             log_config=None,  # the gateway's logging as configured, not uvicorn's
             access_log=False,
+            proxy_headers=False,  # the caller is the peer, as on gRPC: limits are not spoofed by a header
             ws="none",
             timeout_graceful_shutdown=1,
             ssl_certfile=settings.tls_cert_file if tls else None,
@@ -35,22 +42,26 @@ class HttpServer:
             ssl_ca_certs=settings.tls_client_ca_file if tls else None,
             ssl_cert_reqs=ssl.CERT_REQUIRED if tls and settings.tls_client_ca_file else ssl.CERT_NONE,
         )
+        self._socket: socket.socket = config.bind_socket()
+        self.port = int(self._socket.getsockname()[1])
         self._server = _Server(config)
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> int:
-        """Listen; the port bound (the one asked for, or any free one for 0)."""
-        self._task = asyncio.create_task(self._server.serve())
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]))
         while not self._server.started:
             if self._task.done():
                 self._task.result()  # raises why it could not start
                 raise RuntimeError("the HTTP server stopped before it started")
             await asyncio.sleep(0.01)
-        return int(self._server.servers[0].sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
-        """Close the port and the connections still open (their calls were given the grace period)."""
+        """Close the port and the connections still open (their calls had the grace period), and
+        wait for the calls cut short to end, so that each publishes its job's cancel."""
         if self._task is None:
             return
         self._server.should_exit = True
         await self._task
+        tasks = list(self._server.server_state.tasks)
+        if tasks:
+            await asyncio.wait(tasks, timeout=_CLOSE_WAIT_S)

@@ -1,10 +1,14 @@
 """The OpenAI API's request bodies, with its field names, and vLLM's extra sampling fields (so a
-vLLM client moves over unchanged). Only the shape is checked here; values are checked by the one
-validation every request takes (gateway/validation.py), which names the field."""
+vLLM client moves over unchanged). Only the shape and the ranges of the proto fields behind them
+are checked here; values are checked by the one validation every request takes
+(gateway/validation.py), which names the field. Every optional field takes an explicit null."""
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+UInt32 = Annotated[int, Field(ge=0, le=2**32 - 1)]
+Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
 
 
 class _Body(BaseModel):
@@ -49,64 +53,73 @@ class StructuredOutputs(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool | None = None
 
 
 class SamplingBody(_Body):
     """Fields both generation endpoints take."""
 
-    model: str = ""
-    max_tokens: int | None = Field(None, ge=0)
+    model: str | None = None
+    max_tokens: UInt32 | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: int = Field(1, ge=1)
+    n: UInt32 | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    seed: int | None = None  # any integer, as vLLM takes it; used modulo 2**64
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     response_format: ResponseFormat | None = None
-    stream: bool = False
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
     # vLLM's extras
-    top_k: int | None = Field(None, ge=-1)
+    top_k: Int32 | None = None  # -1 = off, as 0 is here
     min_p: float | None = None
     repetition_penalty: float | None = None
-    min_tokens: int = Field(0, ge=0)
-    ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
-    priority: int = 0
+    min_tokens: UInt32 | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[UInt32] | None = None
+    priority: Int32 | None = None  # vLLM's: lower runs first
     structured_outputs: StructuredOutputs | None = None
+    prompt_logprobs: UInt32 | None = None
+    allowed_token_ids: list[UInt32] | None = None
+    # vLLM's older names of structured outputs
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class ChatCompletionBody(SamplingBody):
     messages: list[ChatMessageBody]
-    max_completion_tokens: int | None = Field(None, ge=0)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0)
+    max_completion_tokens: UInt32 | None = None
+    logprobs: bool | None = None
+    top_logprobs: UInt32 | None = None
 
 
 class CompletionBody(SamplingBody):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(None, ge=0)
-    echo: bool = False
+    prompt: str | list[str] | list[UInt32] | list[list[UInt32]]
+    logprobs: UInt32 | None = None
+    echo: bool | None = None
     suffix: str | None = None
 
 
 class EmbeddingBody(_Body):
-    model: str = ""
-    input: str | list[str]
-    encoding_format: Literal["float", "base64"] = "float"
+    model: str | None = None
+    input: str | list[str] | list[UInt32] | list[list[UInt32]]
+    encoding_format: Literal["float", "base64"] | None = None
     dimensions: int | None = Field(None, ge=1)
 
 
 class TokenizeBody(_Body):
-    model: str = ""
+    model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessageBody] | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: bool | None = None
 
 
 class DetokenizeBody(_Body):
-    model: str = ""
-    tokens: list[int]
+    model: str | None = None
+    tokens: list[UInt32]

@@ -3,6 +3,8 @@ code}}`, with the field named as the OpenAI body names it."""
 
 import math
 import re
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -23,47 +25,50 @@ STATUS: dict[ErrorKind, tuple[int, str]] = {
 }
 
 _FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
-# The gRPC request's field paths, as the OpenAI bodies name them.
+# The gRPC request's field paths, as the OpenAI bodies name them (an endpoint may say otherwise).
 _RENAMES = {
+    "sampling": "response_format",  # two structured outputs at once
     "sampling.json": "response_format",
     "sampling.json_object": "response_format",
     "sampling.regex": "structured_outputs.regex",
     "sampling.choice": "structured_outputs.choice",
     "sampling.grammar": "structured_outputs.grammar",
+    "chat": "messages",
     "chat.messages": "messages",
     "token_ids.ids": "prompt",
     "inputs": "input",
 }
+NO_NAMES: Mapping[str, str] = MappingProxyType({})
+CHAT_NAMES: Mapping[str, str] = MappingProxyType(  # what /v1/chat/completions calls them
+    {"sampling.logprobs": "top_logprobs", "prompt": "messages"}
+)
 
 
-def openai_param(field: str, logprobs_name: str = "logprobs") -> str:
-    """The OpenAI body's name for a field of the gRPC request (a path, maybe indexed)."""
-    if field == "sampling.logprobs":
-        return logprobs_name
-    if field == "sampling":  # two structured outputs at once
-        return "response_format"
+def openai_param(field: str, names: Mapping[str, str] = NO_NAMES) -> str:
+    """The OpenAI body's name for a field path (maybe indexed) of the gRPC request."""
     head = re.match(r"^[\w.]+", field)
     stem = head.group(0) if head else field
-    while stem:
-        if stem in _RENAMES:
-            return _RENAMES[stem] + field[len(stem) :]
-        stem = stem.rpartition(".")[0]
+    for table in (names, _RENAMES):
+        if stem in table:
+            return table[stem] + field[len(stem) :]
+    prefix = stem.rpartition(".")[0]
+    if prefix and prefix != "sampling" and prefix in _RENAMES:
+        return _RENAMES[prefix] + field[len(prefix) :]
     return field.removeprefix("sampling.")
 
 
-def error_object(error: GatewayError, logprobs_name: str = "logprobs") -> dict[str, Any]:
-    """`{"error": {...}}`, naming the field as the OpenAI body does (`logprobs_name`: what the
-    endpoint calls the number of top logprobs)."""
+def error_object(error: GatewayError, names: Mapping[str, str] = NO_NAMES) -> dict[str, Any]:
+    """`{"error": {...}}`, naming the field as the endpoint's body does."""
     status, kind = STATUS[error.kind]
     message, param = error.message, None
     found = _FIELD.match(message)
     if found is not None:
-        param = openai_param(found.group(1), logprobs_name)
+        param = openai_param(found.group(1), names)
         message = f"{param}: {message[found.end() :]}"
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
-def error_response(error: GatewayError, logprobs_name: str = "logprobs") -> JSONResponse:
+def error_response(error: GatewayError, names: Mapping[str, str] = NO_NAMES) -> JSONResponse:
     """The error object with its status, and Retry-After (seconds) when the error has a hint."""
     headers = {"Retry-After": str(math.ceil(error.retry_after_ms / 1000))} if error.retry_after_ms else None
-    return JSONResponse(error_object(error, logprobs_name), STATUS[error.kind][0], headers)
+    return JSONResponse(error_object(error, names), STATUS[error.kind][0], headers)

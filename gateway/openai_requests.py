@@ -14,15 +14,34 @@ from gateway.openai_bodies import (
 )
 from protos import inference_pb2
 
-# Fields other servers take that would change the answer and that this one does not serve.
-_NOT_SERVED = ("tools", "tool_choice", "functions", "function_call", "audio", "modalities", "prediction")
+# Fields other servers take that would change the answer and that this one does not serve, with
+# the values that change nothing (and so are taken).
+_NOT_SERVED: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "best_of": (None, 1),
+    "use_beam_search": (None, False),
+    "include_stop_str_in_output": (None, False),
+    "skip_special_tokens": (None, True),
+    "bad_words": (None, []),
+    "truncate_prompt_tokens": (None,),
+    "chat_template": (None,),
+    "chat_template_kwargs": (None, {}),
+    "add_generation_prompt": (None, True),
+    "continue_final_message": (None, False),
+}
 _ROLES = {"developer": "system"}  # OpenAI's newer name for the system role
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
 
 
 def chat_request(body: ChatCompletionBody) -> inference_pb2.GenerateRequest:
-    _refuse_not_served(body)
-    request = inference_pb2.GenerateRequest(model=body.model, priority=body.priority)
+    refuse_not_served(body)
+    request = inference_pb2.GenerateRequest(model=body.model or "", priority=_priority(body))
     request.chat.messages.extend(chat_messages(body.messages))
     sampling = _sampling(body, body.max_completion_tokens or body.max_tokens or 0)
     if body.logprobs:
@@ -35,22 +54,25 @@ def chat_request(body: ChatCompletionBody) -> inference_pb2.GenerateRequest:
 
 def completion_requests(body: CompletionBody) -> list[inference_pb2.GenerateRequest]:
     """One request per prompt (a list of texts, or of token lists, is several)."""
-    _refuse_not_served(body)
+    refuse_not_served(body)
     if body.echo:
         raise InvalidRequest("echo: not supported")
     if body.suffix:
         raise InvalidRequest("suffix: not supported")
-    sampling = _sampling(
-        body, body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
-    )
+    max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
+    sampling = _sampling(body, max_tokens)
     if body.logprobs is not None:
         sampling.logprobs = body.logprobs
-    prompts: list[Any] = list(body.prompt) if isinstance(body.prompt, list) and body.prompt else [body.prompt]
-    if prompts and all(isinstance(p, int) for p in prompts):
+    prompts: list[Any] = list(body.prompt) if isinstance(body.prompt, list) else [body.prompt]
+    if not prompts or any(p in ("", []) for p in prompts):
+        raise InvalidRequest("prompt: must not be empty")
+    if all(isinstance(p, int) for p in prompts):
         prompts = [prompts]  # one prompt of token ids
     requests = []
     for prompt in prompts:
-        request = inference_pb2.GenerateRequest(model=body.model, priority=body.priority, sampling=sampling)
+        request = inference_pb2.GenerateRequest(
+            model=body.model or "", priority=_priority(body), sampling=sampling
+        )
         if isinstance(prompt, str):
             request.prompt = prompt
         elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
@@ -65,7 +87,9 @@ def completion_requests(body: CompletionBody) -> list[inference_pb2.GenerateRequ
 
 def embed_request(body: EmbeddingBody) -> inference_pb2.EmbedRequest:
     inputs = [body.input] if isinstance(body.input, str) else body.input
-    return inference_pb2.EmbedRequest(model=body.model, inputs=inputs)
+    if any(not isinstance(item, str) for item in inputs):
+        raise InvalidRequest("input: token ids are not served for embeddings; send the texts")
+    return inference_pb2.EmbedRequest(model=body.model or "", inputs=inputs)  # type: ignore[arg-type]
 
 
 def chat_messages(messages: list[ChatMessageBody]) -> list[inference_pb2.ChatMessage]:
@@ -73,9 +97,12 @@ def chat_messages(messages: list[ChatMessageBody]) -> list[inference_pb2.ChatMes
     return [_message(index, message) for index, message in enumerate(messages)]
 
 
-def _refuse_not_served(body: SamplingBody) -> None:
-    for name in _NOT_SERVED:
-        if (body.model_extra or {}).get(name) not in (None, [], False):
+def refuse_not_served(body: Any) -> None:
+    """A field this server does not serve, set to a value that would change the answer, is refused
+    by name rather than ignored."""
+    for name, harmless in _NOT_SERVED.items():
+        value = (body.model_extra or {}).get(name)
+        if value not in harmless:
             raise InvalidRequest(f"{name}: not supported by this server")
 
 
@@ -89,24 +116,32 @@ def _message(index: int, message: ChatMessageBody) -> inference_pb2.ChatMessage:
     return inference_pb2.ChatMessage(role=_ROLES.get(message.role, message.role), content=content or "")
 
 
+def _priority(body: SamplingBody) -> int:
+    """vLLM's priority runs lower values first; ours runs higher ones first."""
+    return -max(body.priority or 0, -(2**31) + 1)
+
+
 def _sampling(body: SamplingBody, max_tokens: int) -> inference_pb2.SamplingParams:
     sampling = inference_pb2.SamplingParams(
         max_tokens=max_tokens,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-        ignore_eos=body.ignore_eos,
-        min_tokens=body.min_tokens,
-        n=body.n,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        ignore_eos=bool(body.ignore_eos),
+        min_tokens=body.min_tokens or 0,
+        n=body.n or 1,
         stop=[body.stop] if isinstance(body.stop, str) else body.stop or [],
         stop_token_ids=body.stop_token_ids or [],
+        allowed_token_ids=body.allowed_token_ids or [],
     )
-    for field in ("temperature", "top_p", "min_p", "repetition_penalty", "seed"):
+    for field in ("temperature", "top_p", "min_p", "repetition_penalty", "prompt_logprobs"):
         if getattr(body, field) is not None:
             setattr(sampling, field, getattr(body, field))
+    if body.seed is not None:
+        sampling.seed = body.seed % 2**64
     if body.top_k is not None:
         sampling.top_k = max(body.top_k, 0)  # vLLM's -1 is off, as 0 is here
     for key, bias in (body.logit_bias or {}).items():
-        if not key.isdigit():
+        if not (key.isascii() and key.isdigit()) or int(key) >= 2**32:
             raise InvalidRequest(f"logit_bias: {key!r} is not a token id")
         sampling.logit_bias[int(key)] = bias
     _structured(body, sampling)
@@ -114,28 +149,40 @@ def _sampling(body: SamplingBody, max_tokens: int) -> inference_pb2.SamplingPara
 
 
 def _structured(body: SamplingBody, sampling: inference_pb2.SamplingParams) -> None:
-    """response_format (OpenAI's) and structured_outputs (vLLM's) onto the structured-output fields."""
-    given = [name for name in ("response_format", "structured_outputs") if getattr(body, name) is not None]
-    if len(given) == 2 and body.response_format is not None and body.response_format.type != "text":
+    """response_format (OpenAI's), structured_outputs and the guided_* fields (vLLM's) onto the
+    structured-output fields; the one validation refuses two at once."""
+    response_format = body.response_format
+    vllm_fields = (
+        body.structured_outputs,
+        body.guided_json,
+        body.guided_regex,
+        body.guided_choice,
+        body.guided_grammar,
+    )
+    if (
+        response_format is not None
+        and response_format.type != "text"
+        and any(f is not None for f in vllm_fields)
+    ):
         raise InvalidRequest("response_format: set it or structured_outputs, not both")
-    if body.response_format is not None:
-        kind = body.response_format.type
-        if kind == "json_object":
-            sampling.json_object = True
-        elif kind == "json_schema":
-            if body.response_format.json_schema is None:
-                raise InvalidRequest("response_format.json_schema: required when type is json_schema")
-            sampling.json = json.dumps(body.response_format.json_schema.schema_)
+    if response_format is not None and response_format.type == "json_object":
+        sampling.json_object = True
+    elif response_format is not None and response_format.type == "json_schema":
+        if response_format.json_schema is None:
+            raise InvalidRequest("response_format.json_schema: required when type is json_schema")
+        sampling.json = json.dumps(response_format.json_schema.schema_)
     outputs = body.structured_outputs
-    if outputs is None:
-        return
-    if outputs.json_ is not None:
-        sampling.json = outputs.json_ if isinstance(outputs.json_, str) else json.dumps(outputs.json_)
-    if outputs.regex is not None:
-        sampling.regex = outputs.regex
-    if outputs.choice is not None:
-        sampling.choice.extend(outputs.choice)
-    if outputs.grammar is not None:
-        sampling.grammar = outputs.grammar
-    if outputs.json_object:
+    json_schema = outputs.json_ if outputs is not None and outputs.json_ is not None else body.guided_json
+    if json_schema is not None:
+        sampling.json = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
+    regex = outputs.regex if outputs is not None and outputs.regex is not None else body.guided_regex
+    if regex is not None:
+        sampling.regex = regex
+    choice = outputs.choice if outputs is not None and outputs.choice is not None else body.guided_choice
+    if choice is not None:
+        sampling.choice.extend(choice)
+    grammar = outputs.grammar if outputs is not None and outputs.grammar is not None else body.guided_grammar
+    if grammar is not None:
+        sampling.grammar = grammar
+    if outputs is not None and outputs.json_object:
         sampling.json_object = True

@@ -8,6 +8,7 @@ from typing import Any
 from protos import inference_pb2
 from tokenization import Tokenizer
 
+MIN_LOGPROB = -9999.0  # what a token the sampler may not pick (-inf) is reported as, as vLLM does
 FINISH_REASONS = {
     inference_pb2.FINISH_REASON_STOP: "stop",
     inference_pb2.FINISH_REASON_LENGTH: "length",
@@ -70,13 +71,15 @@ class Shape:
         finish_reason: str | None,
         tokenizer: Tokenizer,
         first: bool,
+        text_offset: int = 0,
     ) -> dict[str, Any]:
+        """One choice's chunk of a stream; `text_offset`: characters of the choice sent before it."""
         item: dict[str, Any] = {"index": index, "finish_reason": finish_reason}
         if self.chat:
             item["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
         else:
             item["text"] = text
-        item["logprobs"] = self.logprobs(logprobs, tokenizer) if logprobs else None
+        item["logprobs"] = self.logprobs(logprobs, tokenizer, text_offset) if logprobs else None
         return self._object("chat.completion.chunk" if self.chat else "text_completion", [item])
 
     def usage_chunk(self, used: dict[str, int]) -> dict[str, Any]:
@@ -85,18 +88,22 @@ class Shape:
             "usage": used,
         }
 
-    def logprobs(self, tokens: list[inference_pb2.TokenLogprobs], tokenizer: Tokenizer) -> dict[str, Any]:
+    def logprobs(
+        self, tokens: list[inference_pb2.TokenLogprobs], tokenizer: Tokenizer, text_offset: int = 0
+    ) -> dict[str, Any]:
         if self.chat:
             return {"content": [_chat_logprob(t, tokenizer) for t in tokens]}
         texts = [tokenizer.token_text(t.token_id) for t in tokens]
-        offsets, offset = [], 0
+        offsets, offset = [], text_offset
         for text in texts:
             offsets.append(offset)
             offset += len(text)
         return {
             "tokens": texts,
-            "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [{tokenizer.token_text(a.token_id): a.logprob for a in t.top} for t in tokens],
+            "token_logprobs": [_finite(t.logprob) for t in tokens],
+            "top_logprobs": [
+                {tokenizer.token_text(a.token_id): _finite(a.logprob) for a in t.top} for t in tokens
+            ],
             "text_offset": offsets,
         }
 
@@ -104,9 +111,13 @@ class Shape:
 def _chat_logprob(token: inference_pb2.TokenLogprobs, tokenizer: Tokenizer) -> dict[str, Any]:
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
         text = tokenizer.token_text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode())}
 
     return {
         **entry(token.token_id, token.logprob),
         "top_logprobs": [entry(alt.token_id, alt.logprob) for alt in token.top],
     }
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB)

@@ -73,6 +73,13 @@ async def serve(settings: GatewaySettings, process: Process) -> None:
         settings.default_max_tokens,
     )
     admission = Admission(context)
+    http: HttpServer | None = None
+    if settings.http_port >= 0:  # bound first: a port in use stops the gateway before it starts
+
+        def is_serving() -> bool:
+            return all(fleet.view.of(model.name).serving for model in models)
+
+        http = HttpServer(OpenAIFront(admission, api_keys, telemetry.registry, is_serving).app(), settings)
     server = grpc.aio.server()
     inference_pb2_grpc.add_InferenceServicer_to_server(
         InferenceService(admission, settings.max_open_requests_per_stream, api_keys), server
@@ -95,17 +102,11 @@ async def serve(settings: GatewaySettings, process: Process) -> None:
     await queues.start()
     await fleet.start()
     await server.start()
-    http: HttpServer | None = None
     http_line = ""
-    if settings.http_port >= 0:
-
-        def is_serving() -> bool:
-            return all(fleet.view.of(model.name).serving for model in models)
-
-        front = OpenAIFront(admission, api_keys, telemetry.registry, is_serving)
-        http = HttpServer(front.app(), settings)
+    if http is not None:
+        await http.start()
         scheme = "http" if credentials is None else "https"
-        http_line = f"; the OpenAI API on {scheme}://{settings.host}:{await http.start()}/v1"
+        http_line = f"; the OpenAI API on {scheme}://{settings.host}:{http.port}/v1"
     logger.info(
         "gateway %s serving %s on %s:%d (%s, %s)%s",
         gateway_id,

@@ -1,5 +1,6 @@
 """Tokenizer: a checkpoint's tokenizer.json and chat template, loaded with `tokenizers` and jinja2."""
 
+import functools
 import json
 from collections.abc import Sequence
 from datetime import datetime
@@ -80,6 +81,7 @@ class Tokenizer:
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         return list(self._tokenizer.encode(self.render_chat(messages), add_special_tokens=False).ids)
 
+    @functools.lru_cache(maxsize=1 << 16)  # noqa: B019 - a tokenizer lives as long as its process
     def token_text(self, token_id: int) -> str:
         """One token as text, special tokens included: what logprobs name a token by."""
         return str(self._tokenizer.decode([token_id], skip_special_tokens=False))

@@ -52,3 +52,26 @@ def test_poisson_arrivals_and_errors_by_status(cluster: Cluster, tmp_path: Path)
     assert run.returncode == 0, run.stderr
     assert "Poisson 20 req/s" in run.stdout and "errors: INVALID_ARGUMENT 2" in run.stdout
     assert json.loads(report.read_text())["errors"] == {"INVALID_ARGUMENT": 2}
+
+
+def test_the_load_generator_drives_the_openai_front(cluster: Cluster, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [
+        {"prompt_token_ids": [1, 4093, 198, 19556, 260, 1194], "max_tokens": 6},
+        {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 5},
+    ] * 2
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    report = tmp_path / "report.json"
+    run = subprocess.run(
+        [
+            sys.executable, "-m", "client", "bench", "--api", "openai", "--address", cluster.http_url,
+            "--model-name", "smollm2-135m-instruct", "--workload", str(prompts), "--concurrency", "4",
+            "--json", str(report),
+        ],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "openai, concurrency 4; 4 requests" in run.stdout and "errors: none" in run.stdout
+    summary = json.loads(report.read_text())
+    assert summary["completed"] == 4 and 2 * 4 <= summary["output_tokens"] <= 2 * (6 + 5)
+    assert 0 < summary["ttft_s"]["p50"] <= summary["ttft_s"]["p99"]

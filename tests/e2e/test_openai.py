@@ -175,6 +175,17 @@ def test_embeddings_as_floats_and_base64_equal_grpc(api: openai.OpenAI, cluster:
         ),
         ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "robot"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
+        ({"max_tokens": 2**40}, "max_tokens", "less than or equal to 4294967295"),
+        ({"logit_bias": {"99999999999": 1}}, "logit_bias", "is not a token id"),
+        ({"stop": 5}, "stop", "valid"),
+        (
+            {
+                "extra_body": {"structured_outputs": {"regex": "a"}},
+                "response_format": {"type": "json_object"},
+            },
+            "response_format",
+            "not both",
+        ),
     ],
 )
 def test_a_bad_field_is_400_naming_it(api: openai.OpenAI, fields: dict, param: str, fragment: str) -> None:  # type: ignore[type-arg]
@@ -267,3 +278,33 @@ def test_a_stream_refused_before_its_first_token_gets_its_status(cluster: Cluste
         timeout=60,
     )
     assert reply.status_code == 400 and "unknown special token" in reply.json()["error"]["message"]
+
+
+def test_nulls_vllm_fields_and_masked_logprobs_are_served(api: openai.OpenAI, cluster: Cluster) -> None:
+    body = {
+        "model": MODEL,
+        "messages": CHAT,
+        "max_tokens": 4,
+        "n": None,
+        "presence_penalty": None,
+        "stream": None,
+        "seed": -5,  # vLLM takes any integer
+        "priority": -1,
+        "guided_choice": ["yes", "no"],  # vLLM's older name of structured_outputs.choice
+        "logprobs": True,
+        "top_logprobs": 3,  # the third most likely is masked out by the choice: -inf, reported finite
+    }
+    reply = httpx.post(f"{cluster.http_url}/v1/chat/completions", json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    choice = reply.json()["choices"][0]
+    assert choice["message"]["content"] in ("yes", "no")
+    assert all(
+        top["logprob"] >= -9999.0 for token in choice["logprobs"]["content"] for top in token["top_logprobs"]
+    )
+    refused = httpx.post(
+        f"{cluster.http_url}/v1/completions",
+        json={"model": MODEL, "prompt": "Hi"},
+        headers={"x-request-timeout": "inf"},
+        timeout=60,
+    )
+    assert refused.status_code == 400 and "x-request-timeout" in refused.json()["error"]["message"]
