@@ -20,7 +20,7 @@ test: $(STAMP) $(PROTO_OUT) $(MODEL) $(EMBEDDER)
 	$(PY) -m pytest -q
 
 bench: $(STAMP) $(PROTO_OUT) $(MODEL) $(EMBEDDER) $(if $(VLLM),$(VLLM_STAMP))
-	$(PY) -m client bench --model $(MODEL_DIR) $(if $(VLLM),--vllm $(VLLM_VENV)/bin/python) $(BENCH_ARGS)
+	$(PY) -m client bench --model $(MODEL_DIR) $(if $(VLLM),--vllm $(VLLM_VENV)/bin/python --http) $(BENCH_ARGS)
 
 # vLLM's CPU build for `make bench VLLM=1`, in a virtualenv of its own: it pins its own
 # transformers. Its torchvision/torchaudio wheels are CUDA builds that break the CPU torch, and

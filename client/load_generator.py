@@ -7,6 +7,7 @@ the standard workload by default. Each request streams; the report is what its c
 
 import asyncio
 import json
+import logging
 import random
 import ssl
 import statistics
@@ -141,6 +142,12 @@ async def _run(
     return results, time.perf_counter() - started
 
 
+def quiet_http_logs() -> None:
+    """The HTTP client logs a line per request at INFO: it would bury the report."""
+    for name in ("httpx", "httpx2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _http_client(address: str, security: Security) -> "httpx.AsyncClient":
     """One HTTP client for the run, with the API key and TLS settings of the gRPC one."""
     base = address if address.startswith(("http://", "https://")) else f"http://{address}"
@@ -150,6 +157,7 @@ def _http_client(address: str, security: Security) -> "httpx.AsyncClient":
         if security.cert_file is not None and security.key_file is not None:
             verify.load_cert_chain(str(security.cert_file), str(security.key_file))
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    quiet_http_logs()
     return httpx.AsyncClient(
         base_url=base, headers=dict(security.metadata), timeout=None, verify=verify, limits=limits
     )

@@ -7,6 +7,7 @@ bfloat16 and refuses a checkpoint it cannot serve."""
 
 import json
 import signal
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,9 +75,17 @@ def fleet(
         finally:
             assert stop_process(gateway) == 0
     finally:
-        for worker in workers:  # all told at once: they drain together
+        # All told once, at once, so they drain together (a second SIGTERM could land while one
+        # is exiting, when Python has put the default handler back, and kill it).
+        for worker in workers:
             worker.send_signal(signal.SIGTERM)
-        assert all(stop_process(worker) == 0 for worker in workers)
+        codes = []
+        for worker in workers:
+            try:
+                codes.append(worker.wait(timeout=60))
+            except subprocess.TimeoutExpired:
+                codes.append(stop_process(worker))
+        assert codes == [0] * len(workers), codes
 
 
 @pytest.mark.parametrize("family", SERVED_FAMILIES)
