@@ -107,7 +107,7 @@ def test_a_worker_killed_mid_generation_loses_and_repeats_nothing(
     namespace = "chaos"
     client = redis.Redis.from_url(redis_server.url)
     workers, gateway, address = two_workers_and_a_gateway(
-        redis_server.url, namespace, model_dir, log_dir, "--max-num-seqs", "16"
+        redis_server.url, namespace, model_dir, log_dir, "--max-num-seqs", "24"
     )
     prompts = [f"Write a short story about a {n}-legged robot." for n in range(NUM_STREAMS + 2)]
     # Half of the streams are constrained to a JSON schema: their matchers are rebuilt on the worker
