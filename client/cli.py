@@ -39,9 +39,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _num_choices(value: str) -> int:
+    from protos.redis_layout import MAX_CHOICES
+
     number = int(value)
-    if not 1 <= number <= 16:
-        raise argparse.ArgumentTypeError(f"{value}: from 1 to 16")
+    if not 1 <= number <= MAX_CHOICES:
+        raise argparse.ArgumentTypeError(f"{value}: from 1 to {MAX_CHOICES}")
     return number
 
 

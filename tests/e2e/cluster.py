@@ -118,3 +118,9 @@ def wait_for(predicate: object, timeout_s: float = 20.0, interval_s: float = 0.2
             return True
         time.sleep(interval_s)
     return False
+
+
+def conveyor_generate(address: str, *args: str) -> str:
+    """`conveyor generate` against a gateway, as a user runs it: its stdout."""
+    command = [sys.executable, "-m", "client", "generate", "--address", address, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout

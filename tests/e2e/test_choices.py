@@ -2,9 +2,6 @@
 completions twice, usage counts the prompt once, a stop string ends only its choice, a cancel ends
 every choice, and `conveyor generate -n` prints each."""
 
-import subprocess
-import sys
-
 import grpc
 import pytest
 import redis
@@ -12,7 +9,7 @@ import redis
 from client.library import ConveyorClient, build_request
 from protos import inference_pb2
 from protos.redis_layout import StreamKeys
-from tests.e2e.cluster import wait_for
+from tests.e2e.cluster import conveyor_generate, wait_for
 from tests.e2e.conftest import Cluster
 from tests.e2e.test_serving import BidiSession
 
@@ -93,31 +90,20 @@ def test_n_out_of_range_is_invalid_argument_naming_the_field(client: ConveyorCli
 
 
 def test_conveyor_generate_prints_each_of_n_completions(cluster: Cluster) -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "client",
-            "generate",
-            "--address",
-            cluster.address,
-            "--temperature",
-            "0.8",
-            "--seed",
-            "3",
-            "--max-tokens",
-            "12",
-            "-n",
-            "3",
-            "Name a fruit.",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
+    stdout = conveyor_generate(
+        cluster.address,
+        "--temperature",
+        "0.8",
+        "--seed",
+        "3",
+        "--max-tokens",
+        "12",
+        "-n",
+        "3",
+        "Name a fruit.",
     )
-    assert [line for line in done.stdout.splitlines() if line.startswith("--- choice")] == [
+    assert [line for line in stdout.splitlines() if line.startswith("--- choice")] == [
         "--- choice 0 ---",
         "--- choice 1 ---",
         "--- choice 2 ---",
-    ], done.stdout
+    ], stdout

@@ -5,8 +5,6 @@ INVALID_ARGUMENT naming the field."""
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
@@ -18,6 +16,7 @@ import tokenizers
 from client.library import ConveyorClient, build_request
 from gateway.constraints import compile_constraint
 from protos import inference_pb2
+from tests.e2e.cluster import conveyor_generate
 from tests.e2e.conftest import Cluster
 from tests.e2e.test_serving import BidiSession
 
@@ -135,18 +134,7 @@ def test_conveyor_generate_takes_a_choice_and_a_schema_file(cluster: Cluster, tm
     schema.write_text(json.dumps(PERSON))
 
     def generate(*args: str) -> str:
-        command = [
-            sys.executable,
-            "-m",
-            "client",
-            "generate",
-            "--address",
-            cluster.address,
-            "--temperature",
-            "0",
-        ]
-        done = subprocess.run([*command, *args], capture_output=True, text=True, timeout=120, check=True)
-        return done.stdout.strip()
+        return conveyor_generate(cluster.address, "--temperature", "0", *args).strip()
 
     assert generate("Is the sky blue?", "--choice", "yes", "--choice", "no") in ("yes", "no")
     jsonschema.validate(json.loads(generate("Describe a person.", "--json-schema", str(schema))), PERSON)
