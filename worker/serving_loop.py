@@ -149,8 +149,11 @@ class ServingLoop:
         self._running.clear()
         self._outbox.clear()
         self.jobs.new_incarnation()
-        self._send_heartbeat()
         self._retry_s = 0.0
+        try:
+            self._send_heartbeat()  # registers the new consumer before its first read
+        except RedisError as error:  # Redis failed again (a failover settling): `_recover` registers it
+            self._wait_for_redis(error)
 
     def _admit_and_cancel(self) -> None:
         """Read jobs and cancels; jobs refused at once get their last chunk in the outbox."""

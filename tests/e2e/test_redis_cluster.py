@@ -91,7 +91,10 @@ def test_a_fleet_on_a_redis_cluster_serves_and_survives_a_master_failover(
 
             # A worker whose heartbeat was lost with the old master rejoins as a new consumer (on a
             # loaded machine that can take a while: the cluster's failover settles first).
-            assert e2e.wait_for(monitor_sees_the_fleet, timeout_s=90), reader.read()
+            assert e2e.wait_for(monitor_sees_the_fleet, timeout_s=90), (
+                reader.read(),
+                [w.poll() for w in workers],
+            )
             reader.close()
         finally:
             e2e.stop_process(gateway)

@@ -266,3 +266,34 @@ def test_drain_finishes_what_runs_and_takes_nothing_new(
     assert [request_id for request_id, _ in backend.started] == ["running"]
     assert finished(client, keys, "running") and not client.exists(keys.worker(MODEL, loop.jobs.worker_id))
     assert client.xlen(keys.requests(MODEL)) == 1, "the new job is left for another worker"
+
+
+@pytest.mark.parametrize("redis_fails_at_the_rejoin", [False, True])
+def test_a_worker_presumed_dead_drops_its_jobs_and_rejoins_as_a_new_consumer(
+    loop: ServingLoop,
+    client: redis.Redis,
+    keys: StreamKeys,
+    backend: FakeBackend,
+    monkeypatch: pytest.MonkeyPatch,
+    redis_fails_at_the_rejoin: bool,
+) -> None:
+    submit(client, keys, job("held", max_tokens=400))
+    step_until(loop, lambda: bool(backend.started))
+    presumed_dead = loop.jobs.worker_id
+    client.delete(keys.worker(MODEL, presumed_dead))  # its heartbeat expired, as in a failover
+    if redis_fails_at_the_rejoin:  # the first heartbeat of the new consumer meets a Redis still failing
+        heartbeat = loop.jobs.heartbeat
+        calls = itertools.count()
+
+        def flaky(status: jobs_pb2.WorkerStatus, ttl_s: float) -> None:
+            if loop.jobs.worker_id != presumed_dead and next(calls) == 0:
+                raise redis.ConnectionError("failover in progress")
+            heartbeat(status, ttl_s)
+
+        monkeypatch.setattr(loop.jobs, "heartbeat", flaky)
+    step_until(
+        loop, lambda: backend.aborted == ["held"] and client.exists(keys.worker(MODEL, loop.jobs.worker_id))
+    )
+    assert loop.jobs.worker_id != presumed_dead
+    step_until(loop, lambda: bool(finished(client, keys, "held")))  # claimed back once idle, as any orphan
+    assert [request_id for request_id, _ in backend.started] == ["held", "held"]
