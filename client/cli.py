@@ -31,7 +31,7 @@ def _serve(args: argparse.Namespace) -> int:
             args.workers,
             args.model,
             args.redis_url,
-            tuple(args.worker_args),
+            ("--quantization", args.quantization, *args.worker_args),
             embedder,
             RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window_s),
         )
@@ -235,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a child that dies more often than this within --restart-window-s stops the tree",
     )
     serve.add_argument("--restart-window-s", type=float, default=60.0, help="see --max-restarts")
+    serve.add_argument(
+        "--quantization",
+        choices=("none", "int8", "int4"),
+        default="none",
+        help="the generation workers' CPU weight quantization (see `python -m worker --help`)",
+    )
     serve.add_argument(
         "--worker-args", nargs=argparse.REMAINDER, default=[], help="passed to every generation worker"
     )

@@ -68,4 +68,5 @@ class CallContext:
             dimension=model.dimension,
             architecture=fleet.architecture or model.architecture,
             dtype=fleet.dtype,
+            quantization=fleet.quantization,
         )

@@ -40,6 +40,7 @@ class ModelFleet:
     submitted_before: int = 0  # this gateway's submissions counted when it was measured
     architecture: str = ""  # as its live workers report it ("" while none is live)
     dtype: str = ""  # its live workers' dtypes, joined by ","
+    quantization: str = ""  # its live workers' weight quantizations, joined by ","
 
     def queued_now(self, submitted: int) -> int:
         """The measured queue plus what this gateway submitted since: a flood counts against the
@@ -123,6 +124,7 @@ class FleetMonitor:
                     submitted_before=submitted,
                     architecture=",".join(sorted({s.architecture for s in workers if s.architecture})),
                     dtype=",".join(sorted({s.dtype for s in workers if s.dtype})),
+                    quantization=",".join(sorted({s.quantization for s in workers if s.quantization})),
                 )
             self.view = FleetView(MappingProxyType(view))
             serving, reachable = all(m.serving for m in view.values()), True

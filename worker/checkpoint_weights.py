@@ -2,7 +2,8 @@
 experts stacked. A tensor the config calls for and the checkpoint lacks, or has in another shape,
 is refused by its checkpoint name."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 
 import torch
 
@@ -12,20 +13,42 @@ from worker.model_config import CheckpointError, ModelConfig
 Tensors = dict[str, torch.Tensor]
 
 
+@dataclass(frozen=True, slots=True)
+class Source:
+    """The checkpoint tensors one of our tensors is built from, and how."""
+
+    names: list[str]
+    combine: Callable[[list[torch.Tensor]], torch.Tensor] = torch.cat
+
+
 def decoder_state(weights: Tensors, config: ModelConfig, expected: dict[str, torch.Size]) -> Tensors:
     """Our state dict from the checkpoint's; `expected` is our parameter shapes, checked here."""
-    sources: dict[str, list[str]] = {}  # our name -> the checkpoint names it was built from
-
-    def take(
-        ours: str, *names: str, combine: Callable[[list[torch.Tensor]], torch.Tensor] = torch.cat
-    ) -> None:
-        for name in names:
+    sources = decoder_sources(weights.keys(), config)
+    for source in sources.values():
+        for name in source.names:
             if name not in weights:
                 raise CheckpointError(f"tensor {name} is missing (model_type {config.model_type!r})")
-        sources[ours] = list(names)
-        state[ours] = combine([weights[name] for name in names])
-
     state: Tensors = {}
+    for ours, source in sources.items():
+        state[ours] = tensor = source.combine([weights[name] for name in source.names])
+        if ours in expected and tensor.shape != expected[ours]:
+            raise CheckpointError(
+                f"tensor {' + '.join(source.names)} has shape {list(tensor.shape)} where config.json "
+                f"implies {list(expected[ours])}"
+            )
+    return state
+
+
+def decoder_sources(names: Collection[str], config: ModelConfig) -> dict[str, Source]:
+    """Our tensor names, each with its checkpoint sources; `names` are the checkpoint's, which
+    tell a Phi-3 checkpoint's fused q/k/v or a Mixtral's experts apart."""
+    sources: dict[str, Source] = {}
+
+    def take(
+        ours: str, *theirs: str, combine: Callable[[list[torch.Tensor]], torch.Tensor] = torch.cat
+    ) -> None:
+        sources[ours] = Source(list(theirs), combine)
+
     take("embed_tokens.weight", "model.embed_tokens.weight")
     take("norm.weight", "model.norm.weight")
     if not config.tie_word_embeddings:
@@ -33,10 +56,10 @@ def decoder_state(weights: Tensors, config: ModelConfig, expected: dict[str, tor
     for index in range(config.num_layers):
         theirs, ours = f"model.layers.{index}.", f"layers.{index}."
         attn = theirs + "self_attn."
-        fused = attn + "qkv_proj.weight" in weights  # Phi-3 ships q/k/v fused
+        fused = attn + "qkv_proj.weight" in names  # Phi-3 ships q/k/v fused
         for kind in ("weight", "bias") if config.qkv_bias else ("weight",):
-            names = [f"{attn}qkv_proj.{kind}"] if fused else [f"{attn}{n}_proj.{kind}" for n in "qkv"]
-            take(f"{ours}self_attn.qkv_proj.{kind}", *names)
+            qkv = [f"{attn}qkv_proj.{kind}"] if fused else [f"{attn}{n}_proj.{kind}" for n in "qkv"]
+            take(f"{ours}self_attn.qkv_proj.{kind}", *qkv)
         take(f"{ours}self_attn.o_proj.weight", attn + "o_proj.weight")
         if config.o_bias:
             take(f"{ours}self_attn.o_proj.bias", attn + "o_proj.bias")
@@ -46,31 +69,25 @@ def decoder_state(weights: Tensors, config: ModelConfig, expected: dict[str, tor
         for slot, name in NORM_NAMES[config.family.norms].items():
             take(f"{ours}{slot}.weight", f"{theirs}{name}.weight")
         if config.moe is not None and index in config.moe.layers:
-            _take_experts(take, weights, theirs, ours + "mlp.", config.moe.num_experts)
+            _take_experts(take, names, theirs, ours + "mlp.", config.moe.num_experts)
         else:
             mlp = theirs + "mlp."
-            if mlp + "gate_up_proj.weight" in weights:  # Phi-3 ships gate/up fused
+            if mlp + "gate_up_proj.weight" in names:  # Phi-3 ships gate/up fused
                 take(f"{ours}mlp.gate_up_proj.weight", mlp + "gate_up_proj.weight")
             else:
                 take(f"{ours}mlp.gate_up_proj.weight", mlp + "gate_proj.weight", mlp + "up_proj.weight")
             take(f"{ours}mlp.down_proj.weight", mlp + "down_proj.weight")
-    for name, tensor in state.items():
-        if name in expected and tensor.shape != expected[name]:
-            raise CheckpointError(
-                f"tensor {' + '.join(sources[name])} has shape {list(tensor.shape)} where config.json "
-                f"implies {list(expected[name])}"
-            )
-    return state
+    return sources
 
 
 def _take_experts(
-    take: Callable[..., None], weights: Tensors, theirs: str, ours: str, num_experts: int
+    take: Callable[..., None], names: Collection[str], theirs: str, ours: str, num_experts: int
 ) -> None:
     """Router and experts, from Mixtral's `block_sparse_moe.experts.N.w1/w3/w2`, the
     `mlp.experts.N.gate_proj/up_proj/down_proj` of Qwen3-MoE and OLMoE, or already stacked."""
-    prefix = theirs + ("block_sparse_moe." if theirs + "block_sparse_moe.gate.weight" in weights else "mlp.")
+    prefix = theirs + ("block_sparse_moe." if theirs + "block_sparse_moe.gate.weight" in names else "mlp.")
     take(ours + "gate.weight", prefix + "gate.weight")
-    if prefix + "experts.gate_up_proj" in weights:
+    if prefix + "experts.gate_up_proj" in names:
         take(ours + "gate_up_proj", prefix + "experts.gate_up_proj")
         take(ours + "down_proj", prefix + "experts.down_proj")
         return

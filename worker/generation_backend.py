@@ -56,6 +56,7 @@ class GenerationBackend:
         status.generation_tokens = self.core.stats.num_generated
         status.architecture = self.core.runner.model.config.model_type
         status.dtype = str(self.core.runner.kv_cache.dtype).removeprefix("torch.")
+        status.quantization = self.core.quantization
 
     def refresh_metrics(self) -> None:
         self.metrics.refresh()

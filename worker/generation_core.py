@@ -19,7 +19,7 @@ from worker.kv_cache import KVCache, num_blocks_for_budget
 from worker.model_config import CheckpointError
 from worker.model_loader import load_model
 from worker.model_runner import ModelRunner
-from worker.settings import EngineSettings
+from worker.settings import EngineSettings, Quantization
 
 logger = logging.getLogger(__name__)
 
@@ -51,16 +51,19 @@ class GenerationStep:
 class GenerationCore:
     """Owns one model on one device and the scheduler feeding it."""
 
-    def __init__(self, scheduler: Scheduler, runner: ModelRunner):
+    def __init__(self, scheduler: Scheduler, runner: ModelRunner, quantization: Quantization = "none"):
         self.scheduler = scheduler
         self.runner = runner
+        self.quantization = quantization  # how the model's linear weights are held
         self.stats = StepStats()
 
     @classmethod
     def from_settings(cls, settings: EngineSettings) -> "GenerationCore":
         device = prepare_device(settings)
         dtype = resolve_dtype(settings.dtype, device)
-        model, config, max_model_len = load_model(settings.model, device, settings.max_model_len, dtype)
+        model, config, max_model_len = load_model(
+            settings.model, device, settings.max_model_len, dtype, settings.quantization
+        )
         if device.type == "cpu":
             keep_freed_memory()
             pack_linears(model, settings.max_num_seqs)
@@ -88,11 +91,13 @@ class GenerationCore:
         )
         kv_cache = KVCache(config, num_blocks, settings.block_size, device, dtype)
         logger.info(
-            "engine ready: model=%s (%s) device=%s dtype=%s max_model_len=%d kv_blocks=%d (%.0f MiB)",
+            "engine ready: model=%s (%s) device=%s dtype=%s quantization=%s max_model_len=%d kv_blocks=%d "
+            "(%.0f MiB)",
             settings.model,
             config.model_type,
             device,
             str(dtype).removeprefix("torch."),
+            settings.quantization,
             max_model_len,
             num_blocks,
             kv_cache.num_bytes / 2**20,
@@ -104,7 +109,7 @@ class GenerationCore:
             kernel = PagedDecodeKernel.load()
         matchers = GrammarMatchers(model_dir_of(settings.model), config.vocab_size, config.eos_token_ids)
         runner = ModelRunner(model, kv_cache, device, kernel, matchers)
-        return cls(Scheduler(scheduler_config), runner)
+        return cls(Scheduler(scheduler_config), runner, settings.quantization)
 
     @property
     def vocab_size(self) -> int:

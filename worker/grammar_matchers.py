@@ -11,7 +11,6 @@ from collections import OrderedDict
 from pathlib import Path
 
 import llguidance
-import llguidance.torch
 import tokenizers
 import torch
 
@@ -45,11 +44,13 @@ class GrammarMatchers:
         rows = [(row, item) for row, item in enumerate(items) if item.sampling.grammar]
         if not rows:
             return None
-        bitmask = llguidance.torch.allocate_token_bitmask(len(items), self.vocab_size)
+        bitmask = torch.full((len(items), -(-self.vocab_size // 32)), -1, dtype=torch.int32)
         matchers = [(self._caught_up(item), row) for row, item in rows]
         if self._executor is None:
             self._executor = llguidance.LLExecutor()
-        llguidance.torch.fill_next_token_bitmask_par(self._executor, matchers, bitmask)
+        # What llguidance.torch's fill_next_token_bitmask_par does; that module is not imported,
+        # as it compiles a kernel at import (torch._dynamo and inductor: 3 s of every worker start).
+        self._executor.unsafe_compute_mask_ptr(matchers, bitmask.data_ptr(), bitmask.shape[1] * 4, len(items))
         return bitmask
 
     def error_of(self, grammar: str) -> str:

@@ -18,8 +18,11 @@ from transformers import AutoConfig
 from checkpoints import model_dir_of
 from worker.checkpoint_weights import decoder_state
 from worker.families import FAMILIES
+from worker.gguf_groups import q4_1_groups
 from worker.model import CausalLM, rotary_tables
 from worker.model_config import CheckpointError, ModelConfig, model_config_from_hf
+from worker.quantized_linear import quantize_linears
+from worker.settings import Quantization
 
 logger = logging.getLogger(__name__)
 
@@ -105,10 +108,20 @@ def _text_model(hf_config: Any, weights: dict[str, torch.Tensor]) -> tuple[Any, 
 
 
 def load_model(
-    path: Path, device: torch.device, max_model_len: int | None = None, dtype: torch.dtype = torch.float32
+    path: Path,
+    device: torch.device,
+    max_model_len: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    quantization: Quantization = "none",
 ) -> tuple[CausalLM, ModelConfig, int]:
-    """Build the model on `device` in `dtype` (RoPE tables stay float32, as transformers keeps them);
-    returns it, its config and the context limit it was built for."""
+    """Build the model on `device` in `dtype` (RoPE tables stay float32, as transformers keeps them),
+    its linear layers quantized as asked (CPU, float32 only); returns it, its config and the
+    context limit it was built for."""
+    if quantization != "none" and (device.type != "cpu" or dtype != torch.float32):
+        raise CheckpointError(
+            f"quantization {quantization!r} runs on CPU in float32 (torch's int8/int4 CPU kernels), "
+            f"not on {device.type} in {str(dtype).removeprefix('torch.')}"
+        )
     reason = refusal(path)
     if reason is not None:
         raise CheckpointError(reason)
@@ -129,4 +142,7 @@ def load_model(
     missing = [name for name, p in model.named_parameters() if p.is_meta]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks weights for {missing[:5]}")
+    if quantization != "none":
+        keep = quantization == "int4" and path.suffix == ".gguf"
+        quantize_linears(model, quantization, q4_1_groups(path, hf_config, config) if keep else {})
     return model.to(device).eval(), config, context

@@ -6,6 +6,8 @@ from pydantic import Field
 
 from bootstrap.settings import ModelSettings, RedisSettings, TelemetrySettings
 
+Quantization = Literal["none", "int8", "int4"]
+
 
 class EngineSettings(ModelSettings):
     """The engine's knobs: the model, the KV pool and the scheduler's budgets."""
@@ -30,6 +32,10 @@ class EngineSettings(ModelSettings):
     """torch CPU threads; default: torch's choice."""
     cpu_decode_kernel: bool = True
     """Decode attention in the C kernel (else gather + SDPA)."""
+    quantization: Quantization = "none"
+    """CPU weight-only quantization of the linear layers: int8 = one scale per output channel;
+    int4 = groups of 32 with a scale and a minimum (GGUF's Q4_1, the file's own groups when the
+    model is a GGUF); none = float weights, token-exact with transformers."""
 
 
 class WorkerSettings(EngineSettings, RedisSettings, TelemetrySettings):

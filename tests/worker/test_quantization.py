@@ -1,0 +1,95 @@
+"""Weight-only quantized linears: what each kernel computes, and that int4 keeps a GGUF file's own
+Q4_1 groups, which dequantize to the very floats transformers reads from it (and, held by the
+kernel in bfloat16, to within bfloat16's rounding of them)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoConfig
+
+from worker.checkpoint_weights import decoder_state
+from worker.fetch_model import GGUF_NAME
+from worker.gguf_groups import q4_1_groups, unpack_q4_1
+from worker.model_config import model_config_from_hf
+from worker.quantized_linear import GROUP_SIZE, Int4Groups, Int4Linear, Int8Linear, quantize_linears
+
+
+@pytest.fixture()
+def linear() -> nn.Linear:
+    torch.manual_seed(0)
+    return nn.Linear(128, 96, bias=True)
+
+
+BFLOAT16 = {"rtol": 2**-7, "atol": 1e-3}  # what the kernels take in and give out
+
+
+def in_kernel_precision(groups: Int4Groups) -> torch.Tensor:
+    """The weight the int4 kernel computes with: (code - 8) * scale + zero, both in bfloat16."""
+    scales = groups.scales.bfloat16().float().repeat_interleave(GROUP_SIZE, 1)
+    zeros = (groups.minimums + 8 * groups.scales).bfloat16().float().repeat_interleave(GROUP_SIZE, 1)
+    return (groups.codes.float() - 8) * scales + zeros
+
+
+def test_int8_is_the_weight_rounded_per_output_channel(linear: nn.Linear) -> None:
+    layer = Int8Linear(linear.weight.detach(), linear.bias)
+    step = layer.scales.float()[:, None]
+    dequantized = layer.weight.float() * step
+    assert ((dequantized - linear.weight).abs() <= step / 2 + 1e-7).all()
+    x = torch.randn(5, 128)
+    expected = x.bfloat16().float() @ dequantized.T + linear.bias
+    torch.testing.assert_close(layer(x), expected, **BFLOAT16)
+
+
+def test_int4_groups_span_each_group_in_fifteen_steps(linear: nn.Linear) -> None:
+    groups = Int4Groups.of(linear.weight.detach())
+    assert groups.scales.shape == (96, 128 // GROUP_SIZE) and int(groups.codes.max()) == 15
+    step = groups.scales.repeat_interleave(GROUP_SIZE, 1)
+    assert ((groups.dequantized() - linear.weight).abs() <= step / 2 + 1e-6).all()
+    assert torch.equal(Int4Groups.of(groups.dequantized()).codes, groups.codes), "its own groups, again"
+    layer = Int4Linear(groups, linear.bias)
+    x = torch.randn(5, 128)
+    expected = x.bfloat16().float() @ in_kernel_precision(groups).T + linear.bias
+    torch.testing.assert_close(layer(x), expected, **BFLOAT16)
+
+
+def test_a_row_gets_the_same_result_in_any_batch(linear: nn.Linear) -> None:
+    x = torch.randn(12, 128)
+    for layer in (Int8Linear(linear.weight.detach(), None), Int4Linear(Int4Groups.of(linear.weight), None)):
+        assert torch.equal(layer(x)[3:4], layer(x[3:4]))
+
+
+def test_int4_leaves_the_lm_head_and_odd_inputs_at_int8() -> None:
+    model = nn.ModuleDict(
+        {"proj": nn.Linear(64, 32), "odd": nn.Linear(40, 32), "lm_head": nn.Linear(64, 100)}
+    )
+    assert quantize_linears(model, "int4", {}) == {"int8": 2, "int4": 1}
+    assert isinstance(model["proj"], Int4Linear) and isinstance(model["lm_head"], Int8Linear)
+
+
+def test_unpacking_follows_the_q4_1_block_layout() -> None:
+    block = bytearray(torch.tensor([0.5, -2.0], dtype=torch.float16).numpy().tobytes())
+    block += bytes((j % 16) | ((15 - j % 16) << 4) for j in range(16))  # codes j and 15 - j
+    codes, scales, minimums = unpack_q4_1(torch.tensor(list(block), dtype=torch.uint8).numpy()[None, :])
+    assert codes.tolist() == [[*range(16), *range(15, -1, -1)]]
+    assert scales.tolist() == [[0.5]] and minimums.tolist() == [[-2.0]]
+
+
+def test_the_gguf_groups_dequantize_to_what_transformers_reads(model_dir: Path) -> None:
+    """The default model's float32 checkpoint is transformers' dequantization of its GGUF file."""
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    config = model_config_from_hf(hf_config, model_dir)
+    groups = q4_1_groups(model_dir.parent / GGUF_NAME, hf_config, config)
+    state = decoder_state(load_file(model_dir / "model.safetensors"), config, {})
+    kinds = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+    assert set(groups) == {f"layers.{i}.{kind}" for i in range(config.num_layers) for kind in kinds}
+    for name, group in groups.items():
+        theirs = state[f"{name}.weight"]
+        assert torch.equal(group.dequantized(), theirs), name
+        # The kernel holds the float16 scales and zeros in bfloat16: 8 bits of mantissa, not 11.
+        scales = group.scales.repeat_interleave(GROUP_SIZE, 1)
+        zeros = (group.minimums + 8 * group.scales).repeat_interleave(GROUP_SIZE, 1)
+        bound = (group.codes.float() - 8).abs() * scales + zeros.abs()
+        assert ((in_kernel_precision(group) - theirs).abs() <= bound * 2**-8 + 1e-9).all(), name

@@ -1,0 +1,118 @@
+"""Weight-only quantized linear layers for CPU decoding (`--quantization`).
+
+A decode step streams every weight once for a handful of rows, so its time is bytes read: int8
+weights are a quarter of float32's, int4 an eighth (plus their scales). The kernels are torch's:
+`_weight_int8pack_mm` (one scale per output channel) and `_weight_int4pack_mm_for_cpu` (groups of
+32 input weights with a scale and a minimum each, GGUF's Q4_1). Both are vectorized for bfloat16
+inputs only (in float32 they run ten to twenty times slower, measured), and take their scales in
+the input's dtype: a layer's input, its scales and its output are bfloat16, it accumulates in
+float32, and the model around it stays float32. Where a checkpoint already holds Q4_1 groups (a
+GGUF file), those are kept as they are (see `worker/gguf_groups.py`); else they are cut from the
+float weights by Q4_1's own rule.
+"""
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from worker.settings import Quantization
+
+logger = logging.getLogger(__name__)
+
+GROUP_SIZE = 32
+_KERNEL_DTYPE = torch.bfloat16
+_INT4_LEVELS = 15
+_INT8_MAX = 127
+
+
+@dataclass(frozen=True, slots=True)
+class Int4Groups:
+    """A weight [out, in] as 4-bit codes and, per group of 32 inputs, a scale and a minimum:
+    weight = minimum + scale * code."""
+
+    codes: torch.Tensor  # [out, in] integers 0..15
+    scales: torch.Tensor  # [out, in / 32] float32 (a GGUF's float16, exactly)
+    minimums: torch.Tensor  # [out, in / 32] float32
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> "Int4Groups":
+        """Q4_1's rule: each group spans its minimum to its maximum in 15 steps."""
+        out_features, in_features = weight.shape
+        grouped = weight.float().reshape(out_features, in_features // GROUP_SIZE, GROUP_SIZE)
+        minimums = grouped.amin(-1)
+        scales = (grouped.amax(-1) - minimums) / _INT4_LEVELS
+        steps = torch.where(scales == 0, 1.0, scales)
+        codes = ((grouped - minimums[..., None]) / steps[..., None]).round().clamp(0, _INT4_LEVELS)
+        return cls(codes.reshape(out_features, in_features).to(torch.uint8), scales, minimums)
+
+    def dequantized(self) -> torch.Tensor:
+        out_features, in_features = self.codes.shape
+        grouped = self.codes.float().reshape(out_features, -1, GROUP_SIZE)
+        weight = grouped * self.scales[..., None] + self.minimums[..., None]
+        return weight.reshape(out_features, in_features)
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (int8 weight * per-output-channel scale).T + bias."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        scales = (weight.float().abs().amax(1) / _INT8_MAX).to(_KERNEL_DTYPE)
+        steps = torch.where(scales == 0, 1.0, scales.float())
+        codes = (weight.float() / steps[:, None]).round().clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+        self.register_buffer("weight", codes.contiguous())
+        self.register_buffer("scales", scales.contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x.to(_KERNEL_DTYPE), self.weight, self.scales).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear(nn.Module):
+    """y = x @ dequantized(groups).T + bias, the weight held packed two codes to a byte."""
+
+    def __init__(self, groups: Int4Groups, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features = groups.codes.shape[0]
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(groups.codes.to(torch.int32), 1)
+        # The kernel computes (code - 8) * scale + zero, so zero is the minimum plus eight steps.
+        zeros = groups.minimums + 8 * groups.scales
+        scales_and_zeros = torch.stack([groups.scales.T, zeros.T], -1).to(_KERNEL_DTYPE).contiguous()
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed, scales_and_zeros = self.packed, self.scales_and_zeros
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.to(_KERNEL_DTYPE), packed, GROUP_SIZE, scales_and_zeros
+        )
+        y = y.to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+def quantize_linears(model: nn.Module, mode: Quantization, groups: dict[str, Int4Groups]) -> dict[str, int]:
+    """Replace the float nn.Linear layers of a CPU model; returns how many became which kind.
+
+    int4 takes `groups` (by module name) where the checkpoint had them, else cuts them from the
+    weight; the LM head, and any layer whose input is no multiple of 32, become int8 instead (as
+    GGUF files keep the output projection at 8 bits or more)."""
+    counts = {"int8": 0, "int4": 0}
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            full_name = f"{parent_name}.{name}" if parent_name else name
+            weight = child.weight.detach()
+            as_int4 = mode == "int4" and name != "lm_head" and weight.shape[1] % GROUP_SIZE == 0
+            if as_int4:
+                layer: nn.Module = Int4Linear(groups.get(full_name) or Int4Groups.of(weight), child.bias)
+            else:
+                layer = Int8Linear(weight, child.bias)
+            setattr(parent, name, layer)
+            counts["int4" if as_int4 else "int8"] += 1
+    logger.info("quantized %s linear layers: %s", mode, ", ".join(f"{n} {k}" for k, n in counts.items() if n))
+    return counts
