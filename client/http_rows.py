@@ -20,12 +20,14 @@ from client.redis_server import free_port
 _READY_TIMEOUT_S = 900.0
 
 
-def conveyor_server(model: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def conveyor_server(
+    model: Path, log: Path, quantization: str = "none"
+) -> tuple[subprocess.Popen[bytes], str]:
     """`conveyor serve` (a private Redis, a gateway, one worker), its OpenAI API's URL."""
     http_port = free_port()
     command = [
         sys.executable, "-m", "client", "serve", "--no-embedder", "--model", str(model),
-        "--port", str(free_port()), "--http-port", str(http_port),
+        "--port", str(free_port()), "--http-port", str(http_port), "--quantization", quantization,
     ]  # fmt: skip
     return _start(command, log, os.environ.copy()), f"http://127.0.0.1:{http_port}"
 

@@ -6,6 +6,7 @@ output matches `generate`.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -96,14 +97,27 @@ class RotaryTables(nn.Module):
         long = (prompt_lens > self.long_from) | (positions >= self.long_from)
         return positions + long * self.max_positions
 
-    def forward(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Rotate x: [num_tokens, num_heads, head_dim] by the table `rows`: [num_tokens]."""
-        cos = self.cos[rows].unsqueeze(1).to(x.dtype)  # [num_tokens, 1, rotary_dim]
-        sin = self.sin[rows].unsqueeze(1).to(x.dtype)
+    def lookup(self, positions: torch.Tensor, prompt_lens: torch.Tensor, dtype: torch.dtype) -> "Rotation":
+        """This step's cos/sin rows, looked up once for every layer that shares the table."""
+        rows = self.rows(positions, prompt_lens)
+        cos = self.cos[rows].unsqueeze(1).to(dtype)  # [num_tokens, 1, rotary_dim]
+        return Rotation(cos, self.sin[rows].unsqueeze(1).to(dtype), self.rotary_dim)
+
+
+@dataclass(frozen=True, slots=True)
+class Rotation:
+    """One step's RoPE: cos and sin for each token, over the first `rotary_dim` of each head."""
+
+    cos: torch.Tensor  # [num_tokens, 1, rotary_dim]
+    sin: torch.Tensor
+    rotary_dim: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate x: [num_tokens, num_heads, head_dim]."""
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
         half = self.rotary_dim // 2
         rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-        out = (rot * cos) + (rotated * sin)
+        out = (rot * self.cos) + (rotated * self.sin)
         return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
 
 
@@ -132,8 +146,7 @@ class Attention(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,  # [num_tokens, hidden_size]
-        rope_rows: torch.Tensor,  # [num_tokens] rows of `rotary`
-        rotary: RotaryTables,
+        rotation: Rotation,
         key_cache: torch.Tensor,
         value_cache: torch.Tensor,
         meta: AttentionMetadata,
@@ -148,7 +161,7 @@ class Attention(nn.Module):
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q, rope_rows), rotary(k, rope_rows)
+        q, k = rotation(q), rotation(k)
         attn = paged_attention(
             q,
             k.reshape(num_tokens, self.kv_size),
@@ -194,13 +207,12 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,  # [num_tokens, hidden_size]
-        rope_rows: torch.Tensor,  # [num_tokens] rows of `rotary`
-        rotary: RotaryTables,
+        rotation: Rotation,
         key_cache: torch.Tensor,
         value_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        attn = self.self_attn(self.attn_in(hidden), rope_rows, rotary, key_cache, value_cache, meta)
+        attn = self.self_attn(self.attn_in(hidden), rotation, key_cache, value_cache, meta)
         hidden = hidden + self.attn_out(attn)
         return hidden + self.mlp_out(self.mlp(self.mlp_in(hidden)))
 
@@ -236,13 +248,14 @@ class CausalLM(nn.Module):
         logit_rows: torch.Tensor,  # [num_samples] rows of the batch to compute logits for
         prompt_lens: torch.Tensor,  # [num_tokens] prompt length of each token's sequence
     ) -> torch.Tensor:  # [num_samples, vocab_size]
-        rows = {key: table.rows(positions, prompt_lens) for key, table in self.rotary.items()}
         hidden = self.embed_tokens(input_ids)
         if self.embed_scale is not None:
             hidden = hidden * torch.tensor(self.embed_scale).to(hidden.dtype)
+        rotations = {
+            key: table.lookup(positions, prompt_lens, hidden.dtype) for key, table in self.rotary.items()
+        }
         for layer, key_cache, value_cache in zip(self.layers, kv_cache.keys, kv_cache.values, strict=True):
-            key = layer.self_attn.rope_key
-            hidden = layer(hidden, rows[key], self.rotary[key], key_cache, value_cache, meta)
+            hidden = layer(hidden, rotations[layer.self_attn.rope_key], key_cache, value_cache, meta)
         logits = self.lm_head(self.norm(hidden[logit_rows]))
         cap = self.config.final_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap

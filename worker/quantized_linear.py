@@ -1,7 +1,9 @@
-"""Weight-only quantized linear layers for CPU decoding (`--quantization`).
+"""Quantized linear layers on a CPU (`--quantization`).
 
 A decode step streams every weight once for a handful of rows, so its time is bytes read: int8
-weights are a quarter of float32's, int4 an eighth (plus their scales). The kernels are torch's:
+weights are a quarter of float32's, int4 an eighth (plus their scales). Prefill and large batches
+are arithmetic instead, which only integer GEMMs cut: w8a8 quantizes activations too (see
+`DynamicInt8Linear`). The weight-only kernels are torch's:
 `_weight_int8pack_mm` (one scale per output channel) and `_weight_int4pack_mm_for_cpu` (groups of
 32 input weights with a scale and a minimum each, GGUF's Q4_1). Both are vectorized for bfloat16
 inputs only (in float32 they run ten to twenty times slower, measured), and take their scales in
@@ -71,6 +73,29 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class DynamicInt8Linear(nn.Module):
+    """W8A8: int8 weights (one scale per output channel) times int8 activations, each row quantized
+    with its own scale as it comes, through torch's integer GEMM (`_int_mm`, exact int32 sums).
+    Unlike the weight-only layers it also saves arithmetic, so prefill and large batches gain; a
+    row's scale depends on that row alone, so a prompt gets the same tokens alone as in a batch."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        scales = weight.float().abs().amax(1) / _INT8_MAX
+        steps = torch.where(scales == 0, 1.0, scales)
+        codes = (weight.float() / steps[:, None]).round().clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+        self.register_buffer("weight_t", codes.T.contiguous())  # [in, out], as _int_mm takes it
+        self.register_buffer("scales", scales.contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        steps = x.abs().amax(1, keepdim=True) / _INT8_MAX
+        steps = torch.where(steps == 0, 1.0, steps)
+        codes = (x / steps).round_().to(torch.int8)
+        y = torch._int_mm(codes, self.weight_t).to(x.dtype) * (steps * self.scales)
+        return y if self.bias is None else y + self.bias
+
+
 class Int4Linear(nn.Module):
     """y = x @ dequantized(groups).T + bias, the weight held packed two codes to a byte."""
 
@@ -99,8 +124,8 @@ def quantize_linears(model: nn.Module, mode: Quantization, groups: dict[str, Int
 
     int4 takes `groups` (by module name) where the checkpoint had them, else cuts them from the
     weight; the LM head, and any layer whose input is no multiple of 32, become int8 instead (as
-    GGUF files keep the output projection at 8 bits or more)."""
-    counts = {"int8": 0, "int4": 0}
+    GGUF files keep the output projection at 8 bits or more). w8a8 takes every layer."""
+    counts = {"int8": 0, "int4": 0, "w8a8": 0}
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear):
@@ -108,11 +133,14 @@ def quantize_linears(model: nn.Module, mode: Quantization, groups: dict[str, Int
             full_name = f"{parent_name}.{name}" if parent_name else name
             weight = child.weight.detach()
             as_int4 = mode == "int4" and name != "lm_head" and weight.shape[1] % GROUP_SIZE == 0
-            if as_int4:
+            kind = "int4" if as_int4 else mode if mode == "w8a8" else "int8"
+            if kind == "int4":
                 layer: nn.Module = Int4Linear(groups.get(full_name) or Int4Groups.of(weight), child.bias)
+            elif kind == "w8a8":
+                layer = DynamicInt8Linear(weight, child.bias)
             else:
                 layer = Int8Linear(weight, child.bias)
             setattr(parent, name, layer)
-            counts["int4" if as_int4 else "int8"] += 1
+            counts[kind] += 1
     logger.info("quantized %s linear layers: %s", mode, ", ".join(f"{n} {k}" for k, n in counts.items() if n))
     return counts

@@ -6,7 +6,7 @@ from pydantic import Field
 
 from bootstrap.settings import ModelSettings, RedisSettings, TelemetrySettings
 
-Quantization = Literal["none", "int8", "int4"]
+Quantization = Literal["none", "int8", "int4", "w8a8"]
 
 
 class EngineSettings(ModelSettings):
@@ -33,9 +33,10 @@ class EngineSettings(ModelSettings):
     cpu_decode_kernel: bool = True
     """Decode attention in the C kernel (else gather + SDPA)."""
     quantization: Quantization = "none"
-    """CPU weight-only quantization of the linear layers: int8 = one scale per output channel;
-    int4 = groups of 32 with a scale and a minimum (GGUF's Q4_1, the file's own groups when the
-    model is a GGUF); none = float weights, token-exact with transformers."""
+    """CPU quantization of the linear layers: int8 = weights with one scale per output channel;
+    int4 = weights in groups of 32 with a scale and a minimum (GGUF's Q4_1, the file's own groups
+    when the model is a GGUF); w8a8 = int8 weights and int8 activations (a scale per row), integer
+    GEMMs; none = float weights, token-exact with transformers."""
 
 
 class WorkerSettings(EngineSettings, RedisSettings, TelemetrySettings):

@@ -16,7 +16,7 @@ PROMPTS = ["Write a haiku about the sea.", "List three uses of copper."]
 NUM_TOKENS = 12
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int4"])
+@pytest.mark.parametrize("quantization", ["int8", "int4", "w8a8"])
 def test_conveyor_serve_answers_in_each_quantized_mode_as_the_engine_does(
     model_dir: Path, tmp_path: Path, quantization: str
 ) -> None:

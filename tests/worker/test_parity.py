@@ -77,7 +77,7 @@ def test_greedy_matches_transformers_with_prefix_cache_hits(
     assert [c.token_ids for c in first + rest] == hf_greedy(hf_model, prompts)
 
 
-@pytest.mark.parametrize(("quantization", "floor"), [("int8", 0.25), ("int4", 0.25)])
+@pytest.mark.parametrize(("quantization", "floor"), [("int8", 0.25), ("int4", 0.25), ("w8a8", 0.125)])
 def test_quantized_greedy_output_agrees_with_float32_and_not_with_the_batch(
     model_dir: Path,
     mixed_prompts: list[list[int]],

@@ -14,7 +14,14 @@ from worker.checkpoint_weights import decoder_state
 from worker.fetch_model import GGUF_NAME
 from worker.gguf_groups import q4_1_groups, unpack_q4_1
 from worker.model_config import model_config_from_hf
-from worker.quantized_linear import GROUP_SIZE, Int4Groups, Int4Linear, Int8Linear, quantize_linears
+from worker.quantized_linear import (
+    GROUP_SIZE,
+    DynamicInt8Linear,
+    Int4Groups,
+    Int4Linear,
+    Int8Linear,
+    quantize_linears,
+)
 
 
 @pytest.fixture()
@@ -55,9 +62,26 @@ def test_int4_groups_span_each_group_in_fifteen_steps(linear: nn.Linear) -> None
     torch.testing.assert_close(layer(x), expected, **BFLOAT16)
 
 
+def test_w8a8_rounds_each_activation_row_on_its_own_scale(linear: nn.Linear) -> None:
+    layer = DynamicInt8Linear(linear.weight.detach(), linear.bias)
+    x = torch.randn(5, 128)
+    x[2] *= 1000  # a row of outliers costs the other rows nothing
+    weight = layer.weight_t.T.float() * layer.scales[:, None]
+    steps = x.abs().amax(1, keepdim=True) / 127
+    expected = (x / steps).round() * steps @ weight.T + linear.bias
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-4)
+    error = (layer(x) - linear(x)).abs() / linear(x).abs().amax(1, keepdim=True)
+    assert error.max() < 0.05
+
+
 def test_a_row_gets_the_same_result_in_any_batch(linear: nn.Linear) -> None:
     x = torch.randn(12, 128)
-    for layer in (Int8Linear(linear.weight.detach(), None), Int4Linear(Int4Groups.of(linear.weight), None)):
+    weight = linear.weight.detach()
+    for layer in (
+        Int8Linear(weight, None),
+        Int4Linear(Int4Groups.of(weight), None),
+        DynamicInt8Linear(weight, None),
+    ):
         assert torch.equal(layer(x)[3:4], layer(x[3:4]))
 
 
@@ -65,7 +89,7 @@ def test_int4_leaves_the_lm_head_and_odd_inputs_at_int8() -> None:
     model = nn.ModuleDict(
         {"proj": nn.Linear(64, 32), "odd": nn.Linear(40, 32), "lm_head": nn.Linear(64, 100)}
     )
-    assert quantize_linears(model, "int4", {}) == {"int8": 2, "int4": 1}
+    assert quantize_linears(model, "int4", {}) == {"int8": 2, "int4": 1, "w8a8": 0}
     assert isinstance(model["proj"], Int4Linear) and isinstance(model["lm_head"], Int8Linear)
 
 
