@@ -56,14 +56,21 @@ class Int4Groups:
         return weight.reshape(out_features, in_features)
 
 
+def _per_output_channel(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes with one scale per output channel, rounded with the scale as it will be
+    held (in `scale_dtype`)."""
+    scales = (weight.float().abs().amax(1) / _INT8_MAX).to(scale_dtype)
+    steps = torch.where(scales == 0, 1.0, scales.float())
+    codes = (weight.float() / steps[:, None]).round().clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+    return codes, scales
+
+
 class Int8Linear(nn.Module):
     """y = x @ (int8 weight * per-output-channel scale).T + bias."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        scales = (weight.float().abs().amax(1) / _INT8_MAX).to(_KERNEL_DTYPE)
-        steps = torch.where(scales == 0, 1.0, scales.float())
-        codes = (weight.float() / steps[:, None]).round().clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+        codes, scales = _per_output_channel(weight, _KERNEL_DTYPE)
         self.register_buffer("weight", codes.contiguous())
         self.register_buffer("scales", scales.contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
@@ -81,9 +88,7 @@ class DynamicInt8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        scales = weight.float().abs().amax(1) / _INT8_MAX
-        steps = torch.where(scales == 0, 1.0, scales)
-        codes = (weight.float() / steps[:, None]).round().clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+        codes, scales = _per_output_channel(weight, torch.float32)
         self.register_buffer("weight_t", codes.T.contiguous())  # [in, out], as _int_mm takes it
         self.register_buffer("scales", scales.contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
