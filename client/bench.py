@@ -152,7 +152,8 @@ def run_conveyor(
         "outputs": {row["id"]: c.token_ids for row, c in zip(workload, completions, strict=True)},
     }
     if not grammar:
-        details["one_stream_itl_ms"] = one_stream_itl_ms(llm, workload[1 : 1 + ONE_STREAM_REQUESTS])
+        alone = workload[1 : 1 + ONE_STREAM_REQUESTS] or workload[:ONE_STREAM_REQUESTS]
+        details["one_stream_itl_ms"] = one_stream_itl_ms(llm, alone)
     return ours, ceiling, details
 
 
@@ -164,7 +165,8 @@ def one_stream_itl_ms(llm: Any, workload: list[dict[str, Any]]) -> list[float]:
         params = SamplingParams(max_tokens=row["max_tokens"], temperature=0.0, ignore_eos=True)
         (completion,) = llm.generate([row["prompt_token_ids"]], params)
         times = completion.token_times_s
-        medians.append(1000 * statistics.median(b - a for a, b in zip(times, times[1:], strict=False)))
+        if len(times) > 1:
+            medians.append(1000 * statistics.median(b - a for a, b in zip(times, times[1:], strict=False)))
     return medians
 
 
@@ -325,7 +327,10 @@ def run_bench(args: argparse.Namespace) -> int:
     constrained = dataclasses.replace(constrained, name="conveyor, JSON schema")
     rows = [ours, constrained, ceiling]
     quantized: dict[str, dict[str, Any]] = {}  # mode -> its details
-    for mode in args.quantization:
+    quantizable = args.dtype == "float32" and not torch.cuda.is_available()
+    if not quantizable and (args.quantization or args.http_quantization):
+        print("quantized rows skipped: --quantization runs on a CPU in float32 only")
+    for mode in args.quantization if quantizable else []:
         row, _, quantized[mode] = run_conveyor(args.model, workload, {**engine_args, "quantization": mode})
         rows.append(dataclasses.replace(row, name=f"conveyor, {mode}"))
     baseline = None
@@ -339,7 +344,8 @@ def run_bench(args: argparse.Namespace) -> int:
         vllm_row, others["vllm"] = run_vllm(args.vllm, args.model, args.workload, args.num_requests)
         rows.append(vllm_row)
     if args.http:
-        rows += run_http_rows(args.model, args.workload, args.num_requests, args.vllm, args.http_quantization)
+        http_modes = args.http_quantization if quantizable else []
+        rows += run_http_rows(args.model, args.workload, args.num_requests, args.vllm, http_modes)
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, device {'cuda' if torch.cuda.is_available() else 'cpu'}"
@@ -373,6 +379,7 @@ def run_bench(args: argparse.Namespace) -> int:
             f"{mode} {statistics.median(d['one_stream_itl_ms']):.1f} ms "
             f"({', '.join(f'{v:.1f}' for v in d['one_stream_itl_ms'])})"
             for mode, d in one_stream.items()
+            if d["one_stream_itl_ms"]
         )
     )
     for name, outputs in others.items():

@@ -33,7 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
             args.workers,
             args.model,
             args.redis_url,
-            ("--quantization", args.quantization, *args.worker_args),
+            (*(("--quantization", args.quantization) if args.quantization else ()), *args.worker_args),
             embedder,
             RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window_s),
         )
@@ -240,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--quantization",
         choices=get_args(Quantization),
-        default="none",
-        help="the generation workers' CPU weight quantization (see `python -m worker --help`)",
+        default=None,
+        help="the generation workers' CPU quantization (see `python -m worker --help`); default: theirs",
     )
     serve.add_argument(
         "--worker-args", nargs=argparse.REMAINDER, default=[], help="passed to every generation worker"

@@ -42,7 +42,9 @@ def q4_1_groups(path: Path, hf_config: Any, config: ModelConfig) -> dict[str, In
     if arch is None:
         return {}
     name_map = get_tensor_name_map(arch, config.num_layers)
-    sources = decoder_sources((), config)  # transformers reads a GGUF into unfused names
+    # The unfused names transformers reads most GGUF files into; a file that keeps a fused tensor
+    # (Phi-3's attn_qkv) matches none of them, and that layer is cut from its floats instead.
+    sources = decoder_sources((), config)
     hf_names = {
         f"{gguf_name}.weight": theirs
         for source in sources.values()

@@ -18,10 +18,9 @@ from transformers import AutoConfig
 from checkpoints import model_dir_of
 from worker.checkpoint_weights import decoder_state
 from worker.families import FAMILIES
-from worker.gguf_groups import q4_1_groups
 from worker.model import CausalLM, rotary_tables
 from worker.model_config import CheckpointError, ModelConfig, model_config_from_hf
-from worker.quantized_linear import quantize_linears
+from worker.quantized_linear import Int4Groups, quantize_linears
 from worker.settings import Quantization
 
 logger = logging.getLogger(__name__)
@@ -143,6 +142,10 @@ def load_model(
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks weights for {missing[:5]}")
     if quantization != "none":
-        keep = quantization == "int4" and path.suffix == ".gguf"
-        quantize_linears(model, quantization, q4_1_groups(path, hf_config, config) if keep else {})
+        groups: dict[str, Int4Groups] = {}
+        if quantization == "int4" and path.suffix == ".gguf":
+            from worker.gguf_groups import q4_1_groups  # gguf's readers only where there is a GGUF
+
+            groups = q4_1_groups(path, hf_config, config)
+        quantize_linears(model, quantization, groups)
     return model.to(device).eval(), config, context

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from worker.moe import MixtureOfExperts
 from worker.settings import Quantization
 
 logger = logging.getLogger(__name__)
@@ -129,12 +130,13 @@ def quantize_linears(model: nn.Module, mode: Quantization, groups: dict[str, Int
 
     int4 takes `groups` (by module name) where the checkpoint had them, else cuts them from the
     weight; the LM head, and any layer whose input is no multiple of 32, become int8 instead (as
-    GGUF files keep the output projection at 8 bits or more). w8a8 takes every layer."""
+    GGUF files keep the output projection at 8 bits or more). w8a8 takes every layer. Experts,
+    stacked parameters rather than layers, stay float32."""
     counts = {"int8": 0, "int4": 0, "w8a8": 0}
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear):
-                continue
+            if not isinstance(child, nn.Linear) or isinstance(parent, MixtureOfExperts):
+                continue  # a router stays float32, as GGUF files keep it: it picks the experts
             full_name = f"{parent_name}.{name}" if parent_name else name
             weight = child.weight.detach()
             as_int4 = mode == "int4" and name != "lm_head" and weight.shape[1] % GROUP_SIZE == 0

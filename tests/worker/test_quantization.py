@@ -13,7 +13,8 @@ from transformers import AutoConfig
 from worker.checkpoint_weights import decoder_state
 from worker.fetch_model import GGUF_NAME
 from worker.gguf_groups import q4_1_groups, unpack_q4_1
-from worker.model_config import model_config_from_hf
+from worker.model_config import MoEShape, model_config_from_hf
+from worker.moe import MixtureOfExperts
 from worker.quantized_linear import (
     GROUP_SIZE,
     DynamicInt8Linear,
@@ -91,6 +92,13 @@ def test_int4_leaves_the_lm_head_and_odd_inputs_at_int8() -> None:
     )
     assert quantize_linears(model, "int4", {}) == {"int8": 2, "int4": 1, "w8a8": 0}
     assert isinstance(model["proj"], Int4Linear) and isinstance(model["lm_head"], Int8Linear)
+
+
+def test_a_router_stays_float32_where_it_picks_the_experts() -> None:
+    shape = MoEShape(num_experts=4, top_k=2, intermediate_size=32, normalize=True, layers=frozenset({0}))
+    model = nn.ModuleDict({"mlp": MixtureOfExperts(64, shape, "silu"), "proj": nn.Linear(64, 64)})
+    assert quantize_linears(model, "w8a8", {}) == {"int8": 0, "int4": 0, "w8a8": 1}
+    assert type(model["mlp"].gate) is nn.Linear
 
 
 def test_unpacking_follows_the_q4_1_block_layout() -> None:
