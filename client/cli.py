@@ -13,6 +13,7 @@ from worker.settings import Quantization
 
 DEFAULT_MODEL = Path("models") / CHECKPOINT_NAME
 DEFAULT_EMBEDDER = Path("models") / EMBEDDER_NAME
+QUANTIZED = get_args(Quantization)[1:]  # every mode but "none"
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -324,8 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--quantization",
         nargs="*",
-        choices=get_args(Quantization)[1:],
-        default=list(get_args(Quantization)[1:]),
+        choices=QUANTIZED,
+        default=list(QUANTIZED),
         help="add a row for each of these weight quantizations, with its agreement with unquantized output",
     )
     bench.add_argument("--json", type=Path, default=None, help="write figures and output token ids here")
@@ -343,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--http-quantization",
         nargs="*",
-        choices=get_args(Quantization)[1:],
+        choices=QUANTIZED,
         default=["w8a8"],
         help="with --http, one more conveyor serve row in each of these quantizations",
     )

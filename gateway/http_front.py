@@ -6,7 +6,7 @@ import asyncio
 import base64
 import math
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -275,12 +275,12 @@ class OpenAIFront:
             await events.aclose()
             raise
 
-        async def rest() -> AsyncIterator[str]:
+        async def rest() -> AsyncGenerator[str, None]:
             yield first
             async for event in until_deadline(events, deadline):
                 yield event
 
-        return EventStream(rest())
+        return EventStream(rest(), events)
 
     async def _whole(self, shape: Shape, generations: list[Generation]) -> dict[str, Any]:
         choices: list[ChoiceText] = []
@@ -302,7 +302,7 @@ class OpenAIFront:
 
     async def _events(
         self, shape: Shape, generations: list[Generation], include_usage: bool
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         """Server-sent events: a chunk per frame, usage if asked, then [DONE]. A failure once the
         stream has begun is an error event (the status is already sent); before, it is raised."""
         tokenizer = generations[0].call.model.tokenizer

@@ -4,7 +4,7 @@ generator (and so its jobs) however the response ends."""
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from contextlib import aclosing
 from typing import Any, TypeVar
 
@@ -91,18 +91,21 @@ async def while_connected(request: Request, work: Awaitable[T], deadline: float 
 
 
 class EventStream(StreamingResponse):
-    """Server-sent events whose generator is closed when the response ends, whether it ran out, the
-    client left or the server stopped: closing it ends the calls it streams."""
+    """Server-sent events whose generators are closed when the response ends, whether it ran out,
+    the client left or the server stopped: closing them ends the calls they stream. `source` is the
+    generator `events` reads from, closed too: a client that leaves before `events` starts would
+    otherwise leave it (and its jobs) to the garbage collector."""
 
-    def __init__(self, events: AsyncIterator[str]):
+    def __init__(self, events: AsyncGenerator[str, None], source: AsyncGenerator[str, None]):
         super().__init__(events, media_type="text/event-stream")
-        self._events = events
+        self._generators = (events, source)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self._events.aclose()  # type: ignore[attr-defined]
+            for generator in self._generators:
+                await generator.aclose()
 
 
 async def until_deadline(events: AsyncIterator[str], deadline: float | None) -> AsyncIterator[str]:

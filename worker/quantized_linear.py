@@ -28,6 +28,7 @@ GROUP_SIZE = 32
 _KERNEL_DTYPE = torch.bfloat16
 _INT4_LEVELS = 15
 _INT8_MAX = 127
+_TINY = 1e-30
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +50,6 @@ class Int4Groups:
         steps = torch.where(scales == 0, 1.0, scales)
         codes = ((grouped - minimums[..., None]) / steps[..., None]).round().clamp(0, _INT4_LEVELS)
         return cls(codes.reshape(out_features, in_features).to(torch.uint8), scales, minimums)
-
-    def dequantized(self) -> torch.Tensor:
-        out_features, in_features = self.codes.shape
-        grouped = self.codes.float().reshape(out_features, -1, GROUP_SIZE)
-        weight = grouped * self.scales[..., None] + self.minimums[..., None]
-        return weight.reshape(out_features, in_features)
 
 
 def _per_output_channel(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,15 +90,14 @@ class DynamicInt8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        steps = x.abs().amax(1, keepdim=True) / _INT8_MAX
-        steps = torch.where(steps == 0, 1.0, steps)
+        steps = x.abs().amax(1, keepdim=True).clamp_(min=_TINY) / _INT8_MAX  # a zero row stays zero
         codes = (x / steps).round_().to(torch.int8)
         y = torch._int_mm(codes, self.weight_t).to(x.dtype) * (steps * self.scales)
         return y if self.bias is None else y + self.bias
 
 
 class Int4Linear(nn.Module):
-    """y = x @ dequantized(groups).T + bias, the weight held packed two codes to a byte."""
+    """y = x @ (minimum + scale * code).T + bias, the codes packed two to a byte."""
 
     def __init__(self, groups: Int4Groups, bias: torch.Tensor | None):
         super().__init__()

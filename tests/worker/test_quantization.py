@@ -34,6 +34,12 @@ def linear() -> nn.Linear:
 BFLOAT16 = {"rtol": 2**-7, "atol": 1e-3}  # what the kernels take in and give out
 
 
+def dequantized(groups: Int4Groups) -> torch.Tensor:
+    """minimum + scale * code, in float32, as the groups define the weight."""
+    scales = groups.scales.repeat_interleave(GROUP_SIZE, 1)
+    return groups.codes.float() * scales + groups.minimums.repeat_interleave(GROUP_SIZE, 1)
+
+
 def in_kernel_precision(groups: Int4Groups) -> torch.Tensor:
     """The weight the int4 kernel computes with: (code - 8) * scale + zero, both in bfloat16."""
     scales = groups.scales.bfloat16().float().repeat_interleave(GROUP_SIZE, 1)
@@ -55,8 +61,8 @@ def test_int4_groups_span_each_group_in_fifteen_steps(linear: nn.Linear) -> None
     groups = Int4Groups.of(linear.weight.detach())
     assert groups.scales.shape == (96, 128 // GROUP_SIZE) and int(groups.codes.max()) == 15
     step = groups.scales.repeat_interleave(GROUP_SIZE, 1)
-    assert ((groups.dequantized() - linear.weight).abs() <= step / 2 + 1e-6).all()
-    assert torch.equal(Int4Groups.of(groups.dequantized()).codes, groups.codes), "its own groups, again"
+    assert ((dequantized(groups) - linear.weight).abs() <= step / 2 + 1e-6).all()
+    assert torch.equal(Int4Groups.of(dequantized(groups)).codes, groups.codes), "its own groups, again"
     layer = Int4Linear(groups, linear.bias)
     x = torch.randn(5, 128)
     expected = x.bfloat16().float() @ in_kernel_precision(groups).T + linear.bias
@@ -119,7 +125,7 @@ def test_the_gguf_groups_dequantize_to_what_transformers_reads(model_dir: Path) 
     assert set(groups) == {f"layers.{i}.{kind}" for i in range(config.num_layers) for kind in kinds}
     for name, group in groups.items():
         theirs = state[f"{name}.weight"]
-        assert torch.equal(group.dequantized(), theirs), name
+        assert torch.equal(dequantized(group), theirs), name
         # The kernel holds the float16 scales and zeros in bfloat16: 8 bits of mantissa, not 11.
         scales = group.scales.repeat_interleave(GROUP_SIZE, 1)
         zeros = (group.minimums + 8 * group.scales).repeat_interleave(GROUP_SIZE, 1)
