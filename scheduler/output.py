@@ -22,6 +22,9 @@ class ScheduledSeq:
     choice_index: int = 0
     # Choices forking off at this step's sample: one more token each from the same logits row.
     fork_choices: tuple[int, ...] = ()
+    # Speculative decoding: token_ids ends with this many drafted tokens, and every row is sampled
+    # (a token for each, in order) so the scheduler keeps the drafts the model agrees with.
+    num_draft_tokens: int = 0
 
     @property
     def sample_choices(self) -> tuple[int, ...]:
@@ -38,8 +41,13 @@ class ScheduledSeq:
 
     @property
     def is_decode(self) -> bool:
-        """One generated token fed back; anything else (a prompt chunk, a recompute) is prefill."""
-        return len(self.token_ids) == 1 and self.start_pos >= self.num_prompt_tokens
+        """One generated token fed back (and the drafts after it); anything else (a prompt chunk,
+        a recompute) is prefill."""
+        return len(self.token_ids) == 1 + self.num_draft_tokens and self.start_pos >= self.num_prompt_tokens
+
+    @property
+    def draft_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.token_ids) - self.num_draft_tokens :]
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,8 +2,10 @@
 
 import bisect
 
+from scheduler.batching import batching_strategy
 from scheduler.block_manager import BlockManager
 from scheduler.config import SchedulerConfig
+from scheduler.ngram_proposer import NgramIndex
 from scheduler.output import SampledToken, ScheduledSeq, SchedulerOutput, TokenChunk
 from scheduler.sequence import FinishReason, Sequence, SequenceStatus
 
@@ -25,7 +27,10 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # sorted by Sequence.schedule_key; they hold no blocks
         self.running: list[Sequence] = []
         self._live: dict[str, dict[int, Sequence]] = {}  # request id -> choice -> sequence
+        self._batching = batching_strategy(config.batching, config.max_num_seqs)
         self.num_preemptions = 0
+        self.num_draft_tokens = 0  # speculative decoding: tokens drafted, and those the model agreed with
+        self.num_accepted_tokens = 0
 
     @property
     def is_idle(self) -> bool:
@@ -109,10 +114,13 @@ class Scheduler:
             if num_new <= 0:
                 index += 1  # no budget left for its prefill chunk; later ones still decode
                 continue
+            drafts = self._drafts(seq, budget - num_later - 1) if num_new == 1 else []
+            if drafts and not self.block_manager.allocate_slots(seq, 1 + len(drafts)):
+                drafts = []  # drafts never preempt anyone: without free blocks, plain decode
             if not self._make_room(seq, num_new, preempted):
                 break  # seq itself was preempted; it was the last running one
-            scheduled.append(self._schedule_seq(seq, num_new))
-            budget -= num_new
+            scheduled.append(self._schedule_seq(seq, num_new, drafts))
+            budget -= num_new + len(drafts)
             index += 1
         if not preempted:
             budget = self._admit_waiting(scheduled, budget)
@@ -140,18 +148,68 @@ class Scheduler:
                 if item.start_pos == 0:  # computed afresh after a preemption: the same values again
                     seq.prompt_logprobs.clear()
                 seq.prompt_logprobs.extend(prompt_logprobs[index])
-            seq.num_computed_tokens += item.num_new_tokens
+            num_computed = item.num_new_tokens
+            if item.num_draft_tokens:
+                samples = self._verify(item, samples)
+                # Rejected drafts were computed too, but at positions the sequence has not reached.
+                num_computed -= item.num_draft_tokens - (len(samples) - 1)
+            seq.num_computed_tokens += num_computed
             self.block_manager.cache_full_blocks(seq)
             if self.config.sliding_window is not None:
                 self.block_manager.release_outside_window(seq, self.config.sliding_window)
             if not item.needs_sample:
                 continue
+            if item.num_draft_tokens:
+                chunks.append(self._append(seq, samples))
+                continue
             by_choice = dict(zip(item.sample_choices, samples, strict=True))
             family = [seq, *(self._fork(seq, c) for c in seq.fork_choices if c in by_choice)]
             seq.fork_choices = ()
             for member in family:
-                chunks.append(self._append(member, by_choice[member.choice_index]))
+                chunks.append(self._append(member, (by_choice[member.choice_index],)))
         return chunks
+
+    def _verify(self, item: ScheduledSeq, samples: tuple[SampledToken, ...]) -> tuple[SampledToken, ...]:
+        """The tokens a speculative step gave: the model's own at every row up to and including the
+        first where it disagrees with the draft fed there (all of them when it never does), which is
+        what decoding one token at a time would have given."""
+        drafts = item.draft_token_ids
+        accepted = next(
+            (
+                i
+                for i, (sample, draft) in enumerate(zip(samples, drafts, strict=False))
+                if sample.token_id != draft
+            ),
+            len(drafts),
+        )
+        self.num_draft_tokens += len(drafts)
+        self.num_accepted_tokens += accepted
+        return samples[: accepted + 1]
+
+    def _drafts(self, seq: Sequence, budget: int) -> list[int]:
+        """Prompt-lookup drafts for a sequence about to decode, when it may have them: greedy, its
+        rows independent of one another (no penalties, grammar or stop tokens held back by
+        min_tokens), room left under max_tokens and the context limit."""
+        sampling = seq.sampling
+        limit = min(
+            self.config.num_speculative_tokens,
+            budget,
+            sampling.max_tokens - len(seq.output_token_ids) - 1,
+            self.config.max_model_len - seq.num_tokens - 1,
+        )
+        if (
+            limit <= 0
+            or not sampling.is_greedy
+            or sampling.has_penalties
+            or sampling.grammar
+            or not seq.output_token_ids  # the prompt's last token: its row may be a prefill's
+            or len(seq.output_token_ids) < sampling.min_tokens
+            or seq.num_computed_tokens != seq.num_tokens - 1
+        ):
+            return []
+        if seq.draft_index is None:
+            seq.draft_index = NgramIndex(self.config.prompt_lookup_min, self.config.prompt_lookup_max)
+        return seq.draft_index.propose(seq, limit)
 
     def check_invariants(self) -> None:
         """Assert queue and pool consistency; tests call it after every step."""
@@ -179,19 +237,24 @@ class Scheduler:
         self._live[parent.request_id][choice_index] = child
         return child
 
-    def _append(self, seq: Sequence, sample: SampledToken) -> TokenChunk:
-        """Add a sampled token to the sequence, finish it at a stop; its chunk."""
-        seq.output_token_ids.append(sample.token_id)
-        reason = self._stop_reason(seq, sample.token_id)
-        if reason is not None:
-            self.finish(seq.request_id, reason, seq.choice_index)
+    def _append(self, seq: Sequence, samples: tuple[SampledToken, ...]) -> TokenChunk:
+        """Add sampled tokens to the sequence, up to the first stop, where it finishes; its chunk."""
+        first = len(seq.output_token_ids)
+        reason = None
+        for count, sample in enumerate(samples, 1):
+            seq.output_token_ids.append(sample.token_id)
+            reason = self._stop_reason(seq, sample.token_id)
+            if reason is not None:
+                samples = samples[:count]
+                self.finish(seq.request_id, reason, seq.choice_index)
+                break
         return TokenChunk(
             request_id=seq.request_id,
-            index=len(seq.output_token_ids) - 1,
-            tokens=(sample,),
+            index=first,
+            tokens=samples,
             finish_reason=reason,
             num_prompt_tokens=seq.num_prompt_tokens,
-            prompt_logprobs=tuple(seq.prompt_logprobs) if len(seq.output_token_ids) == 1 else (),
+            prompt_logprobs=tuple(seq.prompt_logprobs) if first == 0 else (),
             choice_index=seq.choice_index,
         )
 
@@ -219,9 +282,8 @@ class Scheduler:
 
     def _admit_waiting(self, scheduled: list[ScheduledSeq], budget: int) -> int:
         seats = self._num_seats()
-        while self.waiting and budget > 0:
-            seq = self.waiting[0]
-            if seats + seq.num_seats > self.config.max_num_seqs:
+        for seq in self._batching.admissible(list(self.waiting), self.running, self._live.__contains__):
+            if budget <= 0 or seats + seq.num_seats > self.config.max_num_seqs:
                 break
             self.block_manager.match_prefix(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
@@ -229,7 +291,7 @@ class Scheduler:
                 self.block_manager.free(seq)  # waiting sequences hold no blocks
                 seq.num_computed_tokens = 0
                 break
-            self.waiting.pop(0)
+            self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append(self._schedule_seq(seq, num_new))
@@ -237,14 +299,14 @@ class Scheduler:
             seats += seq.num_seats
         return budget
 
-    def _schedule_seq(self, seq: Sequence, num_new: int) -> ScheduledSeq:
+    def _schedule_seq(self, seq: Sequence, num_new: int, drafts: list[int] | None = None) -> ScheduledSeq:
         start = seq.num_computed_tokens
         # The whole history when penalties count it, a grammar replays it or prompt logprobs score it.
         in_prompt = seq.wants_prompt_logprobs and start < seq.num_prompt_tokens
         penalized = seq.sampling.has_penalties or bool(seq.sampling.grammar) or in_prompt
         return ScheduledSeq(
             request_id=seq.request_id,
-            token_ids=seq.token_slice(start, start + num_new),
+            token_ids=seq.token_slice(start, start + num_new) + (drafts or []),
             start_pos=start,
             block_ids=seq.block_table,
             needs_sample=start + num_new == seq.num_tokens,
@@ -255,6 +317,7 @@ class Scheduler:
             banned_token_ids=self._banned_token_ids(seq),
             choice_index=seq.choice_index,
             fork_choices=seq.fork_choices,
+            num_draft_tokens=len(drafts or ()),
         )
 
     def _banned_token_ids(self, seq: Sequence) -> tuple[int, ...]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from scheduler.ngram_proposer import NgramIndex
     from scheduler.output import SampledToken
 
 
@@ -88,6 +89,7 @@ class Sequence:
     prompt_logprobs: list["SampledToken"] = field(default_factory=list)  # prompt tokens 1.., when asked
     finish_reason: FinishReason | None = None
     arrival_order: int = field(default_factory=lambda: next(_arrival_counter))
+    draft_index: "NgramIndex | None" = None  # built at its first draft, with speculative decoding on
 
     @property
     def num_tokens(self) -> int:

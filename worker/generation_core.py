@@ -35,6 +35,9 @@ class StepStats:
     num_prefill_steps: int = 0  # steps that carried prompt (or recomputed) tokens
     prefill_step_s: float = 0.0
     num_tokens: int = 0  # tokens fed to the model
+    num_prefill_tokens: int = 0  # of them, in prefill steps
+    num_sampled_rows: int = 0  # rows through the LM head to sample (a draft checked is one)
+    num_prefill_sampled_rows: int = 0
     num_generated: int = 0  # tokens sampled
     batch_sizes: Counter[int] = field(default_factory=Counter)  # sequences per step -> steps
 
@@ -88,6 +91,10 @@ class GenerationCore:
             eos_token_ids=config.eos_token_ids,
             long_prompt_from=model.long_prompt_from,
             sliding_window=config.window_of_every_layer,
+            batching=settings.batching,
+            num_speculative_tokens=settings.num_speculative_tokens if settings.speculative == "ngram" else 0,
+            prompt_lookup_min=settings.prompt_lookup_min,
+            prompt_lookup_max=settings.prompt_lookup_max,
         )
         kv_cache = KVCache(config, num_blocks, settings.block_size, device, dtype)
         logger.info(
@@ -171,10 +178,14 @@ class GenerationCore:
         seconds = time.perf_counter() - started
         stats.num_steps += 1
         stats.step_s += seconds
+        num_rows = sum(item.num_draft_tokens + len(item.sample_choices) for item in output.scheduled)
         if not all(item.is_decode for item in output.scheduled):
             stats.num_prefill_steps += 1
             stats.prefill_step_s += seconds
+            stats.num_prefill_tokens += output.num_batched_tokens
+            stats.num_prefill_sampled_rows += num_rows
         stats.num_tokens += output.num_batched_tokens
+        stats.num_sampled_rows += num_rows
         stats.num_generated += sum(len(chunk.tokens) for chunk in chunks)
         stats.batch_sizes[len(output.scheduled)] += 1
         return GenerationStep(chunks, output.num_batched_tokens, len(output.scheduled))

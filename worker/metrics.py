@@ -1,6 +1,9 @@
 """Worker metrics with vLLM's meanings, for routers and dashboards: what every worker reports
 (StepMetrics) and a generation worker's KV cache and scheduler besides (GenerationMetrics)."""
 
+from collections.abc import Callable
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from scheduler import Scheduler
@@ -46,7 +49,7 @@ class StepMetrics:
 
 
 class GenerationMetrics(StepMetrics):
-    """Besides the step metrics: KV-cache usage, preemptions and prefix-cache hits."""
+    """Besides the step metrics: KV-cache usage, preemptions, prefix-cache hits and drafted tokens."""
 
     def __init__(self, registry: CollectorRegistry, model_name: str, scheduler: Scheduler):
         super().__init__(registry, model_name)
@@ -67,25 +70,37 @@ class GenerationMetrics(StepMetrics):
         ).labels(
             model_name, str(config.block_size), str(config.num_blocks), str(config.enable_prefix_caching)
         ).set(1)
-        self.preemptions = Counter(
-            f"{PREFIX}num_preemptions", "Cumulative number of preemptions.", labels, registry=registry
-        ).labels(model_name)
-        self.prefix_queries = Counter(
-            f"{PREFIX}prefix_cache_queries",
-            "Prefix cache queries, in terms of number of queried tokens.",
-            labels,
-            registry=registry,
-        ).labels(model_name)
-        self.prefix_hits = Counter(
-            f"{PREFIX}prefix_cache_hits",
-            "Prefix cache hits, in terms of number of cached tokens.",
-            labels,
-            registry=registry,
-        ).labels(model_name)
-        # Counted from now: a warm-up before serving is not traffic.
-        self._seen_preemptions = scheduler.num_preemptions
-        self._seen_queries = scheduler.block_manager.num_queried_tokens
-        self._seen_hits = scheduler.block_manager.num_hit_tokens
+        pool = scheduler.block_manager
+        # Counters that follow the scheduler's own cumulative counts, from now: a warm-up before
+        # serving is not traffic.
+        self._followed = [
+            _Followed(
+                Counter(f"{PREFIX}{name}", help_text, labels, registry=registry).labels(model_name), read
+            )
+            for name, help_text, read in (
+                ("num_preemptions", "Cumulative number of preemptions.", lambda: scheduler.num_preemptions),
+                (
+                    "prefix_cache_queries",
+                    "Prefix cache queries, in terms of number of queried tokens.",
+                    lambda: pool.num_queried_tokens,
+                ),
+                (
+                    "prefix_cache_hits",
+                    "Prefix cache hits, in terms of number of cached tokens.",
+                    lambda: pool.num_hit_tokens,
+                ),
+                (
+                    "spec_decode_num_draft_tokens",
+                    "Speculative decoding: tokens drafted and checked.",
+                    lambda: scheduler.num_draft_tokens,
+                ),
+                (
+                    "spec_decode_num_accepted_tokens",
+                    "Speculative decoding: drafted tokens the model agreed with.",
+                    lambda: scheduler.num_accepted_tokens,
+                ),
+            )
+        ]
 
     def observe_step(self, num_tokens: int, num_seqs: int) -> None:
         super().observe_step(num_tokens, num_seqs)
@@ -98,9 +113,18 @@ class GenerationMetrics(StepMetrics):
         self.running.set(len(scheduler.running))
         self.waiting.set(len(scheduler.waiting))
         self.kv_usage.set(pool.num_used_blocks / pool.num_blocks)
-        self.preemptions.inc(scheduler.num_preemptions - self._seen_preemptions)
-        self.prefix_queries.inc(pool.num_queried_tokens - self._seen_queries)
-        self.prefix_hits.inc(pool.num_hit_tokens - self._seen_hits)
-        self._seen_preemptions = scheduler.num_preemptions
-        self._seen_queries = pool.num_queried_tokens
-        self._seen_hits = pool.num_hit_tokens
+        for followed in self._followed:
+            followed.refresh()
+
+
+class _Followed:
+    """A Prometheus counter that follows a count kept elsewhere, from its value when made."""
+
+    def __init__(self, counter: Any, read: Callable[[], int]):
+        self._counter, self._read = counter, read
+        self._seen = read()
+
+    def refresh(self) -> None:
+        now = self._read()
+        self._counter.inc(now - self._seen)
+        self._seen = now

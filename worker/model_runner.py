@@ -18,7 +18,8 @@ from worker.sampler import Sampler
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
-    sampled: list[tuple[SampledToken, ...]]  # by item: a token for each of its sample_choices
+    # by item: a token for each of its sample_choices, or with drafts, for each of its rows
+    sampled: list[tuple[SampledToken, ...]]
     prompt_logprobs: dict[int, list[SampledToken]]  # by item: its chunk's prompt tokens scored
 
 
@@ -53,8 +54,9 @@ class ModelRunner:
         """One forward pass over every scheduled token; a token for each item that needs one, and
         the prompt logprobs of the chunks that asked for them."""
         items = output.scheduled
-        decodes = [i for i, item in enumerate(items) if item.num_new_tokens == 1]
-        chunks = [i for i, item in enumerate(items) if item.num_new_tokens > 1]
+        # A decode, and each draft after it, is a query row of its own over the cache read in place.
+        decodes = [i for i, item in enumerate(items) if item.num_new_tokens == 1 or item.num_draft_tokens]
+        chunks = [i for i, item in enumerate(items) if item.num_new_tokens > 1 and not item.num_draft_tokens]
         order = decodes + chunks  # decodes occupy the first rows of the packed batch
         input_ids: list[int] = []
         positions: list[int] = []
@@ -81,20 +83,29 @@ class ModelRunner:
                 slot_mapping.append(
                     item.block_ids[pos // self.block_size] * self.block_size + pos % self.block_size
                 )
+            for row in range(len(input_ids) - 1 - item.num_draft_tokens, len(input_ids) - 1):
+                logit_rows.append(row)  # the rows fed a draft's predecessor check that draft
+                sampled_items.append(index)
+                sampled.append(item)
             for choice in item.sample_choices:  # choices forking off sample the same row
                 logit_rows.append(len(input_ids) - 1)
                 sampled_items.append(index)
                 sampled.append(
                     item if choice == item.choice_index else dataclasses.replace(item, choice_index=choice)
                 )
+        decode_rows = [
+            (items[i].block_ids, pos + 1)
+            for i in decodes
+            for pos in range(items[i].start_pos, items[i].context_len)
+        ]
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slot_mapping),
-            num_decodes=len(decodes),
-            prefills=self._prefill_chunks(items, chunks, len(decodes)),
+            num_decodes=len(decode_rows),
+            prefills=self._prefill_chunks(items, chunks, len(decode_rows)),
             block_size=self.block_size,
         )
-        if decodes:
-            meta = self._with_decode_context(meta, [items[i] for i in decodes])
+        if decode_rows:
+            meta = self._with_decode_context(meta, decode_rows)
         masks: torch.Tensor | None = None
         pending_masks: Future[torch.Tensor | None] | None = None
         if self.matchers is not None and any(item.sampling.grammar for item in sampled):
@@ -172,14 +183,17 @@ class ModelRunner:
             row += item.num_new_tokens
         return result
 
-    def _with_decode_context(self, meta: AttentionMetadata, decodes: list[ScheduledSeq]) -> AttentionMetadata:
-        """Block tables and context lengths of the one-token sequences, for the kernel or for SDPA."""
-        context_lens = [item.context_len for item in decodes]
+    def _with_decode_context(
+        self, meta: AttentionMetadata, decodes: list[tuple[list[int], int]]
+    ) -> AttentionMetadata:
+        """Block tables and context lengths of the decode rows (a block table and the keys its
+        query sees, each), for the kernel or for SDPA."""
+        context_lens = [context_len for _, context_len in decodes]
         max_blocks = -(-max(context_lens) // self.block_size)
         rows = []
-        for item in decodes:
-            block_ids = item.block_ids[: -(-item.context_len // self.block_size)]
-            rows.append(block_ids + [0] * (max_blocks - len(block_ids)))  # padding is never read
+        for block_ids, context_len in decodes:
+            held = block_ids[: -(-context_len // self.block_size)]
+            rows.append(held + [0] * (max_blocks - len(held)))  # padding is never read
         table = self._tensor(rows)  # [num_decodes, max_blocks]
         if self.decode_kernel is not None:
             return dataclasses.replace(

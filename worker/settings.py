@@ -2,11 +2,13 @@
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from bootstrap.settings import ModelSettings, RedisSettings, TelemetrySettings
+from scheduler import Batching
 
 Quantization = Literal["none", "int8", "int4", "w8a8"]
+Speculative = Literal["none", "ngram"]
 
 
 class EngineSettings(ModelSettings):
@@ -28,6 +30,20 @@ class EngineSettings(ModelSettings):
     """Share of free GPU memory the KV cache takes by default."""
     enable_prefix_caching: bool = True
     """Reuse the KV blocks of a shared prompt prefix."""
+    speculative: Speculative = "none"
+    """Speculative decoding, vLLM's methods and names: ngram = prompt lookup, drafts copied from
+    the tokens that followed the sequence's own suffix earlier in its context, all checked in one
+    forward; greedy requests only (others decode as usual), output identical to plain decoding."""
+    num_speculative_tokens: int = Field(4, ge=1, le=16)
+    """Most drafted tokens checked per decode step of a sequence."""
+    prompt_lookup_min: int = Field(2, ge=1)
+    """Shortest suffix looked up in the context for drafts."""
+    prompt_lookup_max: int = Field(4, ge=1)
+    """Longest suffix looked up; the longest that recurs wins."""
+    batching: Batching = "continuous"
+    """Who joins the running batch: continuous = any waiting request, as soon as a seat, the step's
+    budget and KV blocks allow; static = a batch cut from the head of the queue runs until its
+    longest member ends before the next is cut; sequential = one request at a time."""
     num_threads: int | None = None
     """torch CPU threads; default: torch's choice."""
     cpu_decode_kernel: bool = True
@@ -37,6 +53,15 @@ class EngineSettings(ModelSettings):
     int4 = weights in groups of 32 with a scale and a minimum (GGUF's Q4_1, the file's own groups
     when the model is a GGUF); w8a8 = int8 weights and int8 activations (a scale per row), integer
     GEMMs; none = float weights, token-exact with transformers."""
+
+    @model_validator(mode="after")
+    def _lookup_bounds(self) -> "EngineSettings":
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(
+                f"prompt_lookup_min ({self.prompt_lookup_min}) exceeds "
+                f"prompt_lookup_max ({self.prompt_lookup_max})"
+            )
+        return self
 
 
 class WorkerSettings(EngineSettings, RedisSettings, TelemetrySettings):

@@ -68,6 +68,7 @@ def test_metrics_pages_count_what_was_served(cluster: Cluster) -> None:
     assert grew(worker, worker_before, "conveyor:prefix_cache_queries_total") == prompt_tokens
     assert grew(worker, worker_before, "conveyor:iteration_tokens_total_count") >= MAX_TOKENS
     assert "conveyor:num_preemptions_total" in {k[0] for k in worker}
+    assert grew(worker, worker_before, "conveyor:spec_decode_num_draft_tokens_total") == 0  # off by default
 
 
 def test_the_same_metrics_go_out_by_otlp(cluster: Cluster) -> None:

@@ -2,7 +2,7 @@
 
 import itertools
 
-from scheduler import SampledToken, SamplingParams, Scheduler, SchedulerConfig, Sequence
+from scheduler import Batching, SampledToken, SamplingParams, Scheduler, SchedulerConfig, Sequence
 
 EOS = 2
 _ids = itertools.count()
@@ -16,6 +16,9 @@ def make_scheduler(
     max_model_len: int = 32,
     enable_prefix_caching: bool = True,
     sliding_window: int | None = None,
+    batching: Batching = "continuous",
+    num_speculative_tokens: int = 0,
+    prompt_lookup_min: int = 2,
 ) -> Scheduler:
     return Scheduler(
         SchedulerConfig(
@@ -27,6 +30,9 @@ def make_scheduler(
             enable_prefix_caching=enable_prefix_caching,
             eos_token_ids=(EOS,),
             sliding_window=sliding_window,
+            batching=batching,
+            num_speculative_tokens=num_speculative_tokens,
+            prompt_lookup_min=prompt_lookup_min,
         )
     )
 

@@ -1,0 +1,47 @@
+"""`conveyor bench` (what `make bench` runs) on a small workload: every in-process row, repeated,
+with its spread, the roofline line, the batching strategies and speculative decoding side by side."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+
+def _write(path: Path, rows: list[dict[str, object]]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_conveyor_bench_repeats_every_row_and_compares_strategies_on_one_engine(
+    model_dir: Path, tmp_path: Path, workload: list[dict[str, object]]
+) -> None:
+    standard = _write(tmp_path / "standard.jsonl", [{**row, "max_tokens": 6} for row in workload[:3]])
+    lines = (ROOT / "bench" / "repeat-workload.jsonl").read_text().splitlines()
+    repeating = _write(tmp_path / "repeat.jsonl", [{**json.loads(lines[8]), "max_tokens": 16}])
+    report = tmp_path / "report.json"
+    command = ["bench", "--model", str(model_dir), "--workload", str(standard), "--baseline-requests", "0"]
+    command += ["--quantization", "--repeat", "2", "--batching-requests", "2"]
+    command += ["--speculative-workload", str(repeating), "--json", str(report)]
+    result = subprocess.run(
+        [sys.executable, "-m", "client", *command],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    table = out[out.index("min-max") :]
+    for row in ("conveyor (in-process)", "conveyor, JSON schema", "conveyor, ngram drafts"):
+        assert row in table
+    assert "2 attempt(s) of every row" in out
+    assert "roofline, mixed steps (prompt tokens and decodes)" in out and "GFLOP/s; share:" in out
+    for strategy in ("sequential", "static", "continuous"):
+        assert f"  {strategy} " in out
+    assert "speculative decoding, ngram, 4 drafts" in out and "identical with and without drafts" in out
+    assert "greedy outputs identical to unquantized float32, for ngram: 3/3" in out
+    assert "one stream" in out and "ngram" in out.split("one stream", 1)[1]
+    figures = json.loads(report.read_text())
+    assert len(figures["attempts"]) == 2 and len(figures["one_stream_itl_ms"]["none"]) == 2
