@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--batching-requests",
         type=int,
-        default=24,
+        default=16,
         help="the first N prompts through sequential, static and continuous batching side by side (0 = skip)",
     )
     bench.add_argument(
