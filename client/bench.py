@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -60,6 +60,9 @@ from client.roofline import StepWork, gemm_gflops
 from gateway.constraints import compile_constraint
 from scheduler import SamplingParams
 from worker.fetch_model import CHECKPOINT_NAME, download_gguf
+
+if TYPE_CHECKING:
+    from worker.llm import LLM
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,14 +121,14 @@ CONSTRAINED_SCHEMA = {"type": "object", "properties": {"answer": {"type": "strin
 ONE_STREAM_REQUESTS = 3
 
 
-def engine(model: Path, engine_args: dict[str, Any]) -> Any:
+def engine(model: Path, engine_args: dict[str, Any]) -> "LLM":
     from worker.llm import LLM
 
     return LLM(model=model, **engine_args)
 
 
 def run_conveyor(
-    llm: Any, workload: list[dict[str, Any]], grammar: str = ""
+    llm: "LLM", workload: list[dict[str, Any]], grammar: str = ""
 ) -> tuple[Row, Row, dict[str, Any]]:
     """Our rows; with `grammar`, every request constrained to it (EOS still ignored, so every
     request generates as many tokens as unconstrained: once the grammar is done, only EOS may come).
@@ -341,11 +344,7 @@ def run_llamacpp(
     command += ["--num-requests", str(num_requests or 0), "--one-stream-requests", str(ONE_STREAM_REQUESTS)]
     report = _report_of(command)
     row = _row_of(f"llama.cpp {report['version']}, {gguf.stem.rsplit('.', 1)[-1]}", report)
-    one_stream = [
-        1000 * statistics.median(b - a for a, b in zip(times, times[1:], strict=False))
-        for times in (r["token_times_s"] for r in report["one_stream"])
-        if len(times) > 1
-    ]
+    one_stream = [1000 * itl(r["token_times_s"]) for r in report["one_stream"] if len(r["token_times_s"]) > 1]
     return row, {"one_stream_itl_ms": one_stream, "outputs": _outputs_of(report)}
 
 
@@ -368,11 +367,7 @@ def format_table(attempts: list[list[Row]], baseline: Row | None) -> str:
     """A line a row: the figures of its median attempt by tok/s, the lowest and highest tok/s beside."""
     header = f"{'':34}" + "".join(f"{name:>10}" for name in _COLUMNS)
     lines = [header, "-" * len(header)]
-    names = list(dict.fromkeys(row.name for rows in attempts for row in rows))
-    for name in names:
-        runs = sorted(
-            (row for rows in attempts for row in rows if row.name == name), key=lambda r: r.tokens_per_s
-        )
+    for runs in _runs_by_row(attempts):
         row = runs[len(runs) // 2]
         cells = [f"{row.num_requests}", f"{row.output_tokens}", f"{row.tokens_per_s:.1f}"]
         cells.append(f"{runs[0].tokens_per_s:.0f}-{runs[-1].tokens_per_s:.0f}" if len(runs) > 1 else "-")
@@ -388,12 +383,21 @@ def format_table(attempts: list[list[Row]], baseline: Row | None) -> str:
     return "\n".join(lines)
 
 
+def _runs_by_row(attempts: list[list[Row]]) -> list[list[Row]]:
+    """Each row's runs over the attempts, slowest first, rows in the order they were measured."""
+    names = list(dict.fromkeys(row.name for rows in attempts for row in rows))
+    return [
+        sorted((row for rows in attempts for row in rows if row.name == name), key=lambda r: r.tokens_per_s)
+        for name in names
+    ]
+
+
 @dataclass(slots=True)
 class Attempt:
     """One pass over every repeated measurement."""
 
     rows: list[Row]
-    # by engine: "none" (unquantized), "ngram" (with drafts), each quantization mode
+    # by engine: "none" (unquantized), "ngram" (with drafts), each quantization mode, "llama.cpp"
     details: dict[str, dict[str, Any]]
     vllm_outputs: dict[str, list[int]] | None
     roofline: dict[str, tuple[float, float, int]]  # step kind -> (useful, GEMM GFLOP/s, rows)
@@ -407,15 +411,19 @@ def _attempt(
     llm = engine(args.model, engine_args)
     ours, ceiling, details = run_conveyor(llm, workload)
     config = llm.core.runner.model.config
-    roofline = {
-        kind: (
-            work.useful_gflops(config),
-            gemm_gflops(config, work.mean_rows, work.mean_sampled_rows),
-            work.mean_rows,
-        )
-        for kind, work in details["work"].items()
-        if work.num_steps
-    }
+    roofline = (
+        {}
+        if not _on_cpu_in_float32(args)
+        else {
+            kind: (
+                work.useful_gflops(config),
+                gemm_gflops(config, work.mean_rows, work.mean_sampled_rows),
+                work.mean_rows,
+            )
+            for kind, work in details["work"].items()
+            if work.num_steps
+        }
+    )
     batching = batching_runs(llm, workload[: args.batching_requests]) if args.batching_requests else {}
     drafts = {}
     if args.speculative_workload:
@@ -429,7 +437,7 @@ def _attempt(
     drafted, _, speculative = run_conveyor(engine(args.model, {**engine_args, **speculative_args}), workload)
     rows.append(dataclasses.replace(drafted, name="conveyor, ngram drafts"))
     by_engine = {"none": details, "ngram": speculative}
-    for mode in args.quantization if _quantizable(args) else []:
+    for mode in args.quantization if _on_cpu_in_float32(args) else []:
         row, _, by_engine[mode] = run_conveyor(
             engine(args.model, {**engine_args, "quantization": mode}), workload
         )
@@ -444,7 +452,7 @@ def _attempt(
         )
         rows.append(llamacpp_row)
     if args.http:
-        http_modes = args.http_quantization if _quantizable(args) else []
+        http_modes = args.http_quantization if _on_cpu_in_float32(args) else []
         rows += run_http_rows(args.model, args.workload, args.num_requests, args.vllm, http_modes)
     return Attempt(rows, by_engine, vllm_outputs, roofline, batching, drafts)
 
@@ -456,7 +464,8 @@ def _gguf_of(model: Path) -> Path:
     return download_gguf(model.parent)
 
 
-def _quantizable(args: argparse.Namespace) -> bool:
+def _on_cpu_in_float32(args: argparse.Namespace) -> bool:
+    """Where quantized modes run, and what the roofline's reference GEMM measures."""
     return args.dtype == "float32" and not torch.cuda.is_available()
 
 
@@ -465,7 +474,7 @@ def run_bench(args: argparse.Namespace) -> int:
     engine_args: dict[str, Any] = {"dtype": args.dtype}
     if args.max_num_batched_tokens:
         engine_args["max_num_batched_tokens"] = args.max_num_batched_tokens
-    if not _quantizable(args) and (args.quantization or args.http_quantization):
+    if not _on_cpu_in_float32(args) and (args.quantization or args.http_quantization):
         print("quantized rows skipped: --quantization runs on a CPU in float32 only")
     attempts = [_attempt(args, workload, engine_args) for _ in range(args.repeat)]
     baseline = None
@@ -507,17 +516,19 @@ def run_bench(args: argparse.Namespace) -> int:
         f"{details['prefill_steps']} chunk steps x one decode step {details['mean_decode_step_s']} s) "
         f"= {details['ttft_p99_bound_s']:.2f} s"
     )
+    if not last.roofline:
+        print("roofline skipped: its reference is torch's float32 GEMM on this CPU")
     for kind in last.roofline:
-        useful = [a.roofline[kind][0] for a in attempts]
-        share = [100 * a.roofline[kind][0] / a.roofline[kind][1] for a in attempts]
+        figures = [a.roofline[kind] for a in attempts if kind in a.roofline]
         print(
-            f"roofline, {kind}: {spread(useful, '.1f')} GFLOP/s of linear-layer work; torch's GEMM at their "
-            f"mean {last.roofline[kind][2]} rows: {spread([a.roofline[kind][1] for a in attempts], '.1f')} "
-            f"GFLOP/s; share: {spread(share, '.0f')}%"
+            f"roofline, {kind}: {spread([f[0] for f in figures], '.1f')} GFLOP/s of linear-layer work; "
+            f"torch's GEMM at their mean {last.roofline[kind][2]} rows: "
+            f"{spread([f[1] for f in figures], '.1f')} GFLOP/s; share: "
+            f"{spread([100 * f[0] / f[1] for f in figures], '.0f')}%"
         )
     print(
-        f"one stream (each of {ONE_STREAM_REQUESTS} requests alone, every attempt), median inter-token "
-        "latency: "
+        f"one stream (each of {ONE_STREAM_REQUESTS} requests alone, every attempt), inter-token latency "
+        "(a request's mean), p50 over requests: "
         + "; ".join(
             f"{mode} {spread(values, '.1f')} ms"
             for mode in last.details
@@ -545,7 +556,7 @@ def run_bench(args: argparse.Namespace) -> int:
             _print_agreement(f"unquantized {args.dtype}, for {mode}", details["outputs"], found["outputs"])
     if args.json:
         report = {
-            "rows": [row.figures() for row in last.rows],
+            "rows": [runs[len(runs) // 2].figures() for runs in _runs_by_row([a.rows for a in attempts])],
             "attempts": [[row.figures() for row in a.rows] for a in attempts],
             **{k: v for k, v in details.items() if k not in ("outputs", "work")},
             "outputs": details["outputs"],

@@ -351,12 +351,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--speculative-workload",
-        type=Path,
+        type=lambda value: Path(value) if value else None,
         default=Path(__file__).resolve().parent.parent / "bench" / "repeat-workload.jsonl",
-        help="requests whose answers repeat their prompts, for ngram drafts against plain decoding",
+        help="requests whose answers repeat their prompts: ngram drafts against plain decoding ('' = skip)",
     )
     bench.add_argument(
-        "--num-speculative-tokens", type=_positive, default=4, help="drafts per step in the ngram rows"
+        "--num-speculative-tokens",
+        type=int,
+        choices=range(1, 17),
+        default=4,
+        metavar="1..16",
+        help="drafts per step in the ngram rows",
     )
     bench.add_argument(
         "--llamacpp",

@@ -66,15 +66,15 @@ def run_all_at_once(llm: Any, prompts: list[list[int]], params: list[SamplingPar
 
 
 def one_stream_itl_ms(llm: Any, prompts: list[list[int]], params: list[SamplingParams]) -> list[float]:
-    """Each request alone, one after the other: the median gap between its tokens, in ms (what a
-    user of an idle server sees; llama.cpp's figure of merit)."""
-    medians = []
-    for prompt, sampling in zip(prompts, params, strict=True):
-        (completion,) = llm.generate([prompt], sampling)
-        times = completion.token_times_s
-        if len(times) > 1:
-            medians.append(1000 * statistics.median(b - a for a, b in zip(times, times[1:], strict=False)))
-    return medians
+    """Each request alone, one after the other: its mean time a token after the first, in ms (what
+    a user of an idle server sees; llama.cpp's figure of merit). The mean, not the median gap: with
+    drafts, several tokens arrive at once and most gaps are zero."""
+    return [
+        1000 * itl(completion.token_times_s)
+        for prompt, sampling in zip(prompts, params, strict=True)
+        for completion in llm.generate([prompt], sampling)
+        if len(completion.token_times_s) > 1
+    ]
 
 
 def itl(token_times: list[float]) -> float:
@@ -166,6 +166,9 @@ def format_speculative(
     attempts: list[dict[str, SpeculativeRuns]], workload_name: str, num_speculative_tokens: int, seats: int
 ) -> str:
     """Drafts against plain decoding, as ratios within each attempt, then over the attempts."""
+    attempts = [a for a in attempts if all(min(a[mode].one_stream_itl_ms, default=0) > 0 for mode in a)]
+    if not attempts:
+        return "speculative decoding: no request of the workload took two steps alone"
     last = attempts[-1]
     one_stream = [
         statistics.median(a["plain"].one_stream_itl_ms) / statistics.median(a["ngram"].one_stream_itl_ms)
@@ -176,7 +179,7 @@ def format_speculative(
     drafts = last["ngram"]
     return (
         f"speculative decoding, ngram, {num_speculative_tokens} drafts, same engine, on {workload_name} "
-        f"(greedy, to EOS): one stream, median ITL plain "
+        f"(greedy, to EOS): one stream, ITL plain "
         f"{spread([statistics.median(a['plain'].one_stream_itl_ms) for a in attempts], '.1f')} ms, ngram "
         f"{spread([statistics.median(a['ngram'].one_stream_itl_ms) for a in attempts], '.1f')} ms: "
         f"{spread(one_stream, '.2f')}x; {len(drafts.together.outputs)} requests in {seats} seats: plain "

@@ -40,7 +40,10 @@ class SequentialBatching:
     def admissible(
         self, waiting: list[Sequence], running: list[Sequence], is_live: Callable[[str], bool]
     ) -> list[Sequence]:
-        return [] if running else waiting[:1]
+        """The head's request, every choice of it (a resumed job waits as one sequence a choice)."""
+        if running or not waiting:
+            return []
+        return [seq for seq in waiting if seq.request_id == waiting[0].request_id]
 
 
 class StaticBatching:
@@ -67,10 +70,10 @@ class StaticBatching:
 
 
 def batching_strategy(name: Batching, max_num_seqs: int) -> BatchingStrategy:
-    if name == "continuous":
-        return ContinuousBatching()
-    if name == "static":
-        return StaticBatching(max_num_seqs)
-    if name == "sequential":
-        return SequentialBatching()
-    raise ValueError(f"batching must be one of {', '.join(BATCHING_STRATEGIES)}, got {name!r}")
+    """The strategy of that name (SchedulerConfig has checked it is one)."""
+    strategies: dict[str, Callable[[], BatchingStrategy]] = {
+        "continuous": ContinuousBatching,
+        "static": lambda: StaticBatching(max_num_seqs),
+        "sequential": SequentialBatching,
+    }
+    return strategies[name]()

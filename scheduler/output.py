@@ -10,7 +10,8 @@ class ScheduledSeq:
     """One sequence's share of a step: everything the model runner needs, nothing it may change."""
 
     request_id: str
-    token_ids: list[int]  # tokens to feed this step (a prefill chunk, or the last sampled token)
+    # tokens to feed this step: a prefill chunk, or the last sampled token (and its drafts)
+    token_ids: list[int]
     start_pos: int  # position of token_ids[0] in the sequence
     block_ids: list[int]  # the block table covering positions [0, start_pos + len(token_ids))
     needs_sample: bool  # True when this step reaches the end of the sequence

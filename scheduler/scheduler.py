@@ -1,6 +1,7 @@
 """The continuous-batching scheduler: which tokens of which sequences run in the next step."""
 
 import bisect
+import dataclasses
 
 from scheduler.batching import batching_strategy
 from scheduler.block_manager import BlockManager
@@ -97,9 +98,10 @@ class Scheduler:
         the one token each later running sequence needs to decode, so decodes never stall behind
         a long prefill. When the pool runs out of blocks, the lowest-priority, newest running
         sequence is preempted: its blocks are freed and it goes back to waiting, to be recomputed
-        later (cheaply, from whatever the prefix cache still holds). Waiting sequences are
-        admitted by priority and arrival while budget, blocks and `max_num_seqs` allow, and not
-        at all in a step that had to preempt.
+        later (cheaply, from whatever the prefix cache still holds). Waiting sequences the
+        batching strategy lets in are admitted by priority and arrival while budget, blocks and
+        `max_num_seqs` allow, and not at all in a step that had to preempt; with speculative
+        decoding, decodes then get drafts from what budget and free blocks are left.
         A sequence whose choices fork off at its first sample takes a running place for each.
         """
         budget = self.config.max_num_batched_tokens
@@ -114,16 +116,15 @@ class Scheduler:
             if num_new <= 0:
                 index += 1  # no budget left for its prefill chunk; later ones still decode
                 continue
-            drafts = self._drafts(seq, budget - num_later - 1) if num_new == 1 else []
-            if drafts and not self.block_manager.allocate_slots(seq, 1 + len(drafts)):
-                drafts = []  # drafts never preempt anyone: without free blocks, plain decode
             if not self._make_room(seq, num_new, preempted):
                 break  # seq itself was preempted; it was the last running one
-            scheduled.append(self._schedule_seq(seq, num_new, drafts))
-            budget -= num_new + len(drafts)
+            scheduled.append(self._schedule_seq(seq, num_new))
+            budget -= num_new
             index += 1
         if not preempted:
             budget = self._admit_waiting(scheduled, budget)
+            if self.config.num_speculative_tokens:
+                budget = self._add_drafts(scheduled, budget)
         return SchedulerOutput(
             scheduled=scheduled,
             num_batched_tokens=self.config.max_num_batched_tokens - budget,
@@ -137,8 +138,9 @@ class Scheduler:
         prompt_logprobs: dict[int, list[SampledToken]] | None = None,
     ) -> list[TokenChunk]:
         """Record what the step computed and sampled (by item, a token for each of its
-        `sample_choices`; and the prompt logprobs of chunks that asked, by item); fork the choices
-        off their parent and finish sequences that reached a stop."""
+        `sample_choices`, or with drafts, for each of its rows; and the prompt logprobs of chunks
+        that asked, by item); keep the drafts the model agreed with, fork the choices off their
+        parent and finish sequences that reached a stop."""
         chunks: list[TokenChunk] = []
         for index, (item, samples) in enumerate(zip(output.scheduled, sampled, strict=True)):
             seq = self._live.get(item.request_id, {}).get(item.choice_index)
@@ -186,6 +188,22 @@ class Scheduler:
         self.num_accepted_tokens += accepted
         return samples[: accepted + 1]
 
+    def _add_drafts(self, scheduled: list[ScheduledSeq], budget: int) -> int:
+        """Give decodes prompt-lookup drafts from what is left once every running sequence has its
+        token and waiting ones were admitted, in free blocks only: drafts never preempt or delay
+        anyone. Returns the budget left."""
+        for position, item in enumerate(scheduled):
+            if budget <= 0:
+                break
+            seq = self._live[item.request_id][item.choice_index]
+            drafts = self._drafts(seq, budget) if item.num_new_tokens == 1 and item.needs_sample else []
+            if drafts and self.block_manager.allocate_slots(seq, 1 + len(drafts)):
+                scheduled[position] = dataclasses.replace(
+                    item, token_ids=item.token_ids + drafts, num_draft_tokens=len(drafts)
+                )
+                budget -= len(drafts)
+        return budget
+
     def _drafts(self, seq: Sequence, budget: int) -> list[int]:
         """Prompt-lookup drafts for a sequence about to decode, when it may have them: greedy, its
         rows independent of one another (no penalties, grammar or stop tokens held back by
@@ -202,7 +220,7 @@ class Scheduler:
             or not sampling.is_greedy
             or sampling.has_penalties
             or sampling.grammar
-            or not seq.output_token_ids  # the prompt's last token: its row may be a prefill's
+            or not seq.output_token_ids  # choices may fork off, prompt logprobs may be due
             or len(seq.output_token_ids) < sampling.min_tokens
             or seq.num_computed_tokens != seq.num_tokens - 1
         ):
@@ -299,14 +317,14 @@ class Scheduler:
             seats += seq.num_seats
         return budget
 
-    def _schedule_seq(self, seq: Sequence, num_new: int, drafts: list[int] | None = None) -> ScheduledSeq:
+    def _schedule_seq(self, seq: Sequence, num_new: int) -> ScheduledSeq:
         start = seq.num_computed_tokens
         # The whole history when penalties count it, a grammar replays it or prompt logprobs score it.
         in_prompt = seq.wants_prompt_logprobs and start < seq.num_prompt_tokens
         penalized = seq.sampling.has_penalties or bool(seq.sampling.grammar) or in_prompt
         return ScheduledSeq(
             request_id=seq.request_id,
-            token_ids=seq.token_slice(start, start + num_new) + (drafts or []),
+            token_ids=seq.token_slice(start, start + num_new),
             start_pos=start,
             block_ids=seq.block_table,
             needs_sample=start + num_new == seq.num_tokens,
@@ -317,7 +335,6 @@ class Scheduler:
             banned_token_ids=self._banned_token_ids(seq),
             choice_index=seq.choice_index,
             fork_choices=seq.fork_choices,
-            num_draft_tokens=len(drafts or ()),
         )
 
     def _banned_token_ids(self, seq: Sequence) -> tuple[int, ...]:

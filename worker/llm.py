@@ -63,10 +63,13 @@ class LLM:
                 key = (chunk.request_id, chunk.choice_index)
                 completion = completions[key]
                 stream = streams[key]
-                completion.token_ids.extend(chunk.token_ids)
                 completion.prompt_logprobs.extend(chunk.prompt_logprobs)
-                completion.token_times_s.extend(now for _ in chunk.tokens)
-                completion.text += stream.push(chunk.token_ids)
+                for token_id in chunk.token_ids:  # a chunk of drafts may go past a stop string
+                    completion.token_ids.append(token_id)
+                    completion.token_times_s.append(now)
+                    completion.text += stream.push([token_id])
+                    if stream.matched_stop is not None:
+                        break
                 finish_reason = chunk.finish_reason
                 if stream.matched_stop is not None and finish_reason is None:
                     finish_reason = FinishReason.STOP

@@ -1,6 +1,7 @@
 """Prompt-lookup speculative decoding in the scheduler: what is drafted, and what is kept."""
 
 from scheduler import FinishReason, SampledToken, SchedulerOutput
+from scheduler.block_manager import chain_hash
 from scheduler.ngram_proposer import NgramIndex
 from tests.scheduler.factories import EOS, make_scheduler, make_sequence, run_step
 
@@ -126,6 +127,34 @@ def test_drafts_never_preempt_a_running_sequence() -> None:
     output, _ = _step(scheduler, {seq.request_id: [12], other.request_id: [5]})
     assert scheduler.num_preemptions == 0
     assert output.scheduled[0].num_draft_tokens == 0
+
+
+def test_drafts_never_take_the_block_a_later_sequence_needs_for_its_own_token() -> None:
+    scheduler = _speculating(num_blocks=4, block_size=4, max_model_len=16, max_num_seqs=2)
+    drafting = make_sequence(prompt=[10, 11, 10], max_tokens=8)
+    other = make_sequence(prompt=list(range(20, 28)), max_tokens=4)
+    scheduler.add(drafting)
+    scheduler.add(other)
+    _step(scheduler, {drafting.request_id: [11], other.request_id: [5]})  # 1 + 3 blocks: one free
+    output, _ = _step(scheduler, {drafting.request_id: [12], other.request_id: [5]})
+    assert scheduler.num_preemptions == 0
+    by_id = {item.request_id: item for item in output.scheduled}
+    assert by_id[drafting.request_id].num_draft_tokens == 0 and by_id[other.request_id].num_new_tokens == 1
+
+
+def test_blocks_filled_by_accepted_drafts_are_cached_under_their_tokens() -> None:
+    scheduler = _speculating(block_size=4)
+    seq = make_sequence(prompt=[10, 11, 12, 13, 14, 10], max_tokens=20)
+    scheduler.add(seq)
+    _step(scheduler, {seq.request_id: [11]})
+    _step(scheduler, {seq.request_id: [12, 13, 14, 15]})  # positions 7-9 accepted: block 1 fills
+    _step(scheduler, {seq.request_id: [16]})
+    tokens = seq.token_slice(0, seq.num_tokens)
+    expected, parent = [], b""
+    for index in range(seq.num_computed_tokens // 4):
+        parent = chain_hash(parent, tokens[index * 4 : index * 4 + 4])
+        expected.append(parent)
+    assert seq.block_hashes == expected and len(expected) == 2
 
 
 def test_speculation_off_drafts_nothing() -> None:
