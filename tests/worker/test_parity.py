@@ -52,7 +52,6 @@ def expected(hf_model: AutoModelForCausalLM, mixed_prompts: list[list[int]]) -> 
         pytest.param({"kv_cache_bytes": 40 * 16 * 46080, "max_model_len": 512}, id="preempted"),
         pytest.param({"cpu_decode_kernel": False}, id="sdpa-decode"),
         pytest.param({"batching": "static", "max_num_seqs": 5}, id="static-batches"),
-        pytest.param({"batching": "sequential"}, id="sequential"),
         pytest.param({"speculative": "ngram", "prompt_lookup_min": 1}, id="speculative"),
     ],
 )
@@ -65,6 +64,15 @@ def test_greedy_matches_transformers(
     llm.core.scheduler.check_invariants()
     if "kv_cache_bytes" in engine_args:
         assert llm.core.scheduler.num_preemptions > 0
+
+
+def test_one_request_at_a_time_matches_transformers(
+    model_dir: Path, mixed_prompts: list[list[int]], expected: list[list[int]]
+) -> None:
+    """Sequential batching: every third prompt, each alone in turn."""
+    llm = LLM(model=model_dir, kv_cache_bytes=SMALL_KV, batching="sequential")
+    assert [c.token_ids for c in llm.generate(mixed_prompts[::3], GREEDY)] == expected[::3]
+    assert max(llm.core.stats.batch_sizes) == 1
 
 
 def test_greedy_matches_transformers_with_prefix_cache_hits(
