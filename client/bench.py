@@ -6,7 +6,7 @@ transformers one N times and prints the median, with the minimum and maximum tok
   request constrained to a JSON schema, with prompt-lookup speculative decoding (`ngram`), and once
   for each `--quantization` mode (the agreement of each with the unquantized row printed below the
   table). Each engine also serves three requests alone, one after the other: the one-stream line
-  (median inter-token latency);
+  (each request's mean inter-token latency);
 - model forward only: the same run's output tokens over the time spent inside the model's forward
   alone (what the engine would reach with zero overhead around the model);
 - transformers sequential: Hugging Face `generate`, one request at a time, greedy, on the same prompts
@@ -448,20 +448,13 @@ def _attempt(
         rows.append(vllm_row)
     if args.llamacpp:
         llamacpp_row, by_engine["llama.cpp"] = run_llamacpp(
-            args.llamacpp, _gguf_of(args.model), args.workload, args.num_requests
+            args.llamacpp, download_gguf(args.model.parent), args.workload, args.num_requests
         )
         rows.append(llamacpp_row)
     if args.http:
         http_modes = args.http_quantization if _on_cpu_in_float32(args) else []
         rows += run_http_rows(args.model, args.workload, args.num_requests, args.vllm, http_modes)
     return Attempt(rows, by_engine, vllm_outputs, roofline, batching, drafts)
-
-
-def _gguf_of(model: Path) -> Path:
-    """The GGUF file the default model was made from: what llama.cpp runs."""
-    if model.name != CHECKPOINT_NAME:
-        raise SystemExit(f"--llamacpp runs the default model's GGUF file, not {model}")
-    return download_gguf(model.parent)
 
 
 def _on_cpu_in_float32(args: argparse.Namespace) -> bool:
@@ -474,6 +467,8 @@ def run_bench(args: argparse.Namespace) -> int:
     engine_args: dict[str, Any] = {"dtype": args.dtype}
     if args.max_num_batched_tokens:
         engine_args["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if args.llamacpp and args.model.name != CHECKPOINT_NAME:
+        raise SystemExit(f"--llamacpp runs the default model's GGUF file, not {args.model}")
     if not _on_cpu_in_float32(args) and (args.quantization or args.http_quantization):
         print("quantized rows skipped: --quantization runs on a CPU in float32 only")
     attempts = [_attempt(args, workload, engine_args) for _ in range(args.repeat)]

@@ -137,9 +137,7 @@ class BlockManager:
         """Register the sequence's newly computed full blocks so later prompts can reuse them."""
         if not self.enable_prefix_caching:
             return
-        # Only blocks whose tokens are known: drafts a step accepted are computed before they are
-        # appended, and the next update registers their blocks.
-        num_full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
+        num_full = seq.num_computed_tokens // self.block_size
         if num_full <= seq.num_cached_blocks:
             return
         self._hash_full_blocks(seq, num_full)

@@ -150,19 +150,11 @@ class Scheduler:
                 if item.start_pos == 0:  # computed afresh after a preemption: the same values again
                     seq.prompt_logprobs.clear()
                 seq.prompt_logprobs.extend(prompt_logprobs[index])
-            num_computed = item.num_new_tokens
             if item.num_draft_tokens:
-                samples = self._verify(item, samples)
-                # Rejected drafts were computed too, but at positions the sequence has not reached.
-                num_computed -= item.num_draft_tokens - (len(samples) - 1)
-            seq.num_computed_tokens += num_computed
-            self.block_manager.cache_full_blocks(seq)
-            if self.config.sliding_window is not None:
-                self.block_manager.release_outside_window(seq, self.config.sliding_window)
-            if not item.needs_sample:
+                chunks.append(self._update_drafted(seq, item, samples))
                 continue
-            if item.num_draft_tokens:
-                chunks.append(self._append(seq, samples))
+            self._computed(seq, item.num_new_tokens)
+            if not item.needs_sample:
                 continue
             by_choice = dict(zip(item.sample_choices, samples, strict=True))
             family = [seq, *(self._fork(seq, c) for c in seq.fork_choices if c in by_choice)]
@@ -170,6 +162,27 @@ class Scheduler:
             for member in family:
                 chunks.append(self._append(member, (by_choice[member.choice_index],)))
         return chunks
+
+    def _computed(self, seq: Sequence, num_tokens: int) -> None:
+        """`num_tokens` more of the sequence's tokens have their K/V in the cache: register the
+        blocks they fill and give back those behind the sliding window."""
+        seq.num_computed_tokens += num_tokens
+        self.block_manager.cache_full_blocks(seq)
+        if self.config.sliding_window is not None:
+            self.block_manager.release_outside_window(seq, self.config.sliding_window)
+
+    def _update_drafted(
+        self, seq: Sequence, item: ScheduledSeq, samples: tuple[SampledToken, ...]
+    ) -> TokenChunk:
+        """The fed token is computed; the accepted drafts are too, once they are the sequence's
+        tokens (unless a stop among them ended it). Rejected drafts were computed at positions the
+        sequence has not reached: the next step writes them again."""
+        kept = self._verify(item, samples)
+        self._computed(seq, item.num_new_tokens - item.num_draft_tokens)
+        chunk = self._append(seq, kept)
+        if chunk.finish_reason is None:
+            self._computed(seq, len(kept) - 1)
+        return chunk
 
     def _verify(self, item: ScheduledSeq, samples: tuple[SampledToken, ...]) -> tuple[SampledToken, ...]:
         """The tokens a speculative step gave: the model's own at every row up to and including the

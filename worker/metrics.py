@@ -2,7 +2,6 @@
 (StepMetrics) and a generation worker's KV cache and scheduler besides (GenerationMetrics)."""
 
 from collections.abc import Callable
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -120,7 +119,7 @@ class GenerationMetrics(StepMetrics):
 class _Followed:
     """A Prometheus counter that follows a count kept elsewhere, from its value when made."""
 
-    def __init__(self, counter: Any, read: Callable[[], int]):
+    def __init__(self, counter: Counter, read: Callable[[], int]):
         self._counter, self._read = counter, read
         self._seen = read()
 

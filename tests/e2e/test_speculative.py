@@ -3,7 +3,6 @@ Redis and the gateway in one chunk, and the client gets exactly the tokens of pl
 
 import json
 import signal
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -11,18 +10,11 @@ from client.library import ConveyorClient
 from client.redis_server import free_port
 from scheduler import SamplingParams
 from tests.conftest import ROOT
+from tests.e2e.test_metrics import scrape, value
 from tests.e2e.test_supervisor import start_serve, wait_for_line
 from worker.llm import LLM
 
 NUM_TOKENS = 40
-
-
-def _counter(metrics_url: str, name: str) -> float:
-    with urllib.request.urlopen(metrics_url, timeout=10) as page:
-        for line in page.read().decode().splitlines():
-            if line.startswith(name):
-                return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} is not on {metrics_url}")
 
 
 def test_conveyor_serve_with_ngram_drafts_streams_the_tokens_of_plain_decoding(
@@ -57,9 +49,9 @@ def test_conveyor_serve_with_ngram_drafts_streams_the_tokens_of_plain_decoding(
                     conversations,
                 )
             )
-        metrics = f"http://127.0.0.1:{metrics_port}/metrics"
-        accepted = _counter(metrics, "conveyor:spec_decode_num_accepted_tokens_total")
-        drafted = _counter(metrics, "conveyor:spec_decode_num_draft_tokens_total")
+        samples = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
+        accepted = value(samples, "conveyor:spec_decode_num_accepted_tokens_total")
+        drafted = value(samples, "conveyor:spec_decode_num_draft_tokens_total")
         serve.send_signal(signal.SIGINT)
         assert serve.wait(timeout=60) == 0
     finally:

@@ -1,6 +1,8 @@
 """Prompt-lookup speculative decoding in the scheduler: what is drafted, and what is kept."""
 
-from scheduler import FinishReason, SampledToken, SchedulerOutput
+from typing import Any
+
+from scheduler import FinishReason, SampledToken, Scheduler, SchedulerOutput, TokenChunk
 from scheduler.block_manager import chain_hash
 from scheduler.ngram_proposer import NgramIndex
 from tests.scheduler.factories import EOS, make_scheduler, make_sequence, run_step
@@ -32,20 +34,20 @@ def test_the_index_grows_with_the_sequence() -> None:
     assert index.propose(seq, 2) == [2, 8]  # "1" last followed by "2 8"
 
 
-def _speculating(**config: object) -> object:
-    defaults: dict[str, object] = {"num_blocks": 32, "max_model_len": 64, "max_num_batched_tokens": 32}
-    return make_scheduler(**{**defaults, **config}, num_speculative_tokens=3, prompt_lookup_min=1)  # type: ignore[arg-type]
+def _speculating(**config: Any) -> Scheduler:
+    defaults: dict[str, Any] = {"num_blocks": 32, "max_model_len": 64, "max_num_batched_tokens": 32}
+    return make_scheduler(**{**defaults, **config}, num_speculative_tokens=3, prompt_lookup_min=1)
 
 
-def _step(scheduler: object, tokens: dict[str, list[int]]) -> tuple[SchedulerOutput, list[object]]:
+def _step(scheduler: Scheduler, tokens: dict[str, list[int]]) -> tuple[SchedulerOutput, list[TokenChunk]]:
     """Schedule; each item 'samples' the given tokens, one per row it samples."""
-    output = scheduler.schedule()  # type: ignore[attr-defined]
+    output = scheduler.schedule()
     sampled = []
     for item in output.scheduled:
         rows = 1 + item.num_draft_tokens if item.needs_sample else 0
         sampled.append(tuple(SampledToken(t) for t in tokens[item.request_id][:rows]))
-    chunks = scheduler.update(output, sampled)  # type: ignore[attr-defined]
-    scheduler.check_invariants()  # type: ignore[attr-defined]
+    chunks = scheduler.update(output, sampled)
+    scheduler.check_invariants()
     return output, chunks
 
 
@@ -94,11 +96,13 @@ def test_drafts_stay_within_max_tokens_and_the_budget() -> None:
     scheduler.add(other)
     _step(scheduler, {capped.request_id: [11], other.request_id: [5]})
     _step(scheduler, {capped.request_id: [11], other.request_id: [5]})
+    # capped decodes (1 token), other's last prompt chunk (2): one token of budget is left, and
+    # capped has room for two more tokens, so one draft ("10 11" was followed by 12).
     output, chunks = _step(scheduler, {capped.request_id: [12, 13], other.request_id: [5]})
     by_id = {item.request_id: item for item in output.scheduled}
-    assert by_id[capped.request_id].num_draft_tokens == 1  # 2 of 3 tokens out: one more, drafted
-    assert sum(item.num_new_tokens for item in output.scheduled) <= 4
-    assert capped.output_token_ids == [11, 11, 12] or capped.finish_reason == FinishReason.LENGTH
+    assert by_id[capped.request_id].token_ids == [11, 12] and by_id[other.request_id].num_new_tokens == 2
+    assert output.num_batched_tokens == 4
+    assert capped.output_token_ids == [11, 12, 13] and capped.finish_reason == FinishReason.LENGTH
 
 
 def test_sampled_penalized_and_constrained_sequences_are_not_drafted() -> None:
@@ -117,19 +121,7 @@ def test_sampled_penalized_and_constrained_sequences_are_not_drafted() -> None:
         assert output.scheduled[0].num_draft_tokens == 0, sampling
 
 
-def test_drafts_never_preempt_a_running_sequence() -> None:
-    scheduler = _speculating(num_blocks=5, block_size=4, max_model_len=20, max_num_seqs=2)
-    seq = make_sequence(prompt=[10, 11, 10], max_tokens=12)
-    other = make_sequence(prompt=list(range(20, 35)), max_tokens=4)
-    scheduler.add(seq)
-    scheduler.add(other)
-    _step(scheduler, {seq.request_id: [11], other.request_id: [5]})  # 1 + 4 blocks: the pool is full
-    output, _ = _step(scheduler, {seq.request_id: [12], other.request_id: [5]})
-    assert scheduler.num_preemptions == 0
-    assert output.scheduled[0].num_draft_tokens == 0
-
-
-def test_drafts_never_take_the_block_a_later_sequence_needs_for_its_own_token() -> None:
+def test_drafts_never_take_the_block_a_later_sequence_needs_nor_preempt() -> None:
     scheduler = _speculating(num_blocks=4, block_size=4, max_model_len=16, max_num_seqs=2)
     drafting = make_sequence(prompt=[10, 11, 10], max_tokens=8)
     other = make_sequence(prompt=list(range(20, 28)), max_tokens=4)
