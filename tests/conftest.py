@@ -1,6 +1,7 @@
 """Shared fixtures: one real Redis, the real default model's path and the standard workload."""
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +11,9 @@ import redis
 from client.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL_DIR = ROOT / "models" / "smollm2-135m-instruct"
+# CONVEYOR_TEST_MODEL: a checkpoint of the default model's shape in its place (the GPU check's,
+# with random weights, where the real ones cannot be carried).
+MODEL_DIR = Path(os.environ.get("CONVEYOR_TEST_MODEL") or ROOT / "models" / "smollm2-135m-instruct")
 EMBEDDER_DIR = ROOT / "models" / "all-minilm-l6-v2"
 WORKLOAD = ROOT / "bench" / "standard-workload.jsonl"
 

@@ -12,11 +12,14 @@ import torch
 
 from checkpoints import model_dir_of
 from scheduler import FinishReason, SamplingParams, Scheduler, SchedulerConfig, Sequence, TokenChunk
+from worker.attention import AttentionBackend
+from worker.cpu_attention import CpuAttention
 from worker.cpu_kernels import keep_freed_memory, pack_linears
 from worker.grammar_matchers import GrammarMatchers
 from worker.kernels import PagedDecodeKernel
 from worker.kv_cache import KVCache, num_blocks_for_budget
-from worker.model_config import CheckpointError
+from worker.model import CausalLM
+from worker.model_config import CheckpointError, ModelConfig
 from worker.model_loader import load_model
 from worker.model_runner import ModelRunner
 from worker.settings import EngineSettings, Quantization
@@ -34,6 +37,8 @@ class StepStats:
     step_s: float = 0.0  # whole steps: scheduling, tensor building, forward, sampling, bookkeeping
     num_prefill_steps: int = 0  # steps that carried prompt (or recomputed) tokens
     prefill_step_s: float = 0.0
+    model_s: float = 0.0  # of step_s, inside the model's forward (the rest is the host's share)
+    prefill_model_s: float = 0.0
     num_tokens: int = 0  # tokens fed to the model
     num_prefill_tokens: int = 0  # of them, in prefill steps
     num_sampled_rows: int = 0  # rows through the LM head to sample (a draft checked is one)
@@ -70,7 +75,11 @@ class GenerationCore:
         if device.type == "cpu":
             keep_freed_memory()
             pack_linears(model, settings.max_num_seqs)
-        budget = settings.kv_cache_bytes or _default_kv_bytes(device, settings.gpu_memory_fraction)
+        attention = attention_backend(settings, device, dtype)
+        graph_sizes = _graph_sizes(settings, model, attention)
+        budget = settings.kv_cache_bytes or _default_kv_bytes(
+            settings, model, config, attention, dtype, max_model_len, graph_sizes
+        )
         num_blocks = num_blocks_for_budget(config, settings.block_size, budget, dtype)
         pool_tokens = num_blocks * settings.block_size
         if pool_tokens < max_model_len:
@@ -98,24 +107,27 @@ class GenerationCore:
         )
         kv_cache = KVCache(config, num_blocks, settings.block_size, device, dtype)
         logger.info(
-            "engine ready: model=%s (%s) device=%s dtype=%s quantization=%s max_model_len=%d kv_blocks=%d "
-            "(%.0f MiB)",
+            "engine ready: model=%s (%s) device=%s dtype=%s quantization=%s attention=%s max_model_len=%d "
+            "kv_blocks=%d (%.0f MiB)",
             settings.model,
             config.model_type,
             device,
             str(dtype).removeprefix("torch."),
             settings.quantization,
+            attention.name,
             max_model_len,
             num_blocks,
             kv_cache.num_bytes / 2**20,
         )
-        kernel = None
-        if device.type == "cpu" and settings.cpu_decode_kernel and dtype != torch.float32:
-            logger.info("the C decode kernel is float32-only: %s decodes use gather + SDPA", settings.dtype)
-        elif device.type == "cpu" and settings.cpu_decode_kernel:
-            kernel = PagedDecodeKernel.load()
         matchers = GrammarMatchers(model_dir_of(settings.model), config.vocab_size, config.eos_token_ids)
-        runner = ModelRunner(model, kv_cache, device, kernel, matchers)
+        runner = ModelRunner(model, kv_cache, device, attention, matchers)
+        if graph_sizes:
+            from worker.cuda_graphs import DecodeGraphs
+            from worker.triton_attention import TritonAttention
+
+            assert isinstance(attention, TritonAttention)
+            runner.graphs = DecodeGraphs(model, kv_cache, attention, graph_sizes, max_model_len)
+            runner.graphs.capture()
         return cls(Scheduler(scheduler_config), runner, settings.quantization)
 
     @property
@@ -169,7 +181,9 @@ class GenerationCore:
         output = self.scheduler.schedule()
         if output.is_empty:
             return None
+        model_s = self.runner.model_s
         result = self.runner.execute(output)
+        model_s = self.runner.model_s - model_s
         chunks = self.scheduler.update(output, result.sampled, result.prompt_logprobs)
         for chunk in chunks:
             if chunk.finish_reason is not None:
@@ -178,10 +192,12 @@ class GenerationCore:
         seconds = time.perf_counter() - started
         stats.num_steps += 1
         stats.step_s += seconds
+        stats.model_s += model_s
         num_rows = sum(item.num_draft_tokens + len(item.sample_choices) for item in output.scheduled)
         if not all(item.is_decode for item in output.scheduled):
             stats.num_prefill_steps += 1
             stats.prefill_step_s += seconds
+            stats.prefill_model_s += model_s
             stats.num_prefill_tokens += output.num_batched_tokens
             stats.num_prefill_sampled_rows += num_rows
         stats.num_tokens += output.num_batched_tokens
@@ -210,8 +226,59 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def _default_kv_bytes(device: torch.device, gpu_memory_fraction: float) -> int:
-    if device.type != "cuda":
+def attention_backend(settings: EngineSettings, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
+    """`--attention-backend`: auto is triton on CUDA, cpu elsewhere."""
+    name = settings.attention_backend
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "cpu"
+    if name == "triton":
+        if device.type != "cuda":
+            raise CheckpointError("attention_backend triton runs on CUDA only: use cpu (or auto) here")
+        from worker.triton_attention import TritonAttention
+
+        return TritonAttention(settings.block_size, device)
+    kernel = None
+    if device.type == "cpu" and settings.cpu_decode_kernel and dtype != torch.float32:
+        logger.info("the C decode kernel is float32-only: %s decodes use gather + SDPA", settings.dtype)
+    elif device.type == "cpu" and settings.cpu_decode_kernel:
+        kernel = PagedDecodeKernel.load()
+    return CpuAttention(settings.block_size, device, kernel)
+
+
+def _graph_sizes(settings: EngineSettings, model: CausalLM, attention: AttentionBackend) -> list[int]:
+    """The decode batch sizes to capture as CUDA graphs; none when off or not possible."""
+    if not settings.cuda_graphs or attention.name != "triton":
+        return []
+    from worker.cuda_graphs import DecodeGraphs, capture_sizes
+
+    why_not = DecodeGraphs.supported(model)
+    if why_not is not None:
+        logger.info("CUDA graphs off: %s", why_not)
+        return []
+    return capture_sizes(settings.max_num_seqs)
+
+
+def _default_kv_bytes(
+    settings: EngineSettings,
+    model: CausalLM,
+    config: ModelConfig,
+    attention: AttentionBackend,
+    dtype: torch.dtype,
+    max_model_len: int,
+    graph_sizes: list[int],
+) -> int:
+    if attention.device.type != "cuda":
         return _CPU_KV_CACHE_BYTES
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(free * gpu_memory_fraction)
+    from worker.gpu_memory import plan_gpu_memory
+
+    plan = plan_gpu_memory(
+        model,
+        config,
+        attention,
+        dtype,
+        settings.gpu_memory_fraction,
+        min(settings.max_num_batched_tokens, max_model_len),
+        graph_sizes[-1] if graph_sizes else 0,
+    )
+    logger.info("%s", plan.describe())
+    return plan.kv_bytes

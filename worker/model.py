@@ -1,7 +1,7 @@
 """One decoder over packed tokens and a paged KV cache, for every family in worker/families.py.
 
 Follows the Hugging Face implementations operation for operation (RMSNorm in float32, RoPE tables
-computed the same way, SDPA attention, or eager where scores are soft-capped), so greedy float32
+computed the same way, attention through the backend of worker/attention.py), so greedy float32
 output matches `generate`.
 """
 
@@ -13,7 +13,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from worker.attention import AttentionMetadata, LayerAttention, paged_attention
+from worker.attention import LayerAttention, StepAttention
 from worker.families import Family
 from worker.kv_cache import KVCache
 from worker.model_config import ModelConfig
@@ -149,7 +149,7 @@ class Attention(nn.Module):
         rotation: Rotation,
         key_cache: torch.Tensor,
         value_cache: torch.Tensor,
-        meta: AttentionMetadata,
+        meta: StepAttention,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -162,13 +162,12 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotation(q), rotation(k)
-        attn = paged_attention(
+        attn = meta.forward(
             q,
             k.reshape(num_tokens, self.kv_size),
             v.contiguous(),
             key_cache,
             value_cache,
-            meta,
             self.num_kv_heads,
             self.layer,
         )
@@ -210,7 +209,7 @@ class DecoderLayer(nn.Module):
         rotation: Rotation,
         key_cache: torch.Tensor,
         value_cache: torch.Tensor,
-        meta: AttentionMetadata,
+        meta: StepAttention,
     ) -> torch.Tensor:
         attn = self.self_attn(self.attn_in(hidden), rotation, key_cache, value_cache, meta)
         hidden = hidden + self.attn_out(attn)
@@ -244,7 +243,7 @@ class CausalLM(nn.Module):
         input_ids: torch.Tensor,  # [num_tokens]
         positions: torch.Tensor,  # [num_tokens]
         kv_cache: KVCache,
-        meta: AttentionMetadata,
+        meta: StepAttention,
         logit_rows: torch.Tensor,  # [num_samples] rows of the batch to compute logits for
         prompt_lens: torch.Tensor,  # [num_tokens] prompt length of each token's sequence
     ) -> torch.Tensor:  # [num_samples, vocab_size]

@@ -4,16 +4,19 @@ import dataclasses
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from scheduler import RELEASED, SampledToken, ScheduledSeq, SchedulerOutput
-from worker.attention import AttentionMetadata, PrefillChunk
+from scheduler import SampledToken, ScheduledSeq, SchedulerOutput
+from worker.attention import AttentionBackend, SequenceRows
 from worker.grammar_matchers import GrammarMatchers
-from worker.kernels import PagedDecodeKernel
 from worker.kv_cache import KVCache
 from worker.model import CausalLM
 from worker.sampler import Sampler
+
+if TYPE_CHECKING:
+    from worker.cuda_graphs import DecodeGraphs
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +34,7 @@ class ModelRunner:
         model: CausalLM,
         kv_cache: KVCache,
         device: torch.device,
-        decode_kernel: PagedDecodeKernel | None = None,
+        attention: AttentionBackend,
         matchers: GrammarMatchers | None = None,
     ):
         self.model = model
@@ -42,12 +45,12 @@ class ModelRunner:
         self._mask_thread = (
             ThreadPoolExecutor(1, thread_name_prefix="grammar-masks") if device.type == "cuda" else None
         )
-        self.decode_kernel = decode_kernel
+        self.attention = attention
+        self.graphs: DecodeGraphs | None = None  # set once captured (CUDA)
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = device
         self.sampler = Sampler(device)
-        self._offsets = torch.arange(self.block_size, device=device)
         self.model_s = 0.0  # time inside the model's forward, over the runner's life
 
     def execute(self, output: SchedulerOutput) -> StepResult:
@@ -67,8 +70,18 @@ class ModelRunner:
         sampled: list[ScheduledSeq] = []  # by logit row: the item as the choice sampled there
         prompt_rows: list[int] = []  # rows whose logits score the next prompt token
         prompt_targets: list[tuple[int, int]] = []  # (item, that token) of each
+        seqs: list[SequenceRows] = []
         for index in order:
             item = items[index]
+            seqs.append(
+                SequenceRows(
+                    item.block_ids,
+                    item.start_pos,
+                    item.num_new_tokens,
+                    len(input_ids),
+                    item.num_draft_tokens > 0,
+                )
+            )
             # Asked for and not yet sent (they go with completion token 0): this chunk's prompt
             # positions, each scoring the prompt token after it.
             if item.sampling.prompt_logprobs is not None and not item.num_output_tokens:
@@ -93,19 +106,6 @@ class ModelRunner:
                 sampled.append(
                     item if choice == item.choice_index else dataclasses.replace(item, choice_index=choice)
                 )
-        decode_rows = [
-            (items[i].block_ids, pos + 1)
-            for i in decodes
-            for pos in range(items[i].start_pos, items[i].context_len)
-        ]
-        meta = AttentionMetadata(
-            slot_mapping=self._tensor(slot_mapping),
-            num_decodes=len(decode_rows),
-            prefills=self._prefill_chunks(items, chunks, len(decode_rows)),
-            block_size=self.block_size,
-        )
-        if decode_rows:
-            meta = self._with_decode_context(meta, decode_rows)
         masks: torch.Tensor | None = None
         pending_masks: Future[torch.Tensor | None] | None = None
         if self.matchers is not None and any(item.sampling.grammar for item in sampled):
@@ -116,14 +116,24 @@ class ModelRunner:
         started = time.perf_counter()
         if output.block_copies:
             self.kv_cache.copy_blocks(output.block_copies)
-        logits = self.model(
-            self._tensor(input_ids),
-            self._tensor(positions),
-            self.kv_cache,
-            meta,
-            self._tensor(logit_rows + prompt_rows),
-            self._tensor(prompt_lens),
+        graph_size = (  # a step of decodes only, one row each, may replay a captured graph
+            self.graphs.size_for(len(seqs))
+            if self.graphs is not None and not prompt_rows and len(seqs) == len(input_ids)
+            else None
         )
+        if graph_size is not None:
+            assert self.graphs is not None
+            logits = self.graphs.run(graph_size, seqs, input_ids, positions, prompt_lens, slot_mapping)
+            logits = logits[self._tensor(logit_rows)]
+        else:
+            logits = self.model(
+                self._tensor(input_ids),
+                self._tensor(positions),
+                self.kv_cache,
+                self.attention.plan(seqs, slot_mapping),
+                self._tensor(logit_rows + prompt_rows),
+                self._tensor(prompt_lens),
+            )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.model_s += time.perf_counter() - started
@@ -160,55 +170,3 @@ class ModelRunner:
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
-
-    def _context_slots(self, block_ids: list[int], context_len: int) -> tuple[torch.Tensor, int]:
-        """Slots of the context from its first block still held (the ones before it were released
-        behind the sliding window), and the position of the first of them."""
-        held = block_ids[: -(-context_len // self.block_size)]
-        first = next((i for i, block in enumerate(held) if block != RELEASED), len(held))
-        blocks = self._tensor(held[first:])
-        first_pos = first * self.block_size
-        return (blocks[:, None] * self.block_size + self._offsets).view(-1)[
-            : context_len - first_pos
-        ], first_pos
-
-    def _prefill_chunks(self, items: list[ScheduledSeq], chunks: list[int], row: int) -> list[PrefillChunk]:
-        result = []
-        for index in chunks:
-            item = items[index]
-            slots, first_pos = (
-                self._context_slots(item.block_ids, item.context_len) if item.start_pos else (None, 0)
-            )
-            result.append(PrefillChunk(row, item.num_new_tokens, item.start_pos, slots, first_pos))
-            row += item.num_new_tokens
-        return result
-
-    def _with_decode_context(
-        self, meta: AttentionMetadata, decodes: list[tuple[list[int], int]]
-    ) -> AttentionMetadata:
-        """Block tables and context lengths of the decode rows (a block table and the keys its
-        query sees, each), for the kernel or for SDPA."""
-        context_lens = [context_len for _, context_len in decodes]
-        max_blocks = -(-max(context_lens) // self.block_size)
-        rows = []
-        for block_ids, context_len in decodes:
-            held = block_ids[: -(-context_len // self.block_size)]
-            rows.append(held + [0] * (max_blocks - len(held)))  # padding is never read
-        table = self._tensor(rows)  # [num_decodes, max_blocks]
-        if self.decode_kernel is not None:
-            return dataclasses.replace(
-                meta,
-                decode_kernel=self.decode_kernel,
-                decode_block_tables=table,
-                decode_context_lens=self._tensor(context_lens),
-            )
-        max_context = max(context_lens)
-        held = table.clamp(min=0)  # a released block is outside every window: masked, any block will do
-        slots = (held[:, :, None] * self.block_size + self._offsets).view(len(decodes), -1)[:, :max_context]
-        visible = torch.arange(max_context, device=self.device)[None, :] < self._tensor(context_lens)[:, None]
-        return dataclasses.replace(
-            meta,
-            decode_slots=slots.contiguous(),
-            decode_mask=visible[:, None, None, :],
-            decode_context_lens=self._tensor(context_lens),
-        )

@@ -25,9 +25,17 @@ class EngineSettings(ModelSettings):
     max_num_batched_tokens: int = Field(512, ge=1)
     """Token budget of one step."""
     kv_cache_bytes: int | None = None
-    """KV cache size; default: 2 GiB on CPU, gpu_memory_fraction of free GPU memory."""
-    gpu_memory_fraction: float = Field(0.8, gt=0, le=1)
-    """Share of free GPU memory the KV cache takes by default."""
+    """KV cache size; default: 2 GiB on CPU, on a GPU what gpu_memory_fraction leaves."""
+    gpu_memory_fraction: float = Field(0.9, gt=0, le=1)
+    """Share of the GPU's memory this worker takes: weights, the largest step's activations (measured
+    at start-up), decode graphs and CUDA's own first, the KV cache the rest (vLLM's
+    gpu_memory_utilization)."""
+    attention_backend: Literal["auto", "cpu", "triton"] = "auto"
+    """Attention over the paged cache: cpu = SDPA and the C decode kernel; triton = one kernel a
+    step reading the cache in place (CUDA); auto = triton on CUDA, else cpu."""
+    cuda_graphs: bool = True
+    """Replay decode steps from CUDA graphs captured at start-up for batch sizes 1, 2, 4, 8, 16, ...
+    up to max_num_seqs (padding a step to the next); off = every step eager (vLLM's enforce_eager)."""
     enable_prefix_caching: bool = True
     """Reuse the KV blocks of a shared prompt prefix."""
     speculative: Speculative = "none"

@@ -1,0 +1,162 @@
+"""Every attention backend this machine has, against one eager reference over the same block tables:
+a step mixing decodes, a decode checking drafts, a whole prompt and a chunk continuing a cached
+prompt, with grouped heads, sliding windows (blocks behind them released) and soft-capped scores.
+
+The Triton backend runs on CUDA where there is one, else in Triton's interpreter (float32 and
+float16 there: the interpreter cannot multiply bfloat16 tiles)."""
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from scheduler import RELEASED
+from worker.attention import AttentionBackend, LayerAttention, SequenceRows
+from worker.cpu_attention import CpuAttention
+from worker.kernels import PagedDecodeKernel
+
+BLOCK_SIZE = 4
+NUM_BLOCKS = 48
+HEAD_DIM = 16
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+# (start_pos, num_new, checks_drafts): decodes first, as the runner packs them
+SEQUENCES = [(9, 1, False), (0, 1, False), (30, 1, False), (12, 3, True), (0, 7, False), (16, 9, False)]
+
+
+def _cpu(kernel: bool) -> Callable[[], AttentionBackend]:
+    def make() -> AttentionBackend:
+        decode_kernel = PagedDecodeKernel.load() if kernel else None
+        if kernel and decode_kernel is None:
+            pytest.skip("no C compiler on this machine")
+        return CpuAttention(BLOCK_SIZE, torch.device("cpu"), decode_kernel)
+
+    return make
+
+
+def _triton() -> AttentionBackend:
+    pytest.importorskip("triton")
+    from worker.triton_attention import TritonAttention
+
+    return TritonAttention(BLOCK_SIZE, DEVICE)
+
+
+BACKENDS = {"cpu-kernel": _cpu(True), "cpu-sdpa": _cpu(False), "triton": _triton}
+CASES = [
+    # backend, dtype, tolerance
+    ("cpu-kernel", torch.float32, 1e-5),
+    ("cpu-sdpa", torch.float32, 1e-5),
+    ("triton", torch.float32, 1e-5),
+    ("triton", torch.float16, 2e-3),
+    *([("triton", torch.bfloat16, 2e-2)] if CUDA else []),
+]
+
+
+def reference(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    seqs: list[SequenceRows],
+    num_kv_heads: int,
+    layer: LayerAttention,
+) -> torch.Tensor:
+    """Eager attention, in float64, of every row over its sequence's keys gathered slot by slot."""
+    num_heads = q.shape[1]
+    group = num_heads // num_kv_heads
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for seq in seqs:
+        for offset in range(seq.num_new):
+            row, pos = seq.row_start + offset, seq.start_pos + offset
+            first = 0 if layer.window is None else max(0, pos - layer.window + 1)
+            slots = [
+                seq.block_ids[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(first, pos + 1)
+            ]
+            keys = key_cache[slots].double().view(len(slots), num_kv_heads, HEAD_DIM)
+            values = value_cache[slots].double().view(len(slots), num_kv_heads, HEAD_DIM)
+            for head in range(num_heads):
+                scores = keys[:, head // group] @ q[row, head].double() * layer.scale
+                if layer.softcap is not None:
+                    scores = torch.tanh(scores / layer.softcap) * layer.softcap
+                out[row, head] = torch.softmax(scores, dim=0) @ values[:, head // group]
+    return out
+
+
+def _step(num_kv_heads: int, window: int | None, seed: int) -> tuple[list[SequenceRows], list[int]]:
+    """Block tables drawn from one shuffled pool; with a window, blocks wholly behind the first
+    query's window released, as the scheduler does."""
+    generator = torch.Generator().manual_seed(seed)
+    pool = torch.randperm(NUM_BLOCKS, generator=generator).tolist()
+    seqs, slots, row = [], [], 0
+    for start_pos, num_new, drafts in SEQUENCES:
+        context_len = start_pos + num_new
+        blocks = [pool.pop() for _ in range(-(-context_len // BLOCK_SIZE))]
+        if window is not None:
+            first_visible = max(0, start_pos - window + 1)
+            blocks = [
+                RELEASED if (b + 1) * BLOCK_SIZE <= first_visible else block for b, block in enumerate(blocks)
+            ]
+        seqs.append(SequenceRows(blocks, start_pos, num_new, row, drafts))
+        slots += [
+            blocks[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(start_pos, context_len)
+        ]
+        row += num_new
+    return seqs, slots
+
+
+@pytest.mark.parametrize(("backend_name", "dtype", "tolerance"), CASES)
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(6, 2), (4, 4)])
+@pytest.mark.parametrize(("window", "softcap"), [(None, None), (6, None), (None, 3.0)])
+def test_backend_matches_eager_attention_over_block_tables(
+    backend_name: str,
+    dtype: torch.dtype,
+    tolerance: float,
+    num_heads: int,
+    num_kv_heads: int,
+    window: int | None,
+    softcap: float | None,
+) -> None:
+    backend = BACKENDS[backend_name]()
+    device = backend.device
+    seqs, slots = _step(num_kv_heads, window, seed=num_heads)
+    num_tokens = len(slots)
+    width = num_kv_heads * HEAD_DIM
+    torch.manual_seed(num_kv_heads)
+    key_cache = torch.randn(NUM_BLOCKS * BLOCK_SIZE, width, dtype=dtype, device=device)
+    value_cache = torch.randn(NUM_BLOCKS * BLOCK_SIZE, width, dtype=dtype, device=device)
+    q = torch.randn(num_tokens, num_heads, HEAD_DIM, dtype=dtype, device=device)
+    k = torch.randn(num_tokens, width, dtype=dtype, device=device)
+    v = torch.randn(num_tokens, width, dtype=dtype, device=device)
+    layer = LayerAttention(scale=HEAD_DIM**-0.5, window=window, softcap=softcap)
+    out = backend.plan(seqs, slots).forward(q, k, v, key_cache, value_cache, num_kv_heads, layer)
+    assert out.shape == (num_tokens, num_heads * HEAD_DIM) and out.dtype == dtype
+    stored = torch.tensor(slots, device=device)
+    assert torch.equal(key_cache[stored], k) and torch.equal(value_cache[stored], v)
+    expected = reference(q.cpu(), key_cache.cpu(), value_cache.cpu(), seqs, num_kv_heads, layer)
+    torch.testing.assert_close(out.cpu().double().view_as(expected), expected, atol=tolerance, rtol=tolerance)
+
+
+def test_triton_padding_rows_store_nothing_and_see_nothing() -> None:
+    """A CUDA graph's padding rows: slot -1 and no keys; real rows and the cache are untouched."""
+    backend = _triton()
+    device = backend.device
+    from worker.triton_attention import TritonAttention
+
+    assert isinstance(backend, TritonAttention)
+    width = 2 * HEAD_DIM
+    key_cache = torch.randn(NUM_BLOCKS * BLOCK_SIZE, width, device=device)
+    value_cache = torch.randn(NUM_BLOCKS * BLOCK_SIZE, width, device=device)
+    before = key_cache.clone(), value_cache.clone()
+    q = torch.randn(3, 4, HEAD_DIM, device=device)
+    k, v = torch.randn(3, width, device=device), torch.randn(3, width, device=device)
+    tables = [[5, 7, 0], [0, 0, 0], [0, 0, 0]]
+    step = backend.step([29, -1, -1], [0, 1, 2, 3], [6, 0, 0], tables, max_q_len=1)
+    layer = LayerAttention(scale=0.25)
+    out = step.forward(q, k, v, key_cache, value_cache, 2, layer).view(3, 4, HEAD_DIM)
+    assert torch.equal(key_cache[29], k[0]) and torch.equal(value_cache[29], v[0])
+    key_cache[29], value_cache[29] = before[0][29], before[1][29]
+    assert torch.equal(key_cache, before[0]) and torch.equal(value_cache, before[1])
+    assert torch.all(out[1:] == 0)
+    seq = SequenceRows([5, 7], 5, 1, 0)
+    key_cache[29], value_cache[29] = k[0], v[0]
+    expected = reference(q[:1].cpu(), key_cache.cpu(), value_cache.cpu(), [seq], 2, layer)
+    torch.testing.assert_close(out[:1].cpu().double(), expected, atol=1e-5, rtol=1e-5)

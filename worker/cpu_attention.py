@@ -1,0 +1,237 @@
+"""The CPU attention backend: SDPA for prefill chunks, the C kernel (or SDPA over a gathered copy)
+for decodes.
+
+Sequences feeding one token this step (decodes, and each draft row after one) are batched into one
+call over the cache; sequences feeding a chunk run one SDPA call each, causal within the chunk and
+over everything before it. Soft-capped layers run eager (SDPA cannot put scores through tanh).
+"""
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from scheduler import RELEASED
+from worker.attention import AttentionBackend, LayerAttention, SequenceRows, StepAttention
+from worker.kernels import PagedDecodeKernel
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillChunk:
+    """One sequence feeding more than one token: rows [row_start, row_start + num_new) of the batch."""
+
+    row_start: int
+    num_new: int
+    start_pos: int  # tokens already in the cache before this chunk
+    context_slots: (
+        torch.Tensor | None
+    )  # slots of positions [first_key_pos, start_pos + num_new); None when start_pos == 0
+    first_key_pos: int = 0  # blocks before it were released behind the sliding window
+
+
+@dataclass(frozen=True, slots=True)
+class CpuStepAttention(StepAttention):
+    """Decodes occupy rows [0, num_decodes) of the packed batch, prefill chunks follow."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] cache slot of each new token
+    num_decodes: int
+    prefills: list[PrefillChunk]
+    decode_context_lens: torch.Tensor | None = None  # [num_decodes] int64
+    # Decodes through the C kernel, reading the cache in place:
+    decode_kernel: PagedDecodeKernel | None = None
+    decode_block_tables: torch.Tensor | None = None  # [num_decodes, max_blocks] int64, padded
+    block_size: int = 0
+    # Decodes through SDPA, over a gathered copy of their contexts:
+    decode_slots: torch.Tensor | None = None  # [num_decodes, max_context] slots, padded
+    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_context] True where a key is visible
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        num_kv_heads: int,
+        layer: LayerAttention,
+    ) -> torch.Tensor:
+        key_cache.index_copy_(0, self.slot_mapping, k)
+        value_cache.index_copy_(0, self.slot_mapping, v)
+        num_tokens, num_heads, head_dim = q.shape
+        out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
+        if self.num_decodes and self.decode_kernel is not None:
+            assert self.decode_block_tables is not None and self.decode_context_lens is not None
+            out[: self.num_decodes] = self.decode_kernel(
+                q[: self.num_decodes].contiguous(),
+                key_cache,
+                value_cache,
+                self.decode_block_tables,
+                self.decode_context_lens,
+                num_kv_heads,
+                self.block_size,
+                layer,
+            )
+        elif self.num_decodes:
+            out[: self.num_decodes] = _decode_attention(
+                q[: self.num_decodes], key_cache, value_cache, self, num_kv_heads, layer
+            )
+        for chunk in self.prefills:
+            rows = slice(chunk.row_start, chunk.row_start + chunk.num_new)
+            out[rows] = _prefill_attention(
+                q[rows], k[rows], v[rows], key_cache, value_cache, chunk, num_kv_heads, layer
+            )
+        return out.view(num_tokens, num_heads * head_dim)
+
+
+class CpuAttention(AttentionBackend):
+    """Decodes first in the packed batch (the runner orders them so), then prefill chunks."""
+
+    name = "cpu"
+
+    def __init__(self, block_size: int, device: torch.device, decode_kernel: PagedDecodeKernel | None = None):
+        super().__init__(block_size, device)
+        self.decode_kernel = decode_kernel
+        self._offsets = torch.arange(block_size, device=device)
+
+    def plan(self, seqs: list[SequenceRows], slot_mapping: list[int]) -> CpuStepAttention:
+        decode_rows = [
+            (seq.block_ids, pos + 1)
+            for seq in seqs
+            if seq.is_decode
+            for pos in range(seq.start_pos, seq.context_len)
+        ]
+        prefills = [self._prefill_chunk(seq) for seq in seqs if not seq.is_decode]
+        assert all(chunk.row_start >= len(decode_rows) for chunk in prefills), "decodes come first"
+        step = CpuStepAttention(
+            self.tensor(slot_mapping), len(decode_rows), prefills, block_size=self.block_size
+        )
+        return self._with_decode_context(step, decode_rows) if decode_rows else step
+
+    def _context_slots(self, block_ids: list[int], context_len: int) -> tuple[torch.Tensor, int]:
+        """Slots of the context from its first block still held (the ones before it were released
+        behind the sliding window), and the position of the first of them."""
+        held = block_ids[: -(-context_len // self.block_size)]
+        first = next((i for i, block in enumerate(held) if block != RELEASED), len(held))
+        blocks = self.tensor(held[first:])
+        first_pos = first * self.block_size
+        return (blocks[:, None] * self.block_size + self._offsets).view(-1)[
+            : context_len - first_pos
+        ], first_pos
+
+    def _prefill_chunk(self, seq: SequenceRows) -> PrefillChunk:
+        slots, first_pos = self._context_slots(seq.block_ids, seq.context_len) if seq.start_pos else (None, 0)
+        return PrefillChunk(seq.row_start, seq.num_new, seq.start_pos, slots, first_pos)
+
+    def _with_decode_context(
+        self, step: CpuStepAttention, decodes: list[tuple[list[int], int]]
+    ) -> CpuStepAttention:
+        """Block tables and context lengths of the decode rows (a block table and the keys its
+        query sees, each), for the kernel or for SDPA."""
+        context_lens = [context_len for _, context_len in decodes]
+        max_blocks = -(-max(context_lens) // self.block_size)
+        rows = []
+        for block_ids, context_len in decodes:
+            held = block_ids[: -(-context_len // self.block_size)]
+            rows.append(held + [0] * (max_blocks - len(held)))  # padding is never read
+        table = self.tensor(rows)  # [num_decodes, max_blocks]
+        if self.decode_kernel is not None:
+            return dataclasses.replace(
+                step,
+                decode_kernel=self.decode_kernel,
+                decode_block_tables=table,
+                decode_context_lens=self.tensor(context_lens),
+            )
+        max_context = max(context_lens)
+        held = table.clamp(min=0)  # a released block is outside every window: masked, any block will do
+        slots = (held[:, :, None] * self.block_size + self._offsets).view(len(decodes), -1)[:, :max_context]
+        visible = torch.arange(max_context, device=self.device)[None, :] < self.tensor(context_lens)[:, None]
+        return dataclasses.replace(
+            step,
+            decode_slots=slots.contiguous(),
+            decode_mask=visible[:, None, None, :],
+            decode_context_lens=self.tensor(context_lens),
+        )
+
+
+def _decode_attention(
+    q: torch.Tensor,  # [num_decodes, num_heads, head_dim]
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    meta: CpuStepAttention,
+    num_kv_heads: int,
+    layer: LayerAttention,
+) -> torch.Tensor:  # [num_decodes, num_heads, head_dim]
+    assert meta.decode_slots is not None and meta.decode_mask is not None
+    num_decodes, max_context = meta.decode_slots.shape
+    flat = meta.decode_slots.view(-1)
+    head_dim = q.shape[-1]
+    keys = key_cache.index_select(0, flat).view(num_decodes, max_context, num_kv_heads, head_dim)
+    values = value_cache.index_select(0, flat).view(num_decodes, max_context, num_kv_heads, head_dim)
+    mask = meta.decode_mask
+    if layer.window is not None:
+        assert meta.decode_context_lens is not None
+        first = (meta.decode_context_lens - layer.window)[:, None, None, None]
+        mask = mask & (torch.arange(max_context, device=q.device) >= first)
+    out = _attend(
+        q.unsqueeze(2),  # [num_decodes, num_heads, 1, head_dim]
+        keys.transpose(1, 2),  # [num_decodes, num_kv_heads, max_context, head_dim]
+        values.transpose(1, 2),
+        mask,
+        layer,
+    )
+    return out.squeeze(2)
+
+
+def _prefill_attention(
+    q: torch.Tensor,  # [num_new, num_heads, head_dim]
+    k: torch.Tensor,  # [num_new, num_kv_heads * head_dim]
+    v: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    chunk: PrefillChunk,
+    num_kv_heads: int,
+    layer: LayerAttention,
+) -> torch.Tensor:  # [num_new, num_heads, head_dim]
+    head_dim = q.shape[-1]
+    if chunk.context_slots is None:  # the whole context is this chunk
+        keys, values = k, v
+    else:
+        keys = key_cache.index_select(0, chunk.context_slots)
+        values = value_cache.index_select(0, chunk.context_slots)
+    mask = None
+    if chunk.context_slots is not None or layer.window is not None or layer.softcap is not None:
+        query_pos = torch.arange(chunk.start_pos, chunk.start_pos + chunk.num_new, device=q.device)[:, None]
+        key_pos = torch.arange(chunk.first_key_pos, chunk.start_pos + chunk.num_new, device=q.device)[None, :]
+        mask = key_pos <= query_pos  # [num_new, context]
+        if layer.window is not None:
+            mask = mask & (key_pos > query_pos - layer.window)
+    out = _attend(
+        q.transpose(0, 1).unsqueeze(0),  # [1, num_heads, num_new, head_dim]
+        keys.view(1, -1, num_kv_heads, head_dim).transpose(1, 2),  # [1, num_kv_heads, context, head_dim]
+        values.view(1, -1, num_kv_heads, head_dim).transpose(1, 2),
+        mask,
+        layer,
+    )
+    return out[0].transpose(0, 1)
+
+
+def _attend(
+    q: torch.Tensor,  # [batch, num_heads, num_queries, head_dim]
+    k: torch.Tensor,  # [batch, num_kv_heads, num_keys, head_dim]
+    v: torch.Tensor,
+    mask: torch.Tensor | None,  # broadcastable to [batch, num_heads, num_queries, num_keys]; None: causal
+    layer: LayerAttention,
+) -> torch.Tensor:  # [batch, num_heads, num_queries, head_dim]
+    """SDPA, or transformers' eager attention where scores are soft-capped."""
+    if layer.softcap is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=layer.scale, enable_gqa=True
+        )
+    assert mask is not None
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * layer.scale
+    scores = torch.tanh(scores / layer.softcap) * layer.softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
