@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: prepared here, run in one go on a lent GPU machine (about 4 minutes of its 8).
+# The GPU check: prepared here, run in one go on a lent GPU machine (about 4 minutes on an H200).
 #
 #   bench/gpu-check.sh prepare   here: the wheels the GPU machine's image lacks (for its Python
 #                                3.12) and the default model's shape files, into .gpu/

@@ -73,4 +73,5 @@ class AttentionBackend(ABC):
         """`seqs` in row order, covering every row; `slot_mapping`: each row's cache slot."""
 
     def tensor(self, values: list[int] | list[list[int]], dtype: torch.dtype = torch.long) -> torch.Tensor:
+        """Host lists onto the backend's device, one copy each."""
         return torch.tensor(values, dtype=dtype, device=self.device)

@@ -134,6 +134,7 @@ class DecodeGraphs:
         )
 
     def size_for(self, num_rows: int) -> int | None:
+        """The captured size a decode step of num_rows replays; None: run it eager."""
         return padded_size(self.sizes, num_rows) if self._graphs else None
 
     def run(
@@ -146,7 +147,6 @@ class DecodeGraphs:
         slot_mapping: list[int],
     ) -> torch.Tensor:  # [size, vocab_size]: row i is decode i's, rows past len(seqs) are padding
         padded = pad_decodes(size, input_ids, positions, prompt_lens, slot_mapping)
-        device = self.backend.device
         for target, values in (
             (self.input_ids, padded.input_ids),
             (self.positions, padded.positions),
@@ -159,7 +159,7 @@ class DecodeGraphs:
         tables = [seq.block_ids[: -(-seq.context_len // block_size)] for seq in seqs]
         width = max(len(table) for table in tables)
         host = torch.tensor([table + [0] * (width - len(table)) for table in tables], dtype=torch.int32)
-        self.block_tables[: len(seqs), :width].copy_(host.to(device, non_blocking=True))
+        self.block_tables[: len(seqs), :width].copy_(host, non_blocking=True)
         graph, logits = self._graphs[size]
         graph.replay()
         return logits

@@ -69,6 +69,7 @@ class GenerationCore:
     def from_settings(cls, settings: EngineSettings) -> "GenerationCore":
         device = prepare_device(settings)
         dtype = resolve_dtype(settings.dtype, device)
+        used_before = _device_memory_in_use(device)
         model, config, max_model_len = load_model(
             settings.model, device, settings.max_model_len, dtype, settings.quantization
         )
@@ -78,7 +79,7 @@ class GenerationCore:
         attention = attention_backend(settings, device, dtype)
         graph_sizes = _graph_sizes(settings, model, attention)
         budget = settings.kv_cache_bytes or _default_kv_bytes(
-            settings, model, config, attention, dtype, max_model_len, graph_sizes
+            settings, model, config, attention, dtype, max_model_len, graph_sizes, used_before
         )
         num_blocks = num_blocks_for_budget(config, settings.block_size, budget, dtype)
         pool_tokens = num_blocks * settings.block_size
@@ -226,6 +227,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def _device_memory_in_use(device: torch.device) -> int:
+    """A GPU's memory in use before this worker loads anything (others' and its CUDA context)."""
+    if device.type != "cuda":
+        return 0
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free
+
+
 def attention_backend(settings: EngineSettings, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
     """`--attention-backend`: auto is triton on CUDA, cpu elsewhere."""
     name = settings.attention_backend
@@ -266,6 +275,7 @@ def _default_kv_bytes(
     dtype: torch.dtype,
     max_model_len: int,
     graph_sizes: list[int],
+    used_before: int,
 ) -> int:
     if attention.device.type != "cuda":
         return _CPU_KV_CACHE_BYTES
@@ -278,7 +288,8 @@ def _default_kv_bytes(
         dtype,
         settings.gpu_memory_fraction,
         min(settings.max_num_batched_tokens, max_model_len),
-        graph_sizes[-1] if graph_sizes else 0,
+        graph_sizes,
+        used_before,
     )
     logger.info("%s", plan.describe())
     return plan.kv_bytes

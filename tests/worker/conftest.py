@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
         from triton.runtime import interpreter
     except ImportError:
         interpreter = None
-    if interpreter is not None:
+    if interpreter is not None and hasattr(interpreter, "_patch_lang_tensor"):
         # Triton 3.6's interpreter turns a loop bound into an int with int(array of one element),
         # which numpy 2.4 refuses; the element's own item() says the same thing.
         _patch_tensor = interpreter._patch_lang_tensor

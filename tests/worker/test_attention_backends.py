@@ -1,6 +1,6 @@
 """Every attention backend this machine has, against one eager reference over the same block tables:
-a step mixing decodes, a decode checking drafts, a whole prompt and a chunk continuing a cached
-prompt, with grouped heads, sliding windows (blocks behind them released) and soft-capped scores.
+a step mixing decodes, a decode checking drafts, a whole prompt and chunks continuing cached
+prompts (one longer than a tile of queries), with grouped heads, sliding windows (blocks behind them released) and soft-capped scores.
 
 The Triton backend runs on CUDA where there is one, else in Triton's interpreter (float32 and
 float16 there: the interpreter cannot multiply bfloat16 tiles)."""
@@ -16,12 +16,20 @@ from worker.cpu_attention import CpuAttention
 from worker.kernels import PagedDecodeKernel
 
 BLOCK_SIZE = 4
-NUM_BLOCKS = 48
-HEAD_DIM = 16
+NUM_BLOCKS = 64
+HEAD_DIM = 24  # not a power of two: the kernels pad it
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 # (start_pos, num_new, checks_drafts): decodes first, as the runner packs them
-SEQUENCES = [(9, 1, False), (0, 1, False), (30, 1, False), (12, 3, True), (0, 7, False), (16, 9, False)]
+SEQUENCES = [
+    (9, 1, False),
+    (0, 1, False),
+    (30, 1, False),
+    (12, 3, True),
+    (0, 7, False),
+    (16, 9, False),
+    (8, 70, False),  # more queries than one tile holds
+]
 
 
 def _cpu(kernel: bool) -> Callable[[], AttentionBackend]:

@@ -30,7 +30,7 @@ def store_kv(
     WIDTH_PAD: tl.constexpr,
 ):
     """One program per new token: its K and V rows into its cache slot; slot -1 is a padding row."""
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + token)
     if slot >= 0:
         columns = tl.arange(0, WIDTH_PAD)
@@ -42,7 +42,7 @@ def store_kv(
 
 
 @triton.jit
-def paged_attention(
+def paged_attention(  # one program: a tile of one sequence's queries, one KV head
     q_ptr,
     out_ptr,
     key_cache_ptr,
@@ -80,6 +80,7 @@ def paged_attention(
         first_pos = seq_len - q_len  # position of the sequence's first query this step
         rows = tl.arange(0, BLOCK_M)
         q_index = q_tile * BLOCK_Q + rows // GROUP
+        q_row = (q_start + q_index).to(tl.int64)  # row offsets in 64 bits: steps of any size
         head = kv_head * GROUP + rows % GROUP
         row_valid = (rows < BLOCK_Q * GROUP) & (q_index < q_len)
         q_pos = first_pos + q_index
@@ -136,10 +137,7 @@ def paged_attention(
             m_i = m_new
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(
-            out_ptr
-            + (q_start + q_index)[:, None] * out_token_stride
-            + head[:, None] * out_head_stride
-            + dims[None, :],
+            out_ptr + q_row[:, None] * out_token_stride + head[:, None] * out_head_stride + dims[None, :],
             out.to(out_ptr.dtype.element_ty),
             mask=row_valid[:, None] & dim_valid[None, :],
         )
