@@ -4,8 +4,8 @@
 #   bench/gpu-check.sh prepare   here: the wheels the GPU machine's image lacks (for its Python
 #                                3.12) and the default model's shape files, into .gpu/
 #   bench/gpu-check.sh run       there, with .gpu/ carried: installs the wheels beside the image's
-#                                torch and triton, runs the attention-backend, graph and CUDA parity
-#                                tests, then python3 -m client.gpu_check's table
+#                                torch and triton, runs the attention-backend, fused-kernel, graph and
+#                                CUDA parity tests, then python3 -m client.gpu_check's figures
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GPU_DIR=.gpu
@@ -37,7 +37,8 @@ run)
   python3 -m client.gpu_check --shape-of "$GPU_DIR/shape" --model "$CONVEYOR_TEST_MODEL" --build-only
   status=0
   python3 -m pytest -q -s -p no:cacheprovider tests/worker/test_attention_backends.py \
-    tests/worker/test_cuda_graphs.py tests/worker/test_gpu_engine.py || status=$?
+    tests/worker/test_fused_ops.py tests/worker/test_triton_decoder.py tests/worker/test_cuda_graphs.py \
+    tests/worker/test_gpu_engine.py || status=$?
   python3 -m client.gpu_check --shape-of "$GPU_DIR/shape" --model "$CONVEYOR_TEST_MODEL" \
     --profile --large /tmp/gpu-check-large --json "${OUT:-/tmp}/gpu-check.json" || status=$?
   exit "$status"

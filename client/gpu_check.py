@@ -14,6 +14,7 @@ import shutil
 import statistics
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ def copy_bandwidth() -> float:
     return 2 * source.numel() / (_gpu_ms(lambda: target.copy_(source), 20) / 1000)
 
 
-def _gpu_ms(run: Any, iterations: int) -> float:
+def _gpu_ms(run: Callable[[], object], iterations: int) -> float:
     """Mean GPU time of `run`, by CUDA events around `iterations` back-to-back calls."""
     for _ in range(3):
         run()
@@ -211,7 +212,7 @@ def decode_profile(llm: LLM, batch: int, context: int) -> dict[str, Any]:
     }
 
 
-def large_figures(args: argparse.Namespace, bandwidth: float, context: int) -> dict[str, float]:
+def large_figures(args: argparse.Namespace, bandwidth: float, context: int) -> dict[str, Any]:
     """The 8B-shaped model's decode forward at 64 sequences, replayed and eager, beside its bound."""
     if not (args.large / "config.json").exists():
         large_checkpoint(args.shape_of, args.large)
@@ -221,17 +222,27 @@ def large_figures(args: argparse.Namespace, bandwidth: float, context: int) -> d
     llm.core.runner.graphs = None
     eager_ms = decode_forward_ms(llm, 64, context)
     bound_ms = 1000 * weight_bytes / bandwidth
+    profile = decode_profile(llm, 64, context) if args.profile else {}
+    if profile:
+        print(json.dumps(profile, indent=1))
     print(
         f"8B-shaped decode forward, 64 sequences of {context} tokens: graph replay {graphs_ms:.3f} ms, "
         f"eager {eager_ms:.3f} ms; weights {weight_bytes / 1e9:.2f} GB / {bandwidth / 1e12:.2f} TB/s = "
         f"{bound_ms:.3f} ms; replay / bound {graphs_ms / bound_ms:.2f}x"
     )
-    return {"weight_bytes": weight_bytes, "graphs_ms": graphs_ms, "eager_ms": eager_ms, "bound_ms": bound_ms}
+    return {
+        "weight_bytes": weight_bytes,
+        "graphs_ms": graphs_ms,
+        "eager_ms": eager_ms,
+        "bound_ms": bound_ms,
+        "profile": profile,
+    }
 
 
 def _table_row(row: dict[str, Any]) -> str:
+    graphs = "on" if row["cuda_graphs"] else "off"
     return (
-        f"| {'on' if row['cuda_graphs'] else 'off'} | {row['output_tok_s']:.0f} | {row['ttft_p50_ms']:.0f} ms "
+        f"| {graphs} | {row['output_tok_s']:.0f} | {row['ttft_p50_ms']:.0f} ms "
         f"| {row['decode_step_ms']:.2f} ms ({row['mean_decode_batch']:.0f} seqs) | {row['host_ms']:.2f} ms "
         f"| {row['forward_64_ms']:.3f} ms ({row['context']} tokens each) | {row['bound_ms']:.3f} ms "
         f"| {row['forward_64_ms'] / row['bound_ms']:.1f}x | {row['agreement']:.1%} |"
@@ -264,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         "--no-workload", action="store_true", help="skip the workload table (graphs on and off)"
     )
     parser.add_argument(
-        "--profile", action="store_true", help="kernels of one eager 64-sequence decode forward"
+        "--profile", action="store_true", help="kernels of eager 64-sequence decode forwards (each model)"
     )
     parser.add_argument(
         "--large", type=Path, default=None, help="also time decode on an 8B-shaped random model built here"
@@ -292,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         del llm
         torch.cuda.empty_cache()
     print(
-        "| decode graphs | output tok/s | TTFT p50 | decode step (wall) | host share | decode forward, 64 seqs "
-        "| weight bytes / bandwidth | forward / bound | bf16 greedy agreement |"
+        "| decode graphs | output tok/s | TTFT p50 | decode step (wall) | host share "
+        "| decode forward, 64 seqs | weight bytes / bandwidth | forward / bound | bf16 greedy agreement |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:

@@ -77,6 +77,10 @@ class GenerationCore:
             keep_freed_memory()
             pack_linears(model, settings.max_num_seqs)
         attention = attention_backend(settings, device, dtype)
+        if attention.name == "triton" and dtype != torch.float32:
+            from worker.fused_ops import FusedOps
+
+            model.use_fused_ops(FusedOps())
         graph_sizes = _graph_sizes(settings, model, attention)
         budget = settings.kv_cache_bytes or _default_kv_bytes(
             settings, model, config, attention, dtype, max_model_len, graph_sizes, used_before

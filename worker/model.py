@@ -7,6 +7,7 @@ output matches `generate`.
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,6 +19,9 @@ from worker.families import Family
 from worker.kv_cache import KVCache
 from worker.model_config import ModelConfig
 from worker.moe import MixtureOfExperts
+
+if TYPE_CHECKING:
+    from worker.fused_ops import FusedOps
 
 # Our four norm slots around attention and feed-forward, and the checkpoint's name for each, by
 # where the family puts its norms. A slot a family lacks is an identity.
@@ -43,8 +47,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.gemma = family.gemma
         self.weight_in_float32 = family.norm_weight_in_float32
+        self.fused: FusedOps | None = None  # one kernel instead (16-bit CUDA steps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None and x.dim() == 2:
+            return self.fused.rms_norm(x, None, self)[0]
         dtype = x.dtype
         x = x.to(torch.float32)
         normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -53,6 +60,13 @@ class RMSNorm(nn.Module):
         if self.weight_in_float32:
             return (self.weight * normed).to(dtype)
         return self.weight * normed.to(dtype)
+
+    def add_and_norm(
+        self, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x) in one kernel: the add rounded as torch rounds it."""
+        assert self.fused is not None
+        return self.fused.rms_norm(x, residual, self)
 
 
 class RotaryTables(nn.Module):
@@ -142,6 +156,7 @@ class Attention(nn.Module):
         self.clip_qkv = config.clip_qkv
         self.rope_key = config.rope_key(index) or "default"
         self.layer = LayerAttention(config.attention_scale, config.layer_window(index), config.attn_softcap)
+        self.fused: FusedOps | None = None  # RoPE as one kernel, in place (16-bit CUDA steps)
 
     def forward(
         self,
@@ -161,15 +176,12 @@ class Attention(nn.Module):
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotation(q), rotation(k)
+        if self.fused is not None:  # the backend takes strided views: nothing is copied
+            self.fused.rotary_(q, k, rotation.cos[:, 0], rotation.sin[:, 0])
+        else:
+            q, k, v = rotation(q), rotation(k), v.contiguous()
         attn = meta.forward(
-            q,
-            k.reshape(num_tokens, self.kv_size),
-            v.contiguous(),
-            key_cache,
-            value_cache,
-            self.num_kv_heads,
-            self.layer,
+            q, k.reshape(num_tokens, self.kv_size), v, key_cache, value_cache, self.num_kv_heads, self.layer
         )
         return self.o_proj(attn)
 
@@ -182,8 +194,12 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.act = ACT2FN[activation]
+        self.activation = activation
+        self.fused: FusedOps | None = None  # SiLU-and-multiply as one kernel (16-bit CUDA steps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None:
+            return self.down_proj(self.fused.silu_and_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
@@ -202,18 +218,30 @@ class DecoderLayer(nn.Module):
         for slot in ("attn_in", "attn_out", "mlp_in", "mlp_out"):
             norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.family)
             setattr(self, slot, norm if slot in present else nn.Identity())
+        self.pre_norms = config.family.norms == "pre"
+        self.defers_residual = False  # set with fused ops: each residual add goes into the next norm
 
     def forward(
         self,
         hidden: torch.Tensor,  # [num_tokens, hidden_size]
+        residual: torch.Tensor | None,  # the layer's input is hidden + residual (None: hidden)
         rotation: Rotation,
         key_cache: torch.Tensor,
         value_cache: torch.Tensor,
         meta: StepAttention,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's output as (hidden, residual), their sum still to take, or (output, None)."""
+        if self.defers_residual:
+            assert isinstance(self.attn_in, RMSNorm) and isinstance(self.mlp_in, RMSNorm)
+            normed, hidden = self.attn_in.add_and_norm(hidden, residual)
+            attn = self.self_attn(normed, rotation, key_cache, value_cache, meta)
+            normed, hidden = self.mlp_in.add_and_norm(attn, hidden)
+            return self.mlp(normed), hidden
+        if residual is not None:
+            hidden = residual + hidden
         attn = self.self_attn(self.attn_in(hidden), rotation, key_cache, value_cache, meta)
         hidden = hidden + self.attn_out(attn)
-        return hidden + self.mlp_out(self.mlp(self.mlp_in(hidden)))
+        return hidden + self.mlp_out(self.mlp(self.mlp_in(hidden))), None
 
 
 class CausalLM(nn.Module):
@@ -230,6 +258,17 @@ class CausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = rotary_tables(config, max_positions)
+
+    def use_fused_ops(self, ops: "FusedOps") -> None:
+        """Norms (with the residual add before them where the family's norms come first), RoPE and
+        SiLU-and-multiply through `ops` from now on (a routed MLP keeps its own)."""
+        for module in self.modules():
+            if isinstance(module, RMSNorm | Attention) or (
+                isinstance(module, GatedMLP) and module.activation in ("silu", "swish")
+            ):
+                module.fused = ops
+        for layer in self.layers:
+            layer.defers_residual = layer.pre_norms
 
     @property
     def long_prompt_from(self) -> int | None:
@@ -253,9 +292,16 @@ class CausalLM(nn.Module):
         rotations = {
             key: table.lookup(positions, prompt_lens, hidden.dtype) for key, table in self.rotary.items()
         }
+        residual = None
         for layer, key_cache, value_cache in zip(self.layers, kv_cache.keys, kv_cache.values, strict=True):
-            hidden = layer(hidden, rotations[layer.self_attn.rope_key], key_cache, value_cache, meta)
-        logits = self.lm_head(self.norm(hidden[logit_rows]))
+            hidden, residual = layer(
+                hidden, residual, rotations[layer.self_attn.rope_key], key_cache, value_cache, meta
+            )
+        if residual is None:
+            normed = self.norm(hidden[logit_rows])
+        else:
+            normed, _ = self.norm.add_and_norm(hidden[logit_rows], residual[logit_rows])
+        logits = self.lm_head(normed)
         cap = self.config.final_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 

@@ -1,6 +1,7 @@
 """Every attention backend this machine has, against one eager reference over the same block tables:
 a step mixing decodes, a decode checking drafts, a whole prompt and chunks continuing cached
-prompts (one longer than a tile of queries), with grouped heads, sliding windows (blocks behind them released) and soft-capped scores.
+prompts (one longer than a tile of queries), with grouped heads, sliding windows (blocks behind
+them released) and soft-capped scores.
 
 The Triton backend runs on CUDA where there is one, else in Triton's interpreter (float32 and
 float16 there: the interpreter cannot multiply bfloat16 tiles)."""
