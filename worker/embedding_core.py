@@ -8,7 +8,7 @@ import torch
 
 from scheduler.embedding_batcher import EmbedCall, EmbeddingBatcher, EmbeddingBatcherConfig
 from worker.embedding_model import EmbeddingModel
-from worker.generation_core import prepare_device, resolve_dtype
+from worker.engine_device import prepare_device, resolve_dtype
 from worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)

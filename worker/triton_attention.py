@@ -16,6 +16,10 @@ _DECODE_TILE = 16  # rows of a decode tile: its query heads, padded (a product n
 _PREFILL_TILE = 64
 _DECODE_KEYS = 32
 _PREFILL_KEYS = 64
+# Heads of 512 bytes or more (256 dims in 16 bits, 128 in float32) take 32-row tiles: the K and V
+# tiles of a few pipeline stages must fit in shared memory, and the accumulator in registers.
+_WIDE_HEAD_BYTES = 512
+_WIDE_TILE = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +60,11 @@ class TritonStepAttention(StepAttention):
         )
         group = num_heads // num_kv_heads
         decode_only = self.max_q_len == 1
-        block_m = max(_DECODE_TILE if decode_only else _PREFILL_TILE, triton.next_power_of_2(group))
+        head_pad = max(16, triton.next_power_of_2(head_dim))
+        wide = head_pad * q.element_size() >= _WIDE_HEAD_BYTES
+        tile = _DECODE_TILE if decode_only else _WIDE_TILE if wide else _PREFILL_TILE
+        block_m = max(tile, triton.next_power_of_2(group))
+        block_n = _WIDE_TILE if wide else _DECODE_KEYS if decode_only else _PREFILL_KEYS
         block_q = block_m // group
         out = torch.empty_like(q)
         grid = (self.seq_lens.shape[0], triton.cdiv(self.max_q_len, block_q), num_kv_heads)
@@ -79,11 +87,11 @@ class TritonStepAttention(StepAttention):
             layer.window or 0,
             GROUP=group,
             HEAD_DIM=head_dim,
-            HEAD_PAD=max(16, triton.next_power_of_2(head_dim)),
+            HEAD_PAD=head_pad,
             BLOCK_SIZE=self.block_size,
             BLOCK_M=block_m,
             BLOCK_Q=block_q,
-            BLOCK_N=_DECODE_KEYS if decode_only else _PREFILL_KEYS,
+            BLOCK_N=block_n,
             HAS_SOFTCAP=layer.softcap is not None,
             HAS_WINDOW=layer.window is not None,
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32: the default, unused in 16 bits

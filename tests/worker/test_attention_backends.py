@@ -19,6 +19,7 @@ from worker.kernels import PagedDecodeKernel
 BLOCK_SIZE = 4
 NUM_BLOCKS = 64
 HEAD_DIM = 24  # not a power of two: the kernels pad it
+WIDE_HEAD_DIM = 128  # in float32, a head of 512 bytes: the kernel's narrower tiles
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 # (start_pos, num_new, checks_drafts): decodes first, as the runner packs them
@@ -80,8 +81,8 @@ def reference(
             slots = [
                 seq.block_ids[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(first, pos + 1)
             ]
-            keys = key_cache[slots].double().view(len(slots), num_kv_heads, HEAD_DIM)
-            values = value_cache[slots].double().view(len(slots), num_kv_heads, HEAD_DIM)
+            keys = key_cache[slots].double().view(len(slots), num_kv_heads, -1)
+            values = value_cache[slots].double().view(len(slots), num_kv_heads, -1)
             for head in range(num_heads):
                 scores = keys[:, head // group] @ q[row, head].double() * layer.scale
                 if layer.softcap is not None:
@@ -112,13 +113,17 @@ def _step(num_kv_heads: int, window: int | None, seed: int) -> tuple[list[Sequen
     return seqs, slots
 
 
-@pytest.mark.parametrize(("backend_name", "dtype", "tolerance"), CASES)
+@pytest.mark.parametrize(
+    ("backend_name", "dtype", "tolerance", "head_dim"),
+    [(*case, HEAD_DIM) for case in CASES] + [("triton", torch.float32, 1e-5, WIDE_HEAD_DIM)],
+)
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(6, 2), (4, 4)])
 @pytest.mark.parametrize(("window", "softcap"), [(None, None), (6, None), (None, 3.0)])
 def test_backend_matches_eager_attention_over_block_tables(
     backend_name: str,
     dtype: torch.dtype,
     tolerance: float,
+    head_dim: int,
     num_heads: int,
     num_kv_heads: int,
     window: int | None,
@@ -128,16 +133,16 @@ def test_backend_matches_eager_attention_over_block_tables(
     device = backend.device
     seqs, slots = _step(num_kv_heads, window, seed=num_heads)
     num_tokens = len(slots)
-    width = num_kv_heads * HEAD_DIM
+    width = num_kv_heads * head_dim
     torch.manual_seed(num_kv_heads)
     key_cache = torch.randn(NUM_BLOCKS * BLOCK_SIZE, width, dtype=dtype, device=device)
     value_cache = torch.randn(NUM_BLOCKS * BLOCK_SIZE, width, dtype=dtype, device=device)
-    q = torch.randn(num_tokens, num_heads, HEAD_DIM, dtype=dtype, device=device)
+    q = torch.randn(num_tokens, num_heads, head_dim, dtype=dtype, device=device)
     k = torch.randn(num_tokens, width, dtype=dtype, device=device)
     v = torch.randn(num_tokens, width, dtype=dtype, device=device)
-    layer = LayerAttention(scale=HEAD_DIM**-0.5, window=window, softcap=softcap)
+    layer = LayerAttention(scale=head_dim**-0.5, window=window, softcap=softcap)
     out = backend.plan(seqs, slots).forward(q, k, v, key_cache, value_cache, num_kv_heads, layer)
-    assert out.shape == (num_tokens, num_heads * HEAD_DIM) and out.dtype == dtype
+    assert out.shape == (num_tokens, num_heads * head_dim) and out.dtype == dtype
     stored = torch.tensor(slots, device=device)
     assert torch.equal(key_cache[stored], k) and torch.equal(value_cache[stored], v)
     expected = reference(q.cpu(), key_cache.cpu(), value_cache.cpu(), seqs, num_kv_heads, layer)

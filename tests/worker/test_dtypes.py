@@ -11,7 +11,7 @@ from client.bench import agreement
 from scheduler import SamplingParams
 from tests.tiny_checkpoints import build
 from tests.worker.test_families import hf_greedy
-from worker.generation_core import resolve_dtype
+from worker.engine_device import resolve_dtype
 from worker.llm import LLM
 
 NUM_TOKENS = 12
