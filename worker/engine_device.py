@@ -86,6 +86,7 @@ def default_kv_cache_bytes(
     graph_sizes: list[int],
     used_before: int,
 ) -> int:
+    """The KV cache's bytes when not given: 2 GiB on a CPU; on a GPU, what the measured plan leaves."""
     if attention.device.type != "cuda":
         return _CPU_KV_CACHE_BYTES
     from worker.gpu_memory import plan_gpu_memory

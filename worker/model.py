@@ -237,8 +237,7 @@ class DecoderLayer(nn.Module):
             attn = self.self_attn(normed, rotation, key_cache, value_cache, meta)
             normed, hidden = self.mlp_in.add_and_norm(attn, hidden)
             return self.mlp(normed), hidden
-        if residual is not None:
-            hidden = residual + hidden
+        assert residual is None, "a model's layers all defer their residual add, or none does"
         attn = self.self_attn(self.attn_in(hidden), rotation, key_cache, value_cache, meta)
         hidden = hidden + self.attn_out(attn)
         return hidden + self.mlp_out(self.mlp(self.mlp_in(hidden))), None

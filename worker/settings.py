@@ -31,11 +31,12 @@ class EngineSettings(ModelSettings):
     at start-up), decode graphs and CUDA's own first, the KV cache the rest (vLLM's
     gpu_memory_utilization)."""
     attention_backend: Literal["auto", "cpu", "triton"] = "auto"
-    """Attention over the paged cache: cpu = SDPA and the C decode kernel; triton = one kernel a
-    step reading the cache in place (CUDA); auto = triton on CUDA, else cpu."""
+    """Attention over the paged cache: cpu = SDPA and the C decode kernel; triton = one kernel per
+    layer for a whole step, reading the cache in place (CUDA); auto = triton on CUDA, else cpu."""
     cuda_graphs: bool = True
-    """Replay decode steps from CUDA graphs captured at start-up for batch sizes 1, 2, 4, 8, 16, ...
-    up to max_num_seqs (padding a step to the next); off = every step eager (vLLM's enforce_eager)."""
+    """Replay decode steps from CUDA graphs captured at start-up for batch sizes 1, 2, 4, every
+    multiple of 8 below max_num_seqs and max_num_seqs itself (padding a step to the next); off =
+    every step eager (vLLM's enforce_eager)."""
     enable_prefix_caching: bool = True
     """Reuse the KV blocks of a shared prompt prefix."""
     speculative: Speculative = "none"

@@ -56,7 +56,7 @@ def prompt_then_decode(model: CausalLM, attention: AttentionBackend) -> tuple[to
     return first, second
 
 
-@pytest.mark.parametrize("family", ["llama", "phi3", "olmo2", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "phi3", "olmo2", "gemma2", "qwen3", "olmoe"])
 def test_cuda_path_gives_the_cpu_path_logits(family: str, model_dir: Path, tmp_path: Path) -> None:
     model, _, _ = load_model(build(family, tmp_path, model_dir), DEVICE)
     expected = prompt_then_decode(model, CpuAttention(BLOCK_SIZE, DEVICE))

@@ -2,9 +2,10 @@
 
 At decode batch sizes a layer's matrix products are a few microseconds each, and so is every
 elementwise launch: RMSNorm as torch ops is seven kernels, RoPE on q and k ten, SiLU-and-multiply
-two. Each chain here is one kernel that rounds where transformers rounds (its result in the input
-dtype after float32 arithmetic). float32 engines keep the torch ops, which match transformers bit
-for bit.
+two. Each chain here is one kernel that rounds to the input dtype where transformers does (RoPE
+bit for bit with it; the norm's rsqrt and SiLU's sigmoid are the GPU's fast ones, so a value may
+now and then differ in its last bit). float32 engines keep the torch ops, which match transformers
+bit for bit.
 """
 
 import triton
@@ -90,8 +91,11 @@ def rotary_in_place(
         x1 = tl.load(first, mask=ok, other=0.0)
         x2 = tl.load(first + HALF, mask=ok, other=0.0)
         f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
-        tl.store(first, (f1 * cos - f2 * sin).to(x1.dtype), mask=ok)
-        tl.store(first + HALF, (f2 * cos + f1 * sin).to(x1.dtype), mask=ok)
+        dtype = x1.dtype  # each product rounded, then their sum, as torch computes it in 16 bits
+        rotated1 = (f1 * cos).to(dtype).to(tl.float32) - (f2 * sin).to(dtype).to(tl.float32)
+        rotated2 = (f2 * cos).to(dtype).to(tl.float32) + (f1 * sin).to(dtype).to(tl.float32)
+        tl.store(first, rotated1.to(dtype), mask=ok)
+        tl.store(first + HALF, rotated2.to(dtype), mask=ok)
 
 
 @triton.jit
