@@ -47,6 +47,7 @@ from client.engine_comparisons import (
     SPECULATIVE_SEATS,
     Run,
     SpeculativeRuns,
+    agreement,
     batching_runs,
     format_batching,
     format_speculative,
@@ -97,11 +98,6 @@ def _percentile(values: list[float], pct: float) -> float:
     ordered = sorted(values)
     rank = min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))
     return ordered[rank]
-
-
-def _first_difference(left: list[int], right: list[int]) -> int:
-    shared = min(len(left), len(right))
-    return next((i for i in range(shared) if left[i] != right[i]), shared)
 
 
 def load_workload(path: Path, limit: int | None, tokenizer: Any = None) -> list[dict[str, Any]]:
@@ -563,15 +559,6 @@ def run_bench(args: argparse.Namespace) -> int:
         }
         args.json.write_text(json.dumps(report, indent=1))
     return 0
-
-
-def agreement(theirs: dict[str, list[int]], ours: dict[str, list[int]]) -> tuple[float, dict[str, int]]:
-    """The share of their greedy tokens that we match before our first divergence, and where each
-    differing output first diverges."""
-    firsts = {rid: _first_difference(tokens, ours[rid]) for rid, tokens in theirs.items()}
-    total = sum(len(tokens) for tokens in theirs.values())
-    differing = {rid: index for rid, index in firsts.items() if theirs[rid] != ours[rid]}
-    return (sum(firsts.values()) / total if total else 1.0), differing
 
 
 def _print_agreement(name: str, theirs: dict[str, list[int]], ours: dict[str, list[int]]) -> None:

@@ -189,3 +189,17 @@ def format_speculative(
         f"tok/s: {spread(together, '.2f')}x; {drafts.num_accepted_tokens}/{drafts.num_draft_tokens} drafted "
         f"tokens accepted; outputs {'identical' if identical else 'DIFFERENT'} with and without drafts"
     )
+
+
+def first_difference(left: list[int], right: list[int]) -> int:
+    shared = min(len(left), len(right))
+    return next((i for i in range(shared) if left[i] != right[i]), shared)
+
+
+def agreement(theirs: dict[str, list[int]], ours: dict[str, list[int]]) -> tuple[float, dict[str, int]]:
+    """The share of their greedy tokens that we match before our first divergence, and where each
+    differing output first diverges."""
+    firsts = {rid: first_difference(tokens, ours[rid]) for rid, tokens in theirs.items()}
+    total = sum(len(tokens) for tokens in theirs.values())
+    differing = {rid: index for rid, index in firsts.items() if theirs[rid] != ours[rid]}
+    return (sum(firsts.values()) / total if total else 1.0), differing

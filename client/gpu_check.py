@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from client.engine_comparisons import run_all_at_once
+from client.engine_comparisons import agreement, run_all_at_once
 from scheduler import SamplingParams
 from worker.attention import SequenceRows
 from worker.llm import LLM
@@ -125,27 +125,34 @@ def workload_figures(llm: LLM, workload: list[dict[str, Any]]) -> dict[str, floa
     }
 
 
-def agreement(model_dir: Path, llm: LLM, workload: list[dict[str, Any]]) -> float:
-    """Share of greedy tokens before the first difference from transformers' in the same dtype."""
+def transformers_greedy(
+    model_dir: Path, dtype: torch.dtype, prompts: list[list[int]], num_tokens: int
+) -> list[list[int]]:
+    """transformers' greedy tokens for each prompt, one at a time on the GPU, EOS ignored."""
     from transformers import AutoModelForCausalLM
 
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to("cuda").eval()
+    model.generation_config.eos_token_id = None
+    outputs = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt], device="cuda")
+        generated = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=num_tokens, do_sample=False
+        )
+        outputs.append(generated[0, len(prompt) :].tolist())
+    del model
+    torch.cuda.empty_cache()
+    return outputs
+
+
+def greedy_agreement(model_dir: Path, llm: LLM, workload: list[dict[str, Any]]) -> float:
+    """Share of transformers' greedy tokens, in the engine's dtype, matched before a first difference."""
     prompts = [row["prompt_token_ids"] for row in workload[:AGREEMENT_PROMPTS]]
     greedy = SamplingParams(max_tokens=AGREEMENT_TOKENS, temperature=0.0, ignore_eos=True)
     ours = [c.token_ids for c in llm.generate(prompts, greedy)]
-    dtype = llm.core.runner.kv_cache.dtype
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to("cuda").eval()
-    model.generation_config.eos_token_id = None
-    same = 0
-    for prompt, mine in zip(prompts, ours, strict=True):
-        ids = torch.tensor([prompt], device="cuda")
-        theirs = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=AGREEMENT_TOKENS, do_sample=False
-        )
-        theirs_tokens = theirs[0, len(prompt) :].tolist()
-        same += next(
-            (i for i, (a, b) in enumerate(zip(theirs_tokens, mine, strict=True)) if a != b), len(mine)
-        )
-    return same / (AGREEMENT_TOKENS * len(prompts))
+    theirs = transformers_greedy(model_dir, llm.core.runner.kv_cache.dtype, prompts, AGREEMENT_TOKENS)
+    share, _ = agreement(dict(enumerate(theirs)), dict(enumerate(ours)))
+    return share
 
 
 def large_checkpoint(shape_of: Path, out: Path) -> Path:
@@ -298,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         row["bound_ms"] = 1000 * weight_bytes / bandwidth
         row["context"] = context
         row["weight_bytes"] = weight_bytes
-        row["agreement"] = agreement(args.model, llm, workload)
+        row["agreement"] = greedy_agreement(args.model, llm, workload)
         rows.append(row)
         del llm
         torch.cuda.empty_cache()

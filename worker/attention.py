@@ -42,6 +42,14 @@ class SequenceRows:
         return self.num_new == 1 or self.checks_drafts
 
 
+def padded_block_tables(seqs: list[SequenceRows], block_size: int) -> list[list[int]]:
+    """Each sequence's blocks up to its context, padded with block 0 to the widest (padding is
+    never read: a sequence's length bounds its keys)."""
+    tables = [seq.block_ids[: -(-seq.context_len // block_size)] for seq in seqs]
+    width = max(len(table) for table in tables)
+    return [table + [0] * (width - len(table)) for table in tables]
+
+
 class StepAttention(ABC):
     """One step's plan: where its K/V go and which cached keys each query sees."""
 

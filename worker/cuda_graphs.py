@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.attention import SequenceRows
+from worker.attention import SequenceRows, padded_block_tables
 from worker.kv_cache import KVCache
 from worker.model import CausalLM
 from worker.moe import MixtureOfExperts
@@ -155,11 +155,8 @@ class DecodeGraphs:
         ):
             target[:size].copy_(torch.tensor(values, dtype=torch.long), non_blocking=True)
         self.seq_lens[:size].copy_(torch.tensor(padded.seq_lens, dtype=torch.int32), non_blocking=True)
-        block_size = self.kv_cache.block_size
-        tables = [seq.block_ids[: -(-seq.context_len // block_size)] for seq in seqs]
-        width = max(len(table) for table in tables)
-        host = torch.tensor([table + [0] * (width - len(table)) for table in tables], dtype=torch.int32)
-        self.block_tables[: len(seqs), :width].copy_(host, non_blocking=True)
+        host = torch.tensor(padded_block_tables(seqs, self.kv_cache.block_size), dtype=torch.int32)
+        self.block_tables[: len(seqs), : host.shape[1]].copy_(host, non_blocking=True)
         graph, logits = self._graphs[size]
         graph.replay()
         return logits

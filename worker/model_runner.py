@@ -124,7 +124,9 @@ class ModelRunner:
         if graph_size is not None:
             assert self.graphs is not None
             logits = self.graphs.run(graph_size, seqs, input_ids, positions, prompt_lens, slot_mapping)
-            logits = logits[self._tensor(logit_rows)]
+            # row i is decode i: a view, unless a row is sampled for several choices (or none)
+            in_order = logit_rows == list(range(len(seqs)))
+            logits = logits[: len(seqs)] if in_order else logits[self._tensor(logit_rows)]
         else:
             logits = self.model(
                 self._tensor(input_ids),

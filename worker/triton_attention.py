@@ -9,7 +9,13 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from worker.attention import AttentionBackend, LayerAttention, SequenceRows, StepAttention
+from worker.attention import (
+    AttentionBackend,
+    LayerAttention,
+    SequenceRows,
+    StepAttention,
+    padded_block_tables,
+)
 from worker.kernels import triton_paged
 
 _DECODE_TILE = 16  # rows of a decode tile: its query heads, padded (a product needs 16)
@@ -111,17 +117,14 @@ class TritonAttention(AttentionBackend):
 
     def plan(self, seqs: list[SequenceRows], slot_mapping: list[int]) -> TritonStepAttention:
         query_start = [0]
-        tables = []
         for seq in seqs:
             assert seq.row_start == query_start[-1], "a sequence's rows follow the one before"
             query_start.append(seq.row_start + seq.num_new)
-            tables.append(seq.block_ids[: -(-seq.context_len // self.block_size)])
-        width = max(len(table) for table in tables)
         return self.step(
             slot_mapping,
             query_start,
             [seq.context_len for seq in seqs],
-            [table + [0] * (width - len(table)) for table in tables],  # padding is never read
+            padded_block_tables(seqs, self.block_size),
             max(seq.num_new for seq in seqs),
         )
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.bench import agreement
+from client.engine_comparisons import agreement
 from scheduler import SamplingParams
 from tests.tiny_checkpoints import build
 from tests.worker.test_families import hf_greedy

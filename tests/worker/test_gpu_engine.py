@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
+from client.engine_comparisons import agreement
+from client.gpu_check import transformers_greedy
 from scheduler import SamplingParams
 from worker.llm import LLM
 
@@ -35,33 +36,9 @@ def prompts(workload: list[dict[str, object]]) -> list[list[int]]:
     return [list(row["prompt_token_ids"]) for row in rows[::5]]  # type: ignore[call-overload]
 
 
-def transformers_greedy(model_dir: Path, dtype: torch.dtype, prompts: list[list[int]]) -> list[list[int]]:
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to("cuda").eval()
-    model.generation_config.eos_token_id = None
-    outputs = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt], device="cuda")
-        generated = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=NUM_TOKENS, do_sample=False
-        )
-        outputs.append(generated[0, len(prompt) :].tolist())
-    del model
-    torch.cuda.empty_cache()
-    return outputs
-
-
-def agreement(theirs: list[list[int]], ours: list[list[int]]) -> float:
-    """Share of tokens generated before each sequence's first difference."""
-    same = sum(
-        next((i for i, (a, b) in enumerate(zip(t, o, strict=True)) if a != b), len(t))
-        for t, o in zip(theirs, ours, strict=True)
-    )
-    return same / sum(len(t) for t in theirs)
-
-
 @pytest.fixture(scope="module")
 def float32_expected(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
-    return transformers_greedy(model_dir, torch.float32, prompts)
+    return transformers_greedy(model_dir, torch.float32, prompts, NUM_TOKENS)
 
 
 @pytest.mark.parametrize("cuda_graphs", [True, False], ids=["graphs", "eager"])
@@ -82,10 +59,11 @@ def test_float32_matches_transformers_on_cuda(
 
 
 def test_bfloat16_agrees_with_transformers_on_cuda(model_dir: Path, prompts: list[list[int]]) -> None:
-    expected = transformers_greedy(model_dir, torch.bfloat16, prompts)
+    expected = transformers_greedy(model_dir, torch.bfloat16, prompts, NUM_TOKENS)
     llm = LLM(model=model_dir, device="cuda", dtype="bfloat16", max_num_seqs=16, gpu_memory_fraction=FRACTION)
     assert llm.core.runner.kv_cache.dtype == torch.bfloat16
     assert next(llm.core.runner.model.parameters()).dtype == torch.bfloat16
-    share = agreement(expected, [c.token_ids for c in llm.generate(prompts, GREEDY)])
+    ours = [c.token_ids for c in llm.generate(prompts, GREEDY)]
+    share, _ = agreement(dict(enumerate(expected)), dict(enumerate(ours)))
     print(f"bfloat16 greedy agreement with transformers: {share:.1%} of tokens before a difference")
     assert share >= 0.5
