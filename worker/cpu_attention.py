@@ -59,18 +59,12 @@ class CpuStepAttention(StepAttention):
         key_cache.index_copy_(0, self.slot_mapping, k)
         value_cache.index_copy_(0, self.slot_mapping, v)
         num_tokens, num_heads, head_dim = q.shape
+        if self.num_decodes == num_tokens and self.decode_kernel is not None:  # nothing to assemble
+            return self._kernel_decodes(q, key_cache, value_cache, num_kv_heads, layer).view(num_tokens, -1)
         out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
         if self.num_decodes and self.decode_kernel is not None:
-            assert self.decode_block_tables is not None and self.decode_context_lens is not None
-            out[: self.num_decodes] = self.decode_kernel(
-                q[: self.num_decodes].contiguous(),
-                key_cache,
-                value_cache,
-                self.decode_block_tables,
-                self.decode_context_lens,
-                num_kv_heads,
-                self.block_size,
-                layer,
+            out[: self.num_decodes] = self._kernel_decodes(
+                q[: self.num_decodes], key_cache, value_cache, num_kv_heads, layer
             )
         elif self.num_decodes:
             out[: self.num_decodes] = _decode_attention(
@@ -82,6 +76,27 @@ class CpuStepAttention(StepAttention):
                 q[rows], k[rows], v[rows], key_cache, value_cache, chunk, num_kv_heads, layer
             )
         return out.view(num_tokens, num_heads * head_dim)
+
+    def _kernel_decodes(
+        self,
+        q: torch.Tensor,  # [num_decodes, num_heads, head_dim]
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        num_kv_heads: int,
+        layer: LayerAttention,
+    ) -> torch.Tensor:
+        assert self.decode_kernel is not None
+        assert self.decode_block_tables is not None and self.decode_context_lens is not None
+        return self.decode_kernel(
+            q,
+            key_cache,
+            value_cache,
+            self.decode_block_tables,
+            self.decode_context_lens,
+            num_kv_heads,
+            self.block_size,
+            layer,
+        )
 
 
 class CpuAttention(AttentionBackend):

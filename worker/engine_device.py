@@ -2,15 +2,20 @@
 the decode graph sizes and the KV cache's budget (on a GPU, measured: worker/gpu_memory.py)."""
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
 from worker.attention import AttentionBackend
 from worker.cpu_attention import CpuAttention
+from worker.cpu_fused_ops import CpuFusedOps
 from worker.kernels import PagedDecodeKernel
 from worker.model import CausalLM
 from worker.model_config import CheckpointError, ModelConfig
 from worker.settings import EngineSettings
+
+if TYPE_CHECKING:
+    from worker.fused_ops import FusedOps
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +66,22 @@ def attention_backend(settings: EngineSettings, device: torch.device, dtype: tor
     elif device.type == "cpu" and settings.cpu_decode_kernel:
         kernel = PagedDecodeKernel.load()
     return CpuAttention(settings.block_size, device, kernel)
+
+
+def fused_ops(
+    settings: EngineSettings, attention: AttentionBackend, dtype: torch.dtype
+) -> "tuple[FusedOps, bool] | None":
+    """The fused kernels the decoder calls, and whether for RoPE only: Triton's for 16-bit CUDA
+    steps; C's on a CPU in float32 (`--cpu-fused-ops`), all of them where the weights are quantized,
+    else RoPE alone, the one that rounds as torch does."""
+    if attention.name == "triton" and dtype != torch.float32:
+        from worker.triton_fused_ops import TritonFusedOps
+
+        return TritonFusedOps(), False
+    if attention.device.type != "cpu" or dtype != torch.float32 or not settings.cpu_fused_ops:
+        return None
+    ops = CpuFusedOps.load()
+    return None if ops is None else (ops, settings.quantization == "none")
 
 
 def decode_graph_sizes(settings: EngineSettings, model: CausalLM, attention: AttentionBackend) -> list[int]:

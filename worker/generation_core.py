@@ -8,8 +8,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-import torch
-
 from checkpoints import model_dir_of
 from scheduler import FinishReason, SamplingParams, Scheduler, SchedulerConfig, Sequence, TokenChunk
 from worker.cpu_kernels import keep_freed_memory, pack_linears
@@ -18,6 +16,7 @@ from worker.engine_device import (
     decode_graph_sizes,
     default_kv_cache_bytes,
     device_memory_in_use,
+    fused_ops,
     prepare_device,
     resolve_dtype,
 )
@@ -79,10 +78,8 @@ class GenerationCore:
             keep_freed_memory()
             pack_linears(model, settings.max_num_seqs)
         attention = attention_backend(settings, device, dtype)
-        if attention.name == "triton" and dtype != torch.float32:
-            from worker.fused_ops import FusedOps
-
-            model.use_fused_ops(FusedOps())
+        if (fused := fused_ops(settings, attention, dtype)) is not None:
+            model.use_fused_ops(*fused)
         graph_sizes = decode_graph_sizes(settings, model, attention)
         budget = settings.kv_cache_bytes or default_kv_cache_bytes(
             settings, model, config, attention, dtype, max_model_len, graph_sizes, used_before

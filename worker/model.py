@@ -47,7 +47,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.gemma = family.gemma
         self.weight_in_float32 = family.norm_weight_in_float32
-        self.fused: FusedOps | None = None  # one kernel instead (16-bit CUDA steps)
+        self.fused: FusedOps | None = None  # one kernel instead (worker/fused_ops.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused is not None and x.dim() == 2:
@@ -156,7 +156,7 @@ class Attention(nn.Module):
         self.clip_qkv = config.clip_qkv
         self.rope_key = config.rope_key(index) or "default"
         self.layer = LayerAttention(config.attention_scale, config.layer_window(index), config.attn_softcap)
-        self.fused: FusedOps | None = None  # RoPE as one kernel, in place (16-bit CUDA steps)
+        self.fused: FusedOps | None = None  # RoPE as one kernel, in place
 
     def forward(
         self,
@@ -195,7 +195,7 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.act = ACT2FN[activation]
         self.activation = activation
-        self.fused: FusedOps | None = None  # SiLU-and-multiply as one kernel (16-bit CUDA steps)
+        self.fused: FusedOps | None = None  # SiLU-and-multiply as one kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused is not None:
@@ -258,16 +258,21 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = rotary_tables(config, max_positions)
 
-    def use_fused_ops(self, ops: "FusedOps") -> None:
-        """Norms (with the residual add before them where the family's norms come first), RoPE and
-        SiLU-and-multiply through `ops` from now on (a routed MLP keeps its own)."""
+    def use_fused_ops(self, ops: "FusedOps", rotary_only: bool = False) -> None:
+        """RoPE through `ops` from now on and, unless `rotary_only` (ops that round otherwise than
+        torch, where the output must stay exact), norms (with the residual add before them where
+        the family's norms come first) and SiLU-and-multiply (a routed MLP keeps its own)."""
         for module in self.modules():
-            if isinstance(module, RMSNorm | Attention) or (
-                isinstance(module, GatedMLP) and module.activation in ("silu", "swish")
+            if isinstance(module, Attention) or (
+                not rotary_only
+                and (
+                    isinstance(module, RMSNorm)
+                    or (isinstance(module, GatedMLP) and module.activation in ("silu", "swish"))
+                )
             ):
                 module.fused = ops
         for layer in self.layers:
-            layer.defers_residual = layer.pre_norms
+            layer.defers_residual = layer.pre_norms and not rotary_only
 
     @property
     def long_prompt_from(self) -> int | None:

@@ -57,6 +57,9 @@ class EngineSettings(ModelSettings):
     """torch CPU threads; default: torch's choice."""
     cpu_decode_kernel: bool = True
     """Decode attention in the C kernel (else gather + SDPA)."""
+    cpu_fused_ops: bool = True
+    """On a CPU in float32, RoPE as one C call (it rounds as torch does) and, with quantized
+    weights (not exact anyway), norms with their residual add and SiLU-and-multiply too."""
     quantization: Quantization = "none"
     """CPU quantization of the linear layers: int8 = weights with one scale per output channel;
     int4 = weights in groups of 32 with a scale and a minimum (GGUF's Q4_1, the file's own groups

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from worker.attention import LayerAttention
+from worker.cpu_fused_ops import CpuFusedOps
 from worker.kernels import PagedDecodeKernel
 
 
@@ -32,9 +33,17 @@ def reference(q, key_cache, value_cache, tables, lens, num_kv_heads, block_size,
     ("num_threads", "num_heads", "num_kv_heads"), [(1, 9, 3), (2, 9, 3), (2, 8, 8), (2, 4, 1)]
 )
 @pytest.mark.parametrize(("window", "softcap"), [(None, None), (5, None), (None, 2.0), (7, 2.0)])
+@pytest.mark.parametrize("lens", [[1, 4, 5, 17, 30, 2, 9], [23]])  # partial and full last blocks; one
 def test_kernel_matches_eager_attention_over_gathered_blocks(
-    num_threads: int, num_heads: int, num_kv_heads: int, window: int | None, softcap: float | None
+    num_threads: int,
+    num_heads: int,
+    num_kv_heads: int,
+    window: int | None,
+    softcap: float | None,
+    lens: list[int],
 ) -> None:
+    """Fewer sequences than threads (one stream) split by KV head; q is a strided view, as the
+    q/k/v projection's output is."""
     kernel = PagedDecodeKernel.load()
     if kernel is None:
         pytest.skip("no C compiler on this machine")
@@ -42,15 +51,24 @@ def test_kernel_matches_eager_attention_over_gathered_blocks(
     block_size, num_blocks, head_dim = 4, 64, 16
     key_cache = torch.randn(num_blocks * block_size, num_kv_heads * head_dim)
     value_cache = torch.randn(num_blocks * block_size, num_kv_heads * head_dim)
-    lens = torch.tensor([1, 4, 5, 17, 30, 2, 9])  # partial and full last blocks
     tables = torch.stack([torch.randperm(num_blocks)[:8] for _ in lens])
-    q = torch.randn(len(lens), num_heads, head_dim)
+    q = torch.randn(len(lens), num_heads + 2 * num_kv_heads, head_dim)[:, :num_heads]
+    context_lens = torch.tensor(lens)
     layer = LayerAttention(scale=0.3, window=window, softcap=softcap)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     try:
-        out = kernel(q, key_cache, value_cache, tables, lens, num_kv_heads, block_size, layer)
+        out = kernel(q, key_cache, value_cache, tables, context_lens, num_kv_heads, block_size, layer)
     finally:
         torch.set_num_threads(threads_before)
-    expected = reference(q, key_cache, value_cache, tables, lens, num_kv_heads, block_size, layer)
+    expected = reference(q, key_cache, value_cache, tables, context_lens, num_kv_heads, block_size, layer)
     torch.testing.assert_close(out, expected)
+
+
+def test_loading_the_c_kernels_keeps_subnormal_floats() -> None:
+    """The decode kernel is compiled with -ffast-math; linked with it, its library would flush
+    subnormals to zero in the whole process (torch's float32 too) once loaded."""
+    if PagedDecodeKernel.load() is None or CpuFusedOps.load() is None:
+        pytest.skip("no C compiler on this machine")
+    tiny = torch.tensor([1e-40])
+    assert float(tiny * 1.0) != 0.0

@@ -1,0 +1,84 @@
+"""The whole decoder with a device's fused kernels gives the logits of the plain torch path, a
+prompt and then a decode, on tiny checkpoints of families whose norms, RoPE and attention differ:
+the CUDA path (Triton attention and the fused norm, RoPE and SiLU kernels; on CUDA where there is
+one, else in Triton's interpreter), and the CPU's C kernels (decode attention, and every fused op,
+as quantized models use them)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.tiny_checkpoints import build
+from worker.attention import AttentionBackend, SequenceRows
+from worker.cpu_attention import CpuAttention
+from worker.cpu_fused_ops import CpuFusedOps
+from worker.fused_ops import FusedOps
+from worker.kernels import PagedDecodeKernel
+from worker.kv_cache import KVCache
+from worker.model import CausalLM
+from worker.model_loader import load_model
+
+CUDA = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # or Triton's interpreter
+CPU = torch.device("cpu")
+BLOCK_SIZE = 4
+PROMPT = [(7 * i + 3) % 400 for i in range(22)]
+
+
+def prompt_then_decode(model: CausalLM, attention: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+    config = model.config
+    cache = KVCache(config, 8, BLOCK_SIZE, attention.device, torch.float32)
+    blocks = [5, 0, 7, 2, 6, 1, 3]
+
+    def slot(pos: int) -> int:
+        return blocks[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
+
+    def tensor(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, device=attention.device)
+
+    n = len(PROMPT)
+    first = model(
+        tensor(PROMPT),
+        tensor(list(range(n))),
+        cache,
+        attention.plan([SequenceRows(blocks, 0, n, 0)], [slot(p) for p in range(n)]),
+        tensor([n - 1]),
+        tensor([n] * n),
+    )
+    token = int(first.argmax(-1))
+    second = model(
+        tensor([token]),
+        tensor([n]),
+        cache,
+        attention.plan([SequenceRows(blocks, n, 1, 0)], [slot(n)]),
+        tensor([0]),
+        tensor([n]),
+    )
+    return first, second
+
+
+def fused(backend: str) -> tuple[AttentionBackend, FusedOps]:
+    if backend == "triton":
+        pytest.importorskip("triton")
+        from worker.triton_attention import TritonAttention
+        from worker.triton_fused_ops import TritonFusedOps
+
+        return TritonAttention(BLOCK_SIZE, CUDA), TritonFusedOps()
+    kernel, ops = PagedDecodeKernel.load(), CpuFusedOps.load()
+    if kernel is None or ops is None:
+        pytest.skip("no C compiler on this machine")
+    return CpuAttention(BLOCK_SIZE, CPU, kernel), ops
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("family", ["llama", "phi3", "olmo2", "gemma2", "qwen3", "olmoe"])
+def test_fused_path_gives_the_torch_path_logits(
+    backend: str, family: str, model_dir: Path, tmp_path: Path
+) -> None:
+    attention, ops = fused(backend)
+    model, _, _ = load_model(build(family, tmp_path, model_dir), attention.device)
+    expected = prompt_then_decode(model, CpuAttention(BLOCK_SIZE, attention.device))
+    model.use_fused_ops(ops)
+    got = prompt_then_decode(model, attention)
+    for ours, reference in zip(got, expected, strict=True):
+        torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)

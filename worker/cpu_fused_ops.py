@@ -1,0 +1,99 @@
+"""CpuFusedOps: the functions of worker/kernels/cpu_fused_ops.c, for a model on a CPU in float32
+(`CausalLM.use_fused_ops`). At one stream a step is mostly the dispatch of small torch operations;
+these do a norm, RoPE or the activation in one call each, on torch's OpenMP threads."""
+
+import ctypes
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from worker.kernels.c_library import load_c_library
+
+if TYPE_CHECKING:
+    from worker.model import RMSNorm
+
+_SOURCE = Path(__file__).with_name("kernels") / "cpu_fused_ops.c"
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_NORM_PLAIN, _NORM_GEMMA = 0, 1
+
+
+class CpuFusedOps:
+    """Float32 norms, RoPE and SiLU-and-multiply as one C call each. RoPE rounds as torch does; the
+    norm and the activation do not (another summation order, libm's exp)."""
+
+    def __init__(self, library: ctypes.CDLL):
+        self._rotary = library.rotary_in_place
+        self._rotary.restype = None
+        self._rotary.argtypes = [_P] * 4 + [_I64] * 8
+        self._rms_norm = library.rms_norm
+        self._rms_norm.restype = None
+        self._rms_norm.argtypes = [_P] * 5 + [_I64] * 5 + [ctypes.c_float, _I64]
+        self._silu_and_mul = library.silu_and_mul
+        self._silu_and_mul.restype = None
+        self._silu_and_mul.argtypes = [_P, _P] + [_I64] * 3
+
+    @classmethod
+    def load(cls) -> "CpuFusedOps | None":
+        """The compiled functions, or None (with a log line) where they cannot be built."""
+        library = load_c_library(
+            _SOURCE, "norms, RoPE and activations stay torch operations", ("-ffp-contract=off",)
+        )
+        return None if library is None else cls(library)
+
+    def rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor | None, norm: "RMSNorm"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x) for x, residual: [rows, hidden] (any row stride);
+        without a residual, (norm(x), x)."""
+        rows, width = x.shape
+        assert x.dtype == torch.float32 and x.stride(1) == 1
+        assert residual is None or residual.stride(1) == 1
+        out = torch.empty(rows, width)
+        total = x if residual is None else torch.empty(rows, width)
+        self._rms_norm(
+            x.data_ptr(),
+            None if residual is None else residual.data_ptr(),
+            norm.weight.data_ptr(),
+            out.data_ptr(),
+            total.data_ptr(),
+            rows,
+            width,
+            x.stride(0),
+            0 if residual is None else residual.stride(0),
+            width,
+            norm.eps,
+            _NORM_GEMMA if norm.gemma else _NORM_PLAIN,
+        )
+        return out, total
+
+    def rotary_(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rotate q [tokens, heads, head_dim] and k [tokens, kv_heads, head_dim] in place over the
+        first cos.shape[-1] dims of each head; cos, sin: [tokens, rotary_dim] rows (halves equal)."""
+        tokens, num_q_heads, head_dim = q.shape
+        assert q.dtype == k.dtype == cos.dtype == torch.float32
+        assert q.stride()[1:] == k.stride()[1:] == (head_dim, 1)
+        assert cos.stride(1) == 1 and cos.stride() == sin.stride()
+        self._rotary(
+            q.data_ptr(),
+            k.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            tokens,
+            num_q_heads,
+            k.shape[1],
+            q.stride(0),
+            k.stride(0),
+            head_dim,
+            cos.shape[-1],
+            cos.stride(0),
+        )
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [rows, 2 * width] = [gate | up]; silu(gate) * up."""
+        rows, double = x.shape
+        assert x.dtype == torch.float32 and x.stride(1) == 1
+        out = torch.empty(rows, double // 2)
+        self._silu_and_mul(x.data_ptr(), out.data_ptr(), rows, double // 2, x.stride(0))
+        return out
