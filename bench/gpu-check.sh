@@ -37,7 +37,7 @@ run)
   python3 -m client.gpu_check --shape-of "$GPU_DIR/shape" --model "$CONVEYOR_TEST_MODEL" --build-only
   status=0
   python3 -m pytest -q -s -p no:cacheprovider tests/worker/test_attention_backends.py \
-    tests/worker/test_fused_ops.py tests/worker/test_triton_decoder.py tests/worker/test_cuda_graphs.py \
+    tests/worker/test_fused_ops.py tests/worker/test_fused_decoder.py tests/worker/test_cuda_graphs.py \
     tests/worker/test_gpu_engine.py || status=$?
   python3 -m client.gpu_check --shape-of "$GPU_DIR/shape" --model "$CONVEYOR_TEST_MODEL" \
     --profile --large /tmp/gpu-check-large --json "${OUT:-/tmp}/gpu-check.json" || status=$?

@@ -70,10 +70,10 @@ class CpuStepAttention(StepAttention):
             out[: self.num_decodes] = _decode_attention(
                 q[: self.num_decodes], key_cache, value_cache, self, num_kv_heads, layer
             )
-        for chunk in self.prefills:
+        for chunk in self.prefills:  # SDPA's fast path wants whole rows (q/k/v may be views of one)
             rows = slice(chunk.row_start, chunk.row_start + chunk.num_new)
             out[rows] = _prefill_attention(
-                q[rows], k[rows], v[rows], key_cache, value_cache, chunk, num_kv_heads, layer
+                *(t[rows].contiguous() for t in (q, k, v)), key_cache, value_cache, chunk, num_kv_heads, layer
             )
         return out.view(num_tokens, num_heads * head_dim)
 
