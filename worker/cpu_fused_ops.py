@@ -20,8 +20,8 @@ _NORM_PLAIN, _NORM_GEMMA = 0, 1
 
 
 class CpuFusedOps:
-    """Float32 norms, RoPE and SiLU-and-multiply as one C call each. RoPE rounds as torch does; the
-    norm and the activation do not (another summation order, libm's exp)."""
+    """`FusedOps` in float32, one C call each. RoPE rounds as torch does; the norm and the activation
+    do not (another summation order, libm's exp)."""
 
     def __init__(self, library: ctypes.CDLL):
         self._rotary = library.rotary_in_place
@@ -45,8 +45,6 @@ class CpuFusedOps:
     def rms_norm(
         self, x: torch.Tensor, residual: torch.Tensor | None, norm: "RMSNorm"
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(residual + x), residual + x) for x, residual: [rows, hidden] (any row stride);
-        without a residual, (norm(x), x)."""
         rows, width = x.shape
         assert x.dtype == torch.float32 and x.stride(1) == 1
         assert residual is None or residual.stride(1) == 1
@@ -69,8 +67,6 @@ class CpuFusedOps:
         return out, total
 
     def rotary_(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        """Rotate q [tokens, heads, head_dim] and k [tokens, kv_heads, head_dim] in place over the
-        first cos.shape[-1] dims of each head; cos, sin: [tokens, rotary_dim] rows (halves equal)."""
         tokens, num_q_heads, head_dim = q.shape
         assert q.dtype == k.dtype == cos.dtype == torch.float32
         assert q.stride()[1:] == k.stride()[1:] == (head_dim, 1)
@@ -91,7 +87,6 @@ class CpuFusedOps:
         )
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [rows, 2 * width] = [gate | up]; silu(gate) * up."""
         rows, double = x.shape
         assert x.dtype == torch.float32 and x.stride(1) == 1
         out = torch.empty(rows, double // 2)

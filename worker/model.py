@@ -263,12 +263,12 @@ class CausalLM(nn.Module):
         torch, where the output must stay exact), norms (with the residual add before them where
         the family's norms come first) and SiLU-and-multiply (a routed MLP keeps its own)."""
         for module in self.modules():
-            if isinstance(module, Attention) or (
-                not rotary_only
-                and (
-                    isinstance(module, RMSNorm)
-                    or (isinstance(module, GatedMLP) and module.activation in ("silu", "swish"))
-                )
+            if isinstance(module, Attention):
+                module.fused = ops
+            elif rotary_only:
+                continue
+            elif isinstance(module, RMSNorm) or (
+                isinstance(module, GatedMLP) and module.activation in ("silu", "swish")
             ):
                 module.fused = ops
         for layer in self.layers:

@@ -45,7 +45,7 @@ class PagedDecodeKernel:
     ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
         num_seqs, num_heads, head_dim = q.shape
         assert num_heads % num_kv_heads == 0 and q.stride(2) == 1 and q.stride(1) == head_dim
-        out = torch.empty(num_seqs, num_heads, head_dim)
+        out = torch.empty(num_seqs, num_heads, head_dim, dtype=torch.float32)
         status = self._function(
             q.data_ptr(),
             key_cache.data_ptr(),

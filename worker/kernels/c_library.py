@@ -38,7 +38,7 @@ def _cpu_flags() -> str:
 
 def _build(compiler: str, source: Path, flags: tuple[str, ...]) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, check=True).stdout
-    key_parts = [source.read_bytes(), " ".join(flags).encode(), version, _cpu_flags().encode()]
+    key_parts = [source.read_bytes(), " ".join(flags + _LINK).encode(), version, _cpu_flags().encode()]
     key = hashlib.sha256(b"\0".join(key_parts)).hexdigest()[:16]
     library = _cache_dir() / f"{source.stem}-{key}.so"
     if not library.exists():

@@ -1,8 +1,8 @@
 /* A decoder layer's element-wise steps on a CPU, each in one pass, float32.
  *
  * Each of these is several torch operations in the decoder (RoPE nine per tensor, a norm seven, the
- * activation three); at one stream the step is a few hundred such operations per layer, and their
- * dispatch costs more than their arithmetic. Built with -ffp-contract=off: RoPE rounds each product
+ * activation three); at one stream a layer's step is some seventy torch operations, whose dispatch
+ * costs more than their arithmetic. Built with -ffp-contract=off: RoPE rounds each product
  * and then their sum exactly as torch does, so float32 output stays token-identical. The norm and
  * the activation sum and exponentiate in another order than torch, so only models that are not
  * exact anyway (quantized weights) use them.

@@ -11,9 +11,10 @@
  *   context_lens:  [num_seqs] int64, keys [0, context_len) are visible, or only the last `window`
  *                  of them when window > 0 (a sliding-window layer)
  * Scores are scaled by `scale` and, when softcap > 0, soft-capped as softcap * tanh(score / softcap).
- * Built with -ffast-math: sums are reassociated and exp is glibc's vector one, each within a few
- * units in the last place of the scalar loop (nothing here is infinite: a query always sees its
- * own key, so the running maximum starts from a real score).
+ * Built with -ffast-math: sums are reassociated and exp is glibc's vector one, so results differ
+ * from a scalar loop in rounding only (nothing here is infinite: a query always sees its own key,
+ * so the running maximum starts from a real score). Prefetches may point past a block or the
+ * cache; they are hints and never fault.
  * Sequences and KV heads are spread over OpenMP threads; inside torch's process the soname libgomp.so.1
  * resolves to torch's own runtime, so the kernel shares torch's thread pool instead of fighting it.
  */
