@@ -56,15 +56,19 @@ class CpuStepAttention(StepAttention):
         num_kv_heads: int,
         layer: LayerAttention,
     ) -> torch.Tensor:
-        key_cache.index_copy_(0, self.slot_mapping, k)
-        value_cache.index_copy_(0, self.slot_mapping, v)
         num_tokens, num_heads, head_dim = q.shape
         if self.num_decodes == num_tokens and self.decode_kernel is not None:  # nothing to assemble
-            return self._kernel_decodes(q, key_cache, value_cache, num_kv_heads, layer).view(num_tokens, -1)
+            return self._kernel_decodes(q, k, v, key_cache, value_cache, num_kv_heads, layer).view(
+                num_tokens, -1
+            )
+        stored = self.num_decodes if self.decode_kernel is not None else 0  # the kernel stores its own
+        key_cache.index_copy_(0, self.slot_mapping[stored:], k[stored:])
+        value_cache.index_copy_(0, self.slot_mapping[stored:], v[stored:])
         out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
         if self.num_decodes and self.decode_kernel is not None:
-            out[: self.num_decodes] = self._kernel_decodes(
-                q[: self.num_decodes], key_cache, value_cache, num_kv_heads, layer
+            decodes = slice(0, self.num_decodes)
+            out[decodes] = self._kernel_decodes(
+                q[decodes], k[decodes], v[decodes], key_cache, value_cache, num_kv_heads, layer
             )
         elif self.num_decodes:
             out[: self.num_decodes] = _decode_attention(
@@ -80,6 +84,8 @@ class CpuStepAttention(StepAttention):
     def _kernel_decodes(
         self,
         q: torch.Tensor,  # [num_decodes, num_heads, head_dim]
+        k: torch.Tensor,  # [num_decodes, num_kv_heads * head_dim]
+        v: torch.Tensor,
         key_cache: torch.Tensor,
         value_cache: torch.Tensor,
         num_kv_heads: int,
@@ -89,6 +95,9 @@ class CpuStepAttention(StepAttention):
         assert self.decode_block_tables is not None and self.decode_context_lens is not None
         return self.decode_kernel(
             q,
+            k,
+            v,
+            self.slot_mapping[: self.num_decodes],
             key_cache,
             value_cache,
             self.decode_block_tables,

@@ -20,8 +20,9 @@ _NORM_PLAIN, _NORM_GEMMA = 0, 1
 
 
 class CpuFusedOps:
-    """`FusedOps` in float32, one C call each. RoPE rounds as torch does; the norm and the activation
-    do not (another summation order, libm's exp)."""
+    """`FusedOps` in float32 (the norm and the activation also in and out of bfloat16), one C call
+    each. RoPE rounds as torch does; the norm and the activation do not (another summation order,
+    libm's exp)."""
 
     def __init__(self, library: ctypes.CDLL):
         self._rotary = library.rotary_in_place
@@ -29,10 +30,10 @@ class CpuFusedOps:
         self._rotary.argtypes = [_P] * 4 + [_I64] * 8
         self._rms_norm = library.rms_norm
         self._rms_norm.restype = None
-        self._rms_norm.argtypes = [_P] * 5 + [_I64] * 5 + [ctypes.c_float, _I64]
+        self._rms_norm.argtypes = [_P, _I64, _P, _P, _P, _I64, _P] + [_I64] * 5 + [ctypes.c_float, _I64]
         self._silu_and_mul = library.silu_and_mul
         self._silu_and_mul.restype = None
-        self._silu_and_mul.argtypes = [_P, _P] + [_I64] * 3
+        self._silu_and_mul.argtypes = [_P, _I64, _P] + [_I64] * 4
 
     @classmethod
     def load(cls) -> "CpuFusedOps | None":
@@ -43,18 +44,24 @@ class CpuFusedOps:
         return None if library is None else cls(library)
 
     def rms_norm(
-        self, x: torch.Tensor, residual: torch.Tensor | None, norm: "RMSNorm"
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        norm: "RMSNorm",
+        out_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rows, width = x.shape
-        assert x.dtype == torch.float32 and x.stride(1) == 1
-        assert residual is None or residual.stride(1) == 1
-        out = torch.empty(rows, width)
-        total = x if residual is None else torch.empty(rows, width)
+        x_bf16 = _is_bf16(x)
+        assert x.stride(1) == 1 and (residual is None or residual.stride(1) == 1)
+        out = torch.empty(rows, width, dtype=out_dtype or torch.float32)
+        total = x if residual is None and not x_bf16 else torch.empty(rows, width)
         self._rms_norm(
             x.data_ptr(),
+            x_bf16,
             None if residual is None else residual.data_ptr(),
             norm.weight.data_ptr(),
             out.data_ptr(),
+            _is_bf16(out),
             total.data_ptr(),
             rows,
             width,
@@ -86,9 +93,19 @@ class CpuFusedOps:
             cos.stride(0),
         )
 
-    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+    def silu_and_mul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         rows, double = x.shape
-        assert x.dtype == torch.float32 and x.stride(1) == 1
-        out = torch.empty(rows, double // 2)
-        self._silu_and_mul(x.data_ptr(), out.data_ptr(), rows, double // 2, x.stride(0))
+        assert x.stride(1) == 1
+        out = torch.empty(rows, double // 2, dtype=out_dtype or torch.float32)
+        self._silu_and_mul(
+            x.data_ptr(), _is_bf16(x), out.data_ptr(), _is_bf16(out), rows, double // 2, x.stride(0)
+        )
         return out
+
+
+def _is_bf16(t: torch.Tensor) -> bool:
+    """Whether the C functions read or write `t` as bfloat16 (else float32, asserted)."""
+    if t.dtype == torch.bfloat16:
+        return True
+    assert t.dtype == torch.float32, t.dtype
+    return False

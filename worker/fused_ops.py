@@ -12,10 +12,15 @@ if TYPE_CHECKING:
 
 class FusedOps(Protocol):
     def rms_norm(
-        self, x: torch.Tensor, residual: torch.Tensor | None, norm: "RMSNorm"
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        norm: "RMSNorm",
+        out_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(residual + x), residual + x) for x, residual: [rows, hidden] (any row stride);
-        without a residual, (norm(x), x)."""
+        without a residual, (norm(x), x). The norm comes out in `out_dtype` where given (bfloat16
+        for a weight-only quantized linear on a CPU, which takes nothing else)."""
         ...
 
     def rotary_(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -23,6 +28,6 @@ class FusedOps(Protocol):
         first cos.shape[-1] dims of each head; cos, sin: [tokens, rotary_dim] rows (halves equal)."""
         ...
 
-    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [rows, 2 * width] = [gate | up]; silu(gate) * up."""
+    def silu_and_mul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x: [rows, 2 * width] = [gate | up]; silu(gate) * up, in `out_dtype` where given."""
         ...

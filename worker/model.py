@@ -19,6 +19,7 @@ from worker.families import Family
 from worker.kv_cache import KVCache
 from worker.model_config import ModelConfig
 from worker.moe import MixtureOfExperts
+from worker.quantized_linear import WeightOnlyLinear
 
 if TYPE_CHECKING:
     from worker.fused_ops import FusedOps
@@ -48,10 +49,11 @@ class RMSNorm(nn.Module):
         self.gemma = family.gemma
         self.weight_in_float32 = family.norm_weight_in_float32
         self.fused: FusedOps | None = None  # one kernel instead (worker/fused_ops.py)
+        self.out_dtype: torch.dtype | None = None  # the fused kernel's output, where not x's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused is not None and x.dim() == 2:
-            return self.fused.rms_norm(x, None, self)[0]
+            return self.fused.rms_norm(x, None, self, self.out_dtype)[0]
         dtype = x.dtype
         x = x.to(torch.float32)
         normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -66,7 +68,7 @@ class RMSNorm(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(residual + x), residual + x) in one kernel: the add rounded as torch rounds it."""
         assert self.fused is not None
-        return self.fused.rms_norm(x, residual, self)
+        return self.fused.rms_norm(x, residual, self, self.out_dtype)
 
 
 class RotaryTables(nn.Module):
@@ -196,10 +198,11 @@ class GatedMLP(nn.Module):
         self.act = ACT2FN[activation]
         self.activation = activation
         self.fused: FusedOps | None = None  # SiLU-and-multiply as one kernel
+        self.out_dtype: torch.dtype | None = None  # the kernel's output, where not its input's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused is not None:
-            return self.down_proj(self.fused.silu_and_mul(self.gate_up_proj(x)))
+            return self.down_proj(self.fused.silu_and_mul(self.gate_up_proj(x), self.out_dtype))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
@@ -273,6 +276,32 @@ class CausalLM(nn.Module):
                 module.fused = ops
         for layer in self.layers:
             layer.defers_residual = layer.pre_norms and not rotary_only
+        if not rotary_only:
+            self._pass_bfloat16_to_quantized_linears()
+
+    def _pass_bfloat16_to_quantized_linears(self) -> None:
+        """Between a fused kernel and a weight-only quantized linear (which computes in bfloat16),
+        hand over bfloat16: the norm before q/k/v and gate/up, the activation before down, and
+        o_proj's and down's output into the next fused norm, where layers defer their residual
+        add into it. q/k/v come out in float32, for RoPE and the cache."""
+        bfloat16 = torch.bfloat16
+        for layer in self.layers:
+            if not layer.defers_residual:
+                continue
+            attention, mlp = layer.self_attn, layer.mlp
+            if isinstance(attention.qkv_proj, WeightOnlyLinear):
+                layer.attn_in.out_dtype = bfloat16
+            if isinstance(attention.o_proj, WeightOnlyLinear):
+                attention.o_proj.bfloat16_out = True
+            if isinstance(mlp, GatedMLP) and mlp.fused is not None:
+                if isinstance(mlp.gate_up_proj, WeightOnlyLinear):
+                    layer.mlp_in.out_dtype = bfloat16
+                    mlp.gate_up_proj.bfloat16_out = True
+                if isinstance(mlp.down_proj, WeightOnlyLinear):
+                    mlp.out_dtype = bfloat16
+                    mlp.down_proj.bfloat16_out = True
+        if isinstance(self.lm_head, WeightOnlyLinear):
+            self.norm.out_dtype = bfloat16
 
     @property
     def long_prompt_from(self) -> int | None:

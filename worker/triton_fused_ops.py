@@ -18,10 +18,15 @@ class TritonFusedOps:
     """Norms, RoPE and SiLU-and-multiply each as one kernel."""
 
     def rms_norm(
-        self, x: torch.Tensor, residual: torch.Tensor | None, norm: "RMSNorm"
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        norm: "RMSNorm",
+        out_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(residual + x), residual + x) for x, residual: [rows, hidden] (any row stride);
-        without a residual, (norm(x), x)."""
+        without a residual, (norm(x), x). Outputs stay in x's dtype."""
+        assert out_dtype in (None, x.dtype), "the CUDA model has no weight-only quantized linears"
         rows, width = x.shape
         assert x.stride(1) == 1 and (residual is None or residual.stride(1) == 1)
         if norm.gemma:
@@ -73,8 +78,9 @@ class TritonFusedOps:
             HALF_PAD=triton.next_power_of_2(half),
         )
 
-    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [rows, 2 * width] = [gate | up]; silu(gate) * up."""
+    def silu_and_mul(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x: [rows, 2 * width] = [gate | up]; silu(gate) * up, in x's dtype."""
+        assert out_dtype in (None, x.dtype), "the CUDA model has no weight-only quantized linears"
         rows, double = x.shape
         width = double // 2
         assert x.stride(1) == 1

@@ -42,8 +42,9 @@ def test_kernel_matches_eager_attention_over_gathered_blocks(
     softcap: float | None,
     lens: list[int],
 ) -> None:
-    """Fewer sequences than threads (one stream) split by KV head; q is a strided view, as the
-    q/k/v projection's output is."""
+    """Fewer sequences than threads (one stream) split by KV head; q, k and v are strided views,
+    as the q/k/v projection's output is, and each new key and value lands in its slot (the last
+    visible position) before the query reads it."""
     kernel = PagedDecodeKernel.load()
     if kernel is None:
         pytest.skip("no C compiler on this machine")
@@ -52,15 +53,22 @@ def test_kernel_matches_eager_attention_over_gathered_blocks(
     key_cache = torch.randn(num_blocks * block_size, num_kv_heads * head_dim)
     value_cache = torch.randn(num_blocks * block_size, num_kv_heads * head_dim)
     tables = torch.stack([torch.randperm(num_blocks)[:8] for _ in lens])
-    q = torch.randn(len(lens), num_heads + 2 * num_kv_heads, head_dim)[:, :num_heads]
+    qkv = torch.randn(len(lens), num_heads + 2 * num_kv_heads, head_dim)
+    q = qkv[:, :num_heads]
+    k, v = (t.reshape(len(lens), -1) for t in qkv[:, num_heads:].split(num_kv_heads, dim=1))
     context_lens = torch.tensor(lens)
+    slots = tables[torch.arange(len(lens)), (context_lens - 1) // block_size] * block_size
+    slots += (context_lens - 1) % block_size
     layer = LayerAttention(scale=0.3, window=window, softcap=softcap)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     try:
-        out = kernel(q, key_cache, value_cache, tables, context_lens, num_kv_heads, block_size, layer)
+        out = kernel(
+            q, k, v, slots, key_cache, value_cache, tables, context_lens, num_kv_heads, block_size, layer
+        )
     finally:
         torch.set_num_threads(threads_before)
+    assert torch.equal(key_cache[slots], k) and torch.equal(value_cache[slots], v)
     expected = reference(q, key_cache, value_cache, tables, context_lens, num_kv_heads, block_size, layer)
     torch.testing.assert_close(out, expected)
 

@@ -82,3 +82,29 @@ def test_fused_path_gives_the_torch_path_logits(
     got = prompt_then_decode(model, attention)
     for ours, reference in zip(got, expected, strict=True):
         torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+@pytest.mark.parametrize("family", ["llama", "olmo2", "olmoe"])
+def test_bfloat16_between_c_ops_and_quantized_linears_changes_no_logit(
+    quantization: str, family: str, model_dir: Path, tmp_path: Path
+) -> None:
+    """Quantized weights compute in bfloat16; the fused ops around them hand it over as it is
+    rather than through torch's casts, and the logits stay bit for bit those of the casts.
+    (OLMo 2's norms follow their sublayer and OLMoE routes its feed-forward: both keep float32
+    where the next op needs it.)"""
+    attention, ops = fused("cpu")
+    path = build(family, tmp_path, model_dir)
+    model, _, _ = load_model(path, CPU, quantization=quantization)  # type: ignore[arg-type]
+    model.use_fused_ops(ops)
+    handed_over = prompt_then_decode(model, attention)
+    bfloat16_outs = [module for module in model.modules() if getattr(module, "bfloat16_out", False)]
+    assert bool(bfloat16_outs) == (family != "olmo2")  # only layers that defer their residual add
+    for module in model.modules():
+        if hasattr(module, "out_dtype"):
+            module.out_dtype = None
+        if hasattr(module, "bfloat16_out"):
+            module.bfloat16_out = False
+    cast = prompt_then_decode(model, attention)
+    for ours, reference in zip(handed_over, cast, strict=True):
+        assert torch.equal(ours, reference)

@@ -89,3 +89,26 @@ def test_silu_and_mul_matches_the_gated_mlp(backend: str, dtype: torch.dtype, to
     gate, up = x.chunk(2, dim=-1)
     expected = torch.nn.functional.silu(gate) * up
     torch.testing.assert_close(ops.silu_and_mul(x), expected, atol=tolerance, rtol=tolerance)
+
+
+def test_the_c_norm_and_activation_read_and_write_bfloat16_as_torch_casts() -> None:
+    """Around a weight-only quantized linear the C ops take and give bfloat16 in place of torch's
+    casts: a bfloat16 input counts as its exact float32 value, and the output rounds to nearest
+    even, as `.to(torch.bfloat16)` rounds."""
+    ops, _ = ops_on("cpu")
+    torch.manual_seed(3)
+    norm = RMSNorm(40, 1e-6, FAMILIES["llama"])
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(20, 40).bfloat16()  # 16 rows or more: spread over threads
+    residual = torch.randn(20, 40)
+    expected, expected_total = ops.rms_norm(x.float(), residual, norm)
+    out, total = ops.rms_norm(x, residual, norm, torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected.bfloat16())
+    assert torch.equal(total, expected_total)
+    out, total = ops.rms_norm(x, None, norm, torch.bfloat16)
+    assert torch.equal(out, ops.rms_norm(x.float(), None, norm)[0].bfloat16())
+    assert total.dtype == torch.float32 and torch.equal(total, x.float())
+    gate_up = torch.randn(20, 2 * 300).bfloat16()
+    activated = ops.silu_and_mul(gate_up, torch.bfloat16)
+    assert torch.equal(activated, ops.silu_and_mul(gate_up.float()).bfloat16())
+    assert torch.equal(ops.silu_and_mul(gate_up), ops.silu_and_mul(gate_up.float()))

@@ -18,6 +18,7 @@ from worker.moe import MixtureOfExperts
 from worker.quantized_linear import (
     GROUP_SIZE,
     DynamicInt8Linear,
+    FbgemmInt8Linear,
     Int4Groups,
     Int4Linear,
     Int8Linear,
@@ -88,16 +89,44 @@ def test_a_row_gets_the_same_result_in_any_batch(linear: nn.Linear) -> None:
         Int8Linear(weight, None),
         Int4Linear(Int4Groups.of(weight), None),
         DynamicInt8Linear(weight, None),
+        FbgemmInt8Linear(weight, None),
     ):
         assert torch.equal(layer(x)[3:4], layer(x[3:4]))
 
 
-def test_int4_leaves_the_lm_head_and_odd_inputs_at_int8() -> None:
+def test_fbgemm_rounds_each_activation_row_on_its_own_scale(linear: nn.Linear) -> None:
+    """fbgemm scales a whole batch at once; spanning every row over [-1, 1] makes the scale each
+    row's own: a row of outliers, or of zeros, changes no other row's output by a bit."""
+    layer = FbgemmInt8Linear(linear.weight.detach(), linear.bias)
+    x = torch.randn(6, 128)
+    alone = torch.cat([layer(row[None]) for row in x])
+    x[2] *= 1000
+    x[4] = 0
+    batch = layer(x)
+    assert torch.equal(batch[[0, 1, 3, 5]], alone[[0, 1, 3, 5]])
+    assert torch.equal(batch[4], linear.bias.detach())
+    expected = linear(x)
+    error = (batch - expected).abs() / expected.abs().amax(1, keepdim=True)
+    assert error.max() < 0.05  # seven bits of each row's magnitude, eight of the weights'
+
+
+def test_weight_only_layers_take_and_give_bfloat16_where_told(linear: nn.Linear) -> None:
+    x = torch.randn(3, 128)
+    weight = linear.weight.detach()
+    for layer in (Int8Linear(weight, None), Int4Linear(Int4Groups.of(weight), None)):
+        floats = layer(x)
+        assert floats.dtype == torch.float32 and torch.equal(layer(x.bfloat16()), floats)
+        layer.bfloat16_out = True
+        assert torch.equal(layer(x), floats.bfloat16())
+
+
+def test_int4_leaves_the_lm_head_at_w8a8_and_odd_inputs_at_int8() -> None:
     model = nn.ModuleDict(
         {"proj": nn.Linear(64, 32), "odd": nn.Linear(40, 32), "lm_head": nn.Linear(64, 100)}
     )
-    assert quantize_linears(model, "int4", {}) == {"int8": 2, "int4": 1, "w8a8": 0}
-    assert isinstance(model["proj"], Int4Linear) and isinstance(model["lm_head"], Int8Linear)
+    assert quantize_linears(model, "int4", {}) == {"int8": 1, "int4": 1, "w8a8": 1}
+    assert isinstance(model["proj"], Int4Linear) and isinstance(model["odd"], Int8Linear)
+    assert isinstance(model["lm_head"], FbgemmInt8Linear)
 
 
 def test_a_router_stays_float32_where_it_picks_the_experts() -> None:

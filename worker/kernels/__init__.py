@@ -19,12 +19,13 @@ _I64 = ctypes.c_int64
 
 
 class PagedDecodeKernel:
-    """Decode attention read in place from the paged cache."""
+    """Decode attention read in place from the paged cache, which it first writes the new keys and
+    values into."""
 
     def __init__(self, library: ctypes.CDLL):
         self._function = library.paged_decode_attention
         self._function.restype = ctypes.c_int
-        self._function.argtypes = [ctypes.c_void_p] * 6 + [_I64] * 8 + [ctypes.c_float] * 2
+        self._function.argtypes = [ctypes.c_void_p] * 9 + [_I64] * 10 + [ctypes.c_float] * 2
 
     @classmethod
     def load(cls) -> "PagedDecodeKernel | None":
@@ -35,6 +36,9 @@ class PagedDecodeKernel:
     def __call__(
         self,
         q: torch.Tensor,  # [num_seqs, num_heads, head_dim] float32 on CPU, heads and dims contiguous
+        k: torch.Tensor,  # [num_seqs, num_kv_heads * head_dim] new keys, stored before attending
+        v: torch.Tensor,  # [num_seqs, num_kv_heads * head_dim] new values
+        slots: torch.Tensor,  # [num_seqs] int64, where in the cache they go
         key_cache: torch.Tensor,  # [num_slots, num_kv_heads * head_dim]
         value_cache: torch.Tensor,
         block_tables: torch.Tensor,  # [num_seqs, max_blocks] int64
@@ -45,9 +49,13 @@ class PagedDecodeKernel:
     ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
         num_seqs, num_heads, head_dim = q.shape
         assert num_heads % num_kv_heads == 0 and q.stride(2) == 1 and q.stride(1) == head_dim
+        assert k.stride(1) == v.stride(1) == 1 and slots.dtype == torch.int64
         out = torch.empty(num_seqs, num_heads, head_dim, dtype=torch.float32)
         status = self._function(
             q.data_ptr(),
+            k.data_ptr(),
+            v.data_ptr(),
+            slots.data_ptr(),
             key_cache.data_ptr(),
             value_cache.data_ptr(),
             block_tables.data_ptr(),
@@ -56,6 +64,8 @@ class PagedDecodeKernel:
             num_seqs,
             num_heads,
             q.stride(0),
+            k.stride(0),
+            v.stride(0),
             num_kv_heads,
             head_dim,
             block_size,

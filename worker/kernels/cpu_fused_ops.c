@@ -1,4 +1,4 @@
-/* A decoder layer's element-wise steps on a CPU, each in one pass, float32.
+/* A decoder layer's element-wise steps on a CPU, each in one pass, in float32.
  *
  * Each of these is several torch operations in the decoder (RoPE nine per tensor, a norm seven, the
  * activation three); at one stream a layer's step is some seventy torch operations, whose dispatch
@@ -6,14 +6,44 @@
  * and then their sum exactly as torch does, so float32 output stays token-identical. The norm and
  * the activation sum and exponentiate in another order than torch, so only models that are not
  * exact anyway (quantized weights) use them.
+ * The norm and the activation also read and write bfloat16 (the input and output of a weight-only
+ * quantized linear), converting as torch does: exactly up, and down rounding to nearest even, so
+ * that skipping torch's casts around those layers changes nothing.
  * Rows are spread over OpenMP threads when there are many (a prefill chunk); inside torch's process
  * libgomp.so.1 resolves to torch's own runtime.
  */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #define PARALLEL_ROWS 16
+
+static inline float from_bf16(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if (isnan(f)) return 0x7FC0;
+    return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+/* Element i of a row held as float32 (is_bf16 == 0) or bfloat16. */
+static inline float load(const void *row, int64_t i, int64_t is_bf16) {
+    return is_bf16 ? from_bf16(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+}
+
+static inline void store(void *row, int64_t i, float value, int64_t is_bf16) {
+    if (is_bf16)
+        ((uint16_t *)row)[i] = to_bf16(value);
+    else
+        ((float *)row)[i] = value;
+}
 
 /* x: [tokens, heads, head_dim] with rows `stride` apart and heads head_dim apart; rotate the first
  * rotary_dim of each head in place: (x * cos) + (rotate_half(x) * sin), rotate_half(x) = [-x2, x1]. */
@@ -46,45 +76,54 @@ void rotary_in_place(float *q, float *k, const float *cos, const float *sin, int
 
 enum { NORM_PLAIN = 0, NORM_GEMMA = 1 };
 
-/* total = x + residual (residual may be NULL: total is x and is not written); out = norm(total):
- * total / sqrt(mean(total^2) + eps), times weight (plain) or (1 + weight) (Gemma). */
-void rms_norm(const float *x, const float *residual, const float *weight, float *out, float *total,
-              int64_t rows, int64_t width, int64_t x_stride, int64_t residual_stride,
-              int64_t out_stride, float eps, int64_t mode) {
+/* out = norm(x + residual): total / sqrt(mean(total^2) + eps), times weight (plain) or (1 + weight)
+ * (Gemma). total (float32) receives x + residual, or x itself where x is bfloat16 without a
+ * residual; it is not written (and may be NULL) where x is float32 without one. Element sizes
+ * (sizeof(float) or 2) follow x_bf16 and out_bf16; strides count elements. */
+void rms_norm(const void *x, int64_t x_bf16, const float *residual, const float *weight, void *out,
+              int64_t out_bf16, float *total, int64_t rows, int64_t width, int64_t x_stride,
+              int64_t residual_stride, int64_t out_stride, float eps, int64_t mode) {
+    const size_t x_size = x_bf16 ? sizeof(uint16_t) : sizeof(float);
+    const size_t out_size = out_bf16 ? sizeof(uint16_t) : sizeof(float);
 #pragma omp parallel for if (rows >= PARALLEL_ROWS)
     for (int64_t r = 0; r < rows; ++r) {
-        const float *xr = x + r * x_stride;
-        float *o = out + r * out_stride;
+        const void *xr = (const char *)x + r * x_stride * x_size;
+        void *o = (char *)out + r * out_stride * out_size;
         const float *sum = xr;
-        if (residual != NULL) {
-            const float *res = residual + r * residual_stride;
-            float *tr = total + r * out_stride;
-#pragma omp simd
-            for (int64_t i = 0; i < width; ++i) tr[i] = xr[i] + res[i];
+        if (residual != NULL || x_bf16) {
+            const float *res = residual == NULL ? NULL : residual + r * residual_stride;
+            float *tr = total + r * width;
+            if (res == NULL)
+                for (int64_t i = 0; i < width; ++i) tr[i] = load(xr, i, x_bf16);
+            else
+                for (int64_t i = 0; i < width; ++i) tr[i] = load(xr, i, x_bf16) + res[i];
             sum = tr;
         }
         float squares = 0.0f;
 #pragma omp simd reduction(+ : squares)
         for (int64_t i = 0; i < width; ++i) squares += sum[i] * sum[i];
         const float inv = 1.0f / sqrtf(squares / (float)width + eps);
-        if (mode == NORM_GEMMA) {
-#pragma omp simd
-            for (int64_t i = 0; i < width; ++i) o[i] = sum[i] * inv * (1.0f + weight[i]);
-        } else {
-#pragma omp simd
-            for (int64_t i = 0; i < width; ++i) o[i] = weight[i] * (sum[i] * inv);
+        for (int64_t i = 0; i < width; ++i) {
+            const float value = mode == NORM_GEMMA ? sum[i] * inv * (1.0f + weight[i]) : weight[i] * (sum[i] * inv);
+            store(o, i, value, out_bf16);
         }
     }
 }
 
-/* x: [rows, 2 * width] = [gate | up] with rows `x_stride` apart; out [rows, width] = silu(gate) * up. */
-void silu_and_mul(const float *x, float *out, int64_t rows, int64_t width, int64_t x_stride) {
+/* x: [rows, 2 * width] = [gate | up] with rows `x_stride` elements apart; out [rows, width] =
+ * silu(gate) * up. Either may be float32 or bfloat16, as x_bf16 and out_bf16 say. */
+void silu_and_mul(const void *x, int64_t x_bf16, void *out, int64_t out_bf16, int64_t rows, int64_t width,
+                  int64_t x_stride) {
+    const size_t x_size = x_bf16 ? sizeof(uint16_t) : sizeof(float);
+    const size_t out_size = out_bf16 ? sizeof(uint16_t) : sizeof(float);
 #pragma omp parallel for if (rows >= PARALLEL_ROWS)
     for (int64_t r = 0; r < rows; ++r) {
-        const float *gate = x + r * x_stride;
-        const float *up = gate + width;
-        float *o = out + r * width;
-#pragma omp simd
-        for (int64_t i = 0; i < width; ++i) o[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+        const void *gate = (const char *)x + r * x_stride * x_size;
+        const void *up = (const char *)gate + width * x_size;
+        void *o = (char *)out + r * width * out_size;
+        for (int64_t i = 0; i < width; ++i) {
+            const float g = load(gate, i, x_bf16);
+            store(o, i, g / (1.0f + expf(-g)) * load(up, i, x_bf16), out_bf16);
+        }
     }
 }

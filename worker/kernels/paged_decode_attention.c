@@ -2,9 +2,13 @@
  *
  * Gathering every sequence's context into a padded tensor before SDPA copies the whole KV cache
  * twice per layer; this reads each cached key and value once, straight from its block.
+ * Each sequence's new key and value are stored into the cache first (at slots[s]), so a step
+ * spends no separate copy on them.
  * Layouts (float32, row-major):
  *   q:             [num_seqs, num_heads, head_dim], sequences q_stride apart (a view of the
  *                  q/k/v projection's output need not be copied)
+ *   k_new, v_new:  [num_seqs, num_kv_heads * head_dim], rows k_stride and v_stride apart (views too)
+ *   slots:         [num_seqs] int64, the cache slot of each sequence's new key and value
  *   out:           [num_seqs, num_heads, head_dim]
  *   key/value:     [num_slots, num_kv_heads, head_dim], slot = block_id * block_size + offset
  *   block_tables:  [num_seqs, max_blocks] int64
@@ -22,17 +26,23 @@
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define FLOATS_PER_LINE 16
 #define PREFETCH_ROWS 8
 
-int paged_decode_attention(const float *q, const float *key_cache, const float *value_cache,
-                           const int64_t *block_tables, const int64_t *context_lens, float *out,
-                           int64_t num_seqs, int64_t num_heads, int64_t q_stride,
-                           int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-                           int64_t max_blocks, int64_t window, float scale, float softcap) {
+int paged_decode_attention(const float *q, const float *k_new, const float *v_new, const int64_t *slots,
+                           float *key_cache, float *value_cache, const int64_t *block_tables,
+                           const int64_t *context_lens, float *out, int64_t num_seqs, int64_t num_heads,
+                           int64_t q_stride, int64_t k_stride, int64_t v_stride, int64_t num_kv_heads,
+                           int64_t head_dim, int64_t block_size, int64_t max_blocks, int64_t window,
+                           float scale, float softcap) {
     const int64_t group = num_heads / num_kv_heads;
     const int64_t kv_stride = num_kv_heads * head_dim;
+    for (int64_t s = 0; s < num_seqs; ++s) {
+        memcpy(key_cache + slots[s] * kv_stride, k_new + s * k_stride, sizeof(float) * (size_t)kv_stride);
+        memcpy(value_cache + slots[s] * kv_stride, v_new + s * v_stride, sizeof(float) * (size_t)kv_stride);
+    }
     int64_t max_len = 0;
     for (int64_t s = 0; s < num_seqs; ++s)
         if (context_lens[s] > max_len) max_len = context_lens[s];
