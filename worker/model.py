@@ -49,7 +49,7 @@ class RMSNorm(nn.Module):
         self.gemma = family.gemma
         self.weight_in_float32 = family.norm_weight_in_float32
         self.fused: FusedOps | None = None  # one kernel instead (worker/fused_ops.py)
-        self.out_dtype: torch.dtype | None = None  # the fused kernel's output, where not x's
+        self.out_dtype: torch.dtype | None = None  # the fused kernel's output dtype (None: its default)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused is not None and x.dim() == 2:
@@ -198,7 +198,7 @@ class GatedMLP(nn.Module):
         self.act = ACT2FN[activation]
         self.activation = activation
         self.fused: FusedOps | None = None  # SiLU-and-multiply as one kernel
-        self.out_dtype: torch.dtype | None = None  # the kernel's output, where not its input's
+        self.out_dtype: torch.dtype | None = None  # the kernel's output dtype (None: its default)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused is not None:

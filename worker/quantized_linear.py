@@ -31,7 +31,6 @@ _KERNEL_DTYPE = torch.bfloat16
 _INT4_LEVELS = 15
 _INT8_MAX = 127
 _TINY = 1e-30
-_BOUNDS = 2  # the inputs FbgemmInt8Linear appends to every row
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +66,8 @@ def _per_output_channel(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple
 class WeightOnlyLinear(nn.Module, ABC):
     """A linear whose kernel takes and gives bfloat16 in a float32 model: it takes either, and gives
     float32, or bfloat16 where `bfloat16_out` says the next op reads it (`CausalLM.use_fused_ops`:
-    a fused norm or activation), so no cast on either side costs a dispatch."""
+    a fused norm or activation), so no cast on either side costs a dispatch. With a bias the output
+    is float32 either way (the bias is added in float32)."""
 
     def __init__(self, bias: torch.Tensor | None):
         super().__init__()
@@ -121,28 +121,30 @@ class DynamicInt8Linear(nn.Module):
 class FbgemmInt8Linear(nn.Module):
     """W8A8 through fbgemm (torch's x86 dynamic quantized linear), one activation scale per row.
 
-    At a few rows fbgemm is the fastest integer GEMM torch has here: the 49152-wide LM head of the
-    default model takes 0.3-0.5 ms at one row against 1.9 ms for `_weight_int8pack_mm` and 1.1-1.6
-    for `_int_mm` (measured 2026-12-05). But fbgemm quantizes activations with one scale for the
-    whole batch, so a row's output would depend on its neighbours. Each row is therefore divided
-    by its largest magnitude and given two extra inputs, +1 and -1, against zero weights: every
-    row then spans exactly [-1, 1], the batch's scale is every row's own, and the row's output is
-    scaled back by its magnitude. Activations are held in 7 bits (`reduce_range`, as torch does on
-    x86: fbgemm's AVX2 kernels would otherwise saturate 16-bit pair sums), a step of 1/63.5 of the
-    row's magnitude."""
+    At a few rows fbgemm is the fastest integer GEMM torch has here: in a micro-benchmark on the
+    2-vCPU EPYC (2026-12-05), the 49152-wide LM head of the default model took 0.3-0.5 ms at one
+    row against 1.9 ms for `_weight_int8pack_mm` and 1.1-1.6 for `_int_mm`. But fbgemm quantizes
+    activations with one scale for the whole batch, so a row's output would depend on its
+    neighbours. Each row is therefore divided by its largest magnitude and given two extra inputs,
+    +1 and -1, against zero weights: every row then spans exactly [-1, 1], the batch's scale is
+    every row's own, and the row's output is scaled back by its magnitude. Activations are held in
+    7 bits (`reduce_range`, as torch does on x86: fbgemm's AVX2 kernels would otherwise saturate
+    16-bit pair sums), a step of 1/63.5 of the row's magnitude."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         out_features, self.in_features = weight.shape
         codes, scales = _per_output_channel(weight, torch.float32)
-        padded = torch.cat([codes, codes.new_zeros(out_features, _BOUNDS)], 1)
+        bounds = torch.tensor([1.0, -1.0])
+        self.spanned_features = self.in_features + len(bounds)
+        padded = torch.cat([codes, codes.new_zeros(out_features, len(bounds))], 1)
         with warnings.catch_warnings():  # quantized tensors are deprecated; fbgemm takes only them
             warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
             quantized = torch._make_per_channel_quantized_tensor(
                 padded, scales.double(), torch.zeros(out_features, dtype=torch.long), 0
             )
         self.packed = torch.ops.quantized.linear_prepack(quantized, None)
-        self.register_buffer("bounds", torch.tensor([1.0, -1.0]))
+        self.register_buffer("bounds", bounds)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     @staticmethod
@@ -154,7 +156,7 @@ class FbgemmInt8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         magnitudes = x.abs().amax(1, keepdim=True).clamp_(min=_TINY)  # a zero row stays zero
-        spanned = x.new_empty(x.shape[0], self.in_features + _BOUNDS)
+        spanned = x.new_empty(x.shape[0], self.spanned_features)
         torch.div(x, magnitudes, out=spanned[:, : self.in_features])
         spanned[:, self.in_features :] = self.bounds
         y = torch.ops.quantized.linear_dynamic(spanned, self.packed, True).mul_(magnitudes)
@@ -185,8 +187,7 @@ def quantize_linears(model: nn.Module, mode: Quantization, groups: dict[str, Int
     weight; the LM head stays at 8 bits, as GGUF files keep the output projection, and quantizes
     its activations too, as llama.cpp does (int4 is the one-stream mode, and at one row fbgemm's
     integer GEMM is the fastest); any layer whose input is no multiple of 32 becomes int8. w8a8
-    takes every layer. Experts,
-    stacked parameters rather than layers, stay float32."""
+    takes every layer. Experts, stacked parameters rather than layers, stay float32."""
     counts = {"int8": 0, "int4": 0, "w8a8": 0}
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):

@@ -33,17 +33,23 @@ static inline uint16_t to_bf16(float f) {
     return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
 }
 
-/* Element i of a row held as float32 (is_bf16 == 0) or bfloat16. */
-static inline float load(const void *row, int64_t i, int64_t is_bf16) {
-    return is_bf16 ? from_bf16(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+/* n elements of a row held as float32 (is_bf16 == 0) or bfloat16, to and from float32: one
+ * branch a run, so that the loops stay vector loops. */
+static void read_floats(const void *row, int64_t n, int64_t is_bf16, float *dst) {
+    if (is_bf16)
+        for (int64_t i = 0; i < n; ++i) dst[i] = from_bf16(((const uint16_t *)row)[i]);
+    else
+        memcpy(dst, row, sizeof(float) * (size_t)n);
 }
 
-static inline void store(void *row, int64_t i, float value, int64_t is_bf16) {
+static void write_floats(const float *src, int64_t n, int64_t is_bf16, void *row) {
     if (is_bf16)
-        ((uint16_t *)row)[i] = to_bf16(value);
+        for (int64_t i = 0; i < n; ++i) ((uint16_t *)row)[i] = to_bf16(src[i]);
     else
-        ((float *)row)[i] = value;
+        memcpy(row, src, sizeof(float) * (size_t)n);
 }
+
+#define RUN 256 /* elements converted at a time, on the stack */
 
 /* x: [tokens, heads, head_dim] with rows `stride` apart and heads head_dim apart; rotate the first
  * rotary_dim of each head in place: (x * cos) + (rotate_half(x) * sin), rotate_half(x) = [-x2, x1]. */
@@ -87,25 +93,35 @@ void rms_norm(const void *x, int64_t x_bf16, const float *residual, const float 
     const size_t out_size = out_bf16 ? sizeof(uint16_t) : sizeof(float);
 #pragma omp parallel for if (rows >= PARALLEL_ROWS)
     for (int64_t r = 0; r < rows; ++r) {
-        const void *xr = (const char *)x + r * x_stride * x_size;
-        void *o = (char *)out + r * out_stride * out_size;
-        const float *sum = xr;
+        const char *xr = (const char *)x + r * x_stride * x_size;
+        char *o = (char *)out + r * out_stride * out_size;
+        const float *sum = (const float *)xr;
         if (residual != NULL || x_bf16) {
             const float *res = residual == NULL ? NULL : residual + r * residual_stride;
             float *tr = total + r * width;
-            if (res == NULL)
-                for (int64_t i = 0; i < width; ++i) tr[i] = load(xr, i, x_bf16);
-            else
-                for (int64_t i = 0; i < width; ++i) tr[i] = load(xr, i, x_bf16) + res[i];
+            read_floats(xr, width, x_bf16, tr);
+            if (res != NULL) {
+#pragma omp simd
+                for (int64_t i = 0; i < width; ++i) tr[i] += res[i];
+            }
             sum = tr;
         }
         float squares = 0.0f;
 #pragma omp simd reduction(+ : squares)
         for (int64_t i = 0; i < width; ++i) squares += sum[i] * sum[i];
         const float inv = 1.0f / sqrtf(squares / (float)width + eps);
-        for (int64_t i = 0; i < width; ++i) {
-            const float value = mode == NORM_GEMMA ? sum[i] * inv * (1.0f + weight[i]) : weight[i] * (sum[i] * inv);
-            store(o, i, value, out_bf16);
+        for (int64_t start = 0; start < width; start += RUN) {
+            const int64_t n = width - start < RUN ? width - start : RUN;
+            const float *s = sum + start, *w = weight + start;
+            float normed[RUN];
+            if (mode == NORM_GEMMA) {
+#pragma omp simd
+                for (int64_t i = 0; i < n; ++i) normed[i] = s[i] * inv * (1.0f + w[i]);
+            } else {
+#pragma omp simd
+                for (int64_t i = 0; i < n; ++i) normed[i] = w[i] * (s[i] * inv);
+            }
+            write_floats(normed, n, out_bf16, o + start * out_size);
         }
     }
 }
@@ -118,12 +134,17 @@ void silu_and_mul(const void *x, int64_t x_bf16, void *out, int64_t out_bf16, in
     const size_t out_size = out_bf16 ? sizeof(uint16_t) : sizeof(float);
 #pragma omp parallel for if (rows >= PARALLEL_ROWS)
     for (int64_t r = 0; r < rows; ++r) {
-        const void *gate = (const char *)x + r * x_stride * x_size;
-        const void *up = (const char *)gate + width * x_size;
-        void *o = (char *)out + r * width * out_size;
-        for (int64_t i = 0; i < width; ++i) {
-            const float g = load(gate, i, x_bf16);
-            store(o, i, g / (1.0f + expf(-g)) * load(up, i, x_bf16), out_bf16);
+        const char *gate = (const char *)x + r * x_stride * x_size;
+        const char *up = gate + width * x_size;
+        char *o = (char *)out + r * width * out_size;
+        for (int64_t start = 0; start < width; start += RUN) {
+            const int64_t n = width - start < RUN ? width - start : RUN;
+            float g[RUN], u[RUN];
+            read_floats(gate + start * x_size, n, x_bf16, g);
+            read_floats(up + start * x_size, n, x_bf16, u);
+#pragma omp simd
+            for (int64_t i = 0; i < n; ++i) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+            write_floats(g, n, out_bf16, o + start * out_size);
         }
     }
 }
