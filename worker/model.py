@@ -16,6 +16,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from worker.attention import LayerAttention, StepAttention
 from worker.families import Family
+from worker.fused_layer import FusedLayer
 from worker.kv_cache import KVCache
 from worker.model_config import ModelConfig
 from worker.moe import MixtureOfExperts
@@ -116,15 +117,14 @@ class RotaryTables(nn.Module):
     def lookup(self, positions: torch.Tensor, prompt_lens: torch.Tensor, dtype: torch.dtype) -> "Rotation":
         """This step's cos/sin rows, looked up once for every layer that shares the table."""
         rows = self.rows(positions, prompt_lens)
-        cos = self.cos[rows].unsqueeze(1).to(dtype)  # [num_tokens, 1, rotary_dim]
-        return Rotation(cos, self.sin[rows].unsqueeze(1).to(dtype), self.rotary_dim)
+        return Rotation(self.cos[rows].to(dtype), self.sin[rows].to(dtype), self.rotary_dim)
 
 
 @dataclass(frozen=True, slots=True)
 class Rotation:
     """One step's RoPE: cos and sin for each token, over the first `rotary_dim` of each head."""
 
-    cos: torch.Tensor  # [num_tokens, 1, rotary_dim]
+    cos: torch.Tensor  # [num_tokens, rotary_dim]
     sin: torch.Tensor
     rotary_dim: int
 
@@ -133,7 +133,7 @@ class Rotation:
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
         half = self.rotary_dim // 2
         rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-        out = (rot * self.cos) + (rotated * self.sin)
+        out = (rot * self.cos[:, None]) + (rotated * self.sin[:, None])
         return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
 
 
@@ -179,7 +179,7 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.fused is not None:  # the backend takes strided views: nothing is copied
-            self.fused.rotary_(q, k, rotation.cos[:, 0], rotation.sin[:, 0])
+            self.fused.rotary_(q, k, rotation.cos, rotation.sin)
         else:
             q, k, v = rotation(q), rotation(k), v.contiguous()
         attn = meta.forward(
@@ -224,6 +224,18 @@ class DecoderLayer(nn.Module):
         self.pre_norms = config.family.norms == "pre"
         self.defers_residual = False  # set with fused ops: each residual add goes into the next norm
 
+    def fits_fused_layer(self) -> bool:
+        """Whether a FusedLayer does all this layer does (worker/fused_layer.py)."""
+        attention, mlp = self.self_attn, self.mlp
+        return (
+            self.defers_residual
+            and attention.fused is not None
+            and attention.qk_norm == "none"
+            and attention.clip_qkv is None
+            and isinstance(mlp, GatedMLP)
+            and mlp.fused is not None
+        )
+
     def forward(
         self,
         hidden: torch.Tensor,  # [num_tokens, hidden_size]
@@ -260,11 +272,14 @@ class CausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = rotary_tables(config, max_positions)
+        self.steps: list[DecoderLayer | FusedLayer] = list(self.layers)  # what `forward` runs, in order
+        self.rope_keys = [layer.self_attn.rope_key for layer in self.layers]
 
     def use_fused_ops(self, ops: "FusedOps", rotary_only: bool = False) -> None:
         """RoPE through `ops` from now on and, unless `rotary_only` (ops that round otherwise than
         torch, where the output must stay exact), norms (with the residual add before them where
-        the family's norms come first) and SiLU-and-multiply (a routed MLP keeps its own)."""
+        the family's norms come first) and SiLU-and-multiply (a routed MLP keeps its own). Layers
+        that fit run as FusedLayers, which hold the modules as they are now: call this last."""
         for module in self.modules():
             if isinstance(module, Attention):
                 module.fused = ops
@@ -278,6 +293,7 @@ class CausalLM(nn.Module):
             layer.defers_residual = layer.pre_norms and not rotary_only
         if not rotary_only:
             self._pass_bfloat16_to_quantized_linears()
+        self.steps = [FusedLayer(layer, ops) if layer.fits_fused_layer() else layer for layer in self.layers]
 
     def _pass_bfloat16_to_quantized_linears(self) -> None:
         """Between a fused kernel and a weight-only quantized linear (which computes in bfloat16),
@@ -326,10 +342,11 @@ class CausalLM(nn.Module):
             key: table.lookup(positions, prompt_lens, hidden.dtype) for key, table in self.rotary.items()
         }
         residual = None
-        for layer, key_cache, value_cache in zip(self.layers, kv_cache.keys, kv_cache.values, strict=True):
-            hidden, residual = layer(
-                hidden, residual, rotations[layer.self_attn.rope_key], key_cache, value_cache, meta
-            )
+        layer_rotations = [rotations[key] for key in self.rope_keys]
+        for step, rotation, key_cache, value_cache in zip(
+            self.steps, layer_rotations, kv_cache.keys, kv_cache.values, strict=True
+        ):
+            hidden, residual = step(hidden, residual, rotation, key_cache, value_cache, meta)
         if residual is None:
             normed = self.norm(hidden[logit_rows])
         else:

@@ -16,6 +16,7 @@ float weights by Q4_1's own rule.
 import logging
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,8 @@ _KERNEL_DTYPE = torch.bfloat16
 _INT4_LEVELS = 15
 _INT8_MAX = 127
 _TINY = 1e-30
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,14 +78,24 @@ class WeightOnlyLinear(nn.Module, ABC):
         self.bfloat16_out = False
 
     @abstractmethod
-    def kernel(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ weight.T, in and out of bfloat16."""
+    def bound_kernel(self) -> Linear:
+        """x -> x @ weight.T, in and out of bfloat16, the layer's tensors bound."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.kernel(x if x.dtype == _KERNEL_DTYPE else x.to(_KERNEL_DTYPE))
-        if self.bias is not None:
-            return y.float() + self.bias
-        return y if self.bfloat16_out else y.float()
+        return self.bound()(x)
+
+    def bound(self) -> Linear:
+        """`forward` with the layer's tensors and flags looked up now, not at every call: a
+        FusedLayer calls it once per step at one stream, where each lookup is a visible share."""
+        kernel, bias, bfloat16_out = self.bound_kernel(), self.bias, self.bfloat16_out
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            y = kernel(x if x.dtype == _KERNEL_DTYPE else x.to(_KERNEL_DTYPE))
+            if bias is not None:
+                return y.float() + bias
+            return y if bfloat16_out else y.float()
+
+        return forward
 
 
 class Int8Linear(WeightOnlyLinear):
@@ -94,8 +107,9 @@ class Int8Linear(WeightOnlyLinear):
         self.register_buffer("weight", codes.contiguous())
         self.register_buffer("scales", scales.contiguous())
 
-    def kernel(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
+    def bound_kernel(self) -> Linear:
+        op, weight, scales = torch.ops.aten._weight_int8pack_mm.default, self.weight, self.scales
+        return lambda x: op(x, weight, scales)
 
 
 class DynamicInt8Linear(nn.Module):
@@ -176,8 +190,13 @@ class Int4Linear(WeightOnlyLinear):
         self.register_buffer("packed", packed)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
 
-    def kernel(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP_SIZE, self.scales_and_zeros)
+    def bound_kernel(self) -> Linear:
+        op, packed, scales_and_zeros = (
+            torch.ops.aten._weight_int4pack_mm_for_cpu.default,
+            self.packed,
+            self.scales_and_zeros,
+        )
+        return lambda x: op(x, packed, GROUP_SIZE, scales_and_zeros)
 
 
 def quantize_linears(model: nn.Module, mode: Quantization, groups: dict[str, Int4Groups]) -> dict[str, int]:

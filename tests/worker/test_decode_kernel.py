@@ -1,5 +1,7 @@
 """The C decode-attention kernel agrees with eager attention over a gathered context, with and
-without a sliding window and a soft-cap."""
+without a sliding window and a soft-cap, and gives a sequence the same output in any batch."""
+
+import copy
 
 import pytest
 import torch
@@ -7,6 +9,8 @@ import torch
 from worker.attention import LayerAttention
 from worker.cpu_fused_ops import CpuFusedOps
 from worker.kernels import PagedDecodeKernel
+
+BLOCK_SIZE = 4
 
 
 def reference(q, key_cache, value_cache, tables, lens, num_kv_heads, block_size, layer):  # type: ignore[no-untyped-def]
@@ -33,7 +37,8 @@ def reference(q, key_cache, value_cache, tables, lens, num_kv_heads, block_size,
     ("num_threads", "num_heads", "num_kv_heads"), [(1, 9, 3), (2, 9, 3), (2, 8, 8), (2, 4, 1)]
 )
 @pytest.mark.parametrize(("window", "softcap"), [(None, None), (5, None), (None, 2.0), (7, 2.0)])
-@pytest.mark.parametrize("lens", [[1, 4, 5, 17, 30, 2, 9], [23]])  # partial and full last blocks; one
+# partial and full last blocks; one; contexts of several partitions (of 64 keys)
+@pytest.mark.parametrize("lens", [[1, 4, 5, 17, 30, 2, 9], [23], [150, 3, 70], [200]])
 def test_kernel_matches_eager_attention_over_gathered_blocks(
     num_threads: int,
     num_heads: int,
@@ -42,35 +47,93 @@ def test_kernel_matches_eager_attention_over_gathered_blocks(
     softcap: float | None,
     lens: list[int],
 ) -> None:
-    """Fewer sequences than threads (one stream) split by KV head; q, k and v are strided views,
-    as the q/k/v projection's output is, and each new key and value lands in its slot (the last
-    visible position) before the query reads it."""
-    kernel = PagedDecodeKernel.load()
-    if kernel is None:
-        pytest.skip("no C compiler on this machine")
-    torch.manual_seed(num_threads)
-    block_size, num_blocks, head_dim = 4, 64, 16
-    key_cache = torch.randn(num_blocks * block_size, num_kv_heads * head_dim)
-    value_cache = torch.randn(num_blocks * block_size, num_kv_heads * head_dim)
-    tables = torch.stack([torch.randperm(num_blocks)[:8] for _ in lens])
-    qkv = torch.randn(len(lens), num_heads + 2 * num_kv_heads, head_dim)
-    q = qkv[:, :num_heads]
-    k, v = (t.reshape(len(lens), -1) for t in qkv[:, num_heads:].split(num_kv_heads, dim=1))
-    context_lens = torch.tensor(lens)
-    slots = tables[torch.arange(len(lens)), (context_lens - 1) // block_size] * block_size
-    slots += (context_lens - 1) % block_size
+    """Fewer partitions than threads (one short stream) split by KV head; q, k and v are strided
+    views, as the q/k/v projection's output is, and each new key and value lands in its slot (the
+    last visible position) before the query reads it."""
+    case = Case(lens, num_heads, num_kv_heads, seed=num_threads)
     layer = LayerAttention(scale=0.3, window=window, softcap=softcap)
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
-        out = kernel(
-            q, k, v, slots, key_cache, value_cache, tables, context_lens, num_kv_heads, block_size, layer
-        )
-    finally:
-        torch.set_num_threads(threads_before)
-    assert torch.equal(key_cache[slots], k) and torch.equal(value_cache[slots], v)
-    expected = reference(q, key_cache, value_cache, tables, context_lens, num_kv_heads, block_size, layer)
+    out = case.run(layer, num_threads)
+    assert torch.equal(case.key_cache[case.slots], case.k) and torch.equal(
+        case.value_cache[case.slots], case.v
+    )
+    expected = reference(
+        case.q,
+        case.key_cache,
+        case.value_cache,
+        case.tables,
+        case.context_lens,
+        num_kv_heads,
+        BLOCK_SIZE,
+        layer,
+    )
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("window", [None, 50])
+def test_a_sequence_gets_the_same_output_in_any_batch_and_on_any_threads(window: int | None) -> None:
+    """A context's partitions are cut by its own length only: alone on one thread, or among others
+    on two, each sequence's output is bit for bit the same (the engine's outputs never depend on
+    what else runs)."""
+    lens = [150, 3, 70, 64, 65, 129]
+    batch = Case(lens, 9, 3, seed=0)
+    layer = LayerAttention(scale=0.3, window=window)
+    together = batch.run(layer, 2)
+    for i in range(len(lens)):
+        alone = batch.row(i).run(layer, 1)
+        assert torch.equal(alone[0], together[i])
+
+
+class Case:
+    """Sequences of the given lengths over a random paged cache, and their new q/k/v."""
+
+    def __init__(self, lens: list[int], num_heads: int, num_kv_heads: int, seed: int, head_dim: int = 16):
+        if (kernel := PagedDecodeKernel.load()) is None:
+            pytest.skip("no C compiler on this machine")
+        self.kernel, self.num_kv_heads = kernel, num_kv_heads
+        torch.manual_seed(seed)
+        num_blocks = 64
+        max_blocks = -(-max(lens) // BLOCK_SIZE)
+        self.key_cache = torch.randn(num_blocks * BLOCK_SIZE, num_kv_heads * head_dim)
+        self.value_cache = torch.randn(num_blocks * BLOCK_SIZE, num_kv_heads * head_dim)
+        self.tables = torch.stack([torch.randperm(num_blocks)[:max_blocks] for _ in lens])
+        qkv = torch.randn(len(lens), num_heads + 2 * num_kv_heads, head_dim)
+        self.q = qkv[:, :num_heads]
+        self.k, self.v = (t.reshape(len(lens), -1) for t in qkv[:, num_heads:].split(num_kv_heads, dim=1))
+        self.context_lens = torch.tensor(lens)
+        last = self.context_lens - 1
+        self.slots = self.tables[torch.arange(len(lens)), last // BLOCK_SIZE] * BLOCK_SIZE + last % BLOCK_SIZE
+
+    def row(self, i: int) -> "Case":
+        """Sequence i alone, over a copy of the same cache."""
+        alone = copy.copy(self)
+        alone.key_cache, alone.value_cache = self.key_cache.clone(), self.value_cache.clone()
+        alone.tables, alone.context_lens, alone.slots = (
+            self.tables[i : i + 1],
+            self.context_lens[i : i + 1],
+            self.slots[i : i + 1],
+        )
+        alone.q, alone.k, alone.v = self.q[i : i + 1], self.k[i : i + 1], self.v[i : i + 1]
+        return alone
+
+    def run(self, layer: LayerAttention, num_threads: int) -> torch.Tensor:
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(num_threads)
+        try:
+            return self.kernel(
+                self.q,
+                self.k,
+                self.v,
+                self.slots,
+                self.key_cache,
+                self.value_cache,
+                self.tables,
+                self.context_lens,
+                self.num_kv_heads,
+                BLOCK_SIZE,
+                layer,
+            )
+        finally:
+            torch.set_num_threads(threads_before)
 
 
 def test_loading_the_c_kernels_keeps_subnormal_floats() -> None:

@@ -13,6 +13,7 @@ from tests.tiny_checkpoints import build
 from worker.attention import AttentionBackend, SequenceRows
 from worker.cpu_attention import CpuAttention
 from worker.cpu_fused_ops import CpuFusedOps
+from worker.fused_layer import FusedLayer
 from worker.fused_ops import FusedOps
 from worker.kernels import PagedDecodeKernel
 from worker.kv_cache import KVCache
@@ -90,9 +91,10 @@ def test_bfloat16_between_c_ops_and_quantized_linears_changes_no_logit(
     quantization: str, family: str, model_dir: Path, tmp_path: Path
 ) -> None:
     """Quantized weights compute in bfloat16; the fused ops around them hand it over as it is
-    rather than through torch's casts, and the logits stay bit for bit those of the casts.
+    rather than through torch's casts, and the logits stay bit for bit those of the casts; the
+    layers that fit run as FusedLayers, and give bit for bit what their modules give.
     (OLMo 2's norms follow their sublayer and OLMoE routes its feed-forward: both keep float32
-    where the next op needs it.)"""
+    where the next op needs it, and their modules.)"""
     attention, ops = fused("cpu")
     path = build(family, tmp_path, model_dir)
     model, _, _ = load_model(path, CPU, quantization=quantization)  # type: ignore[arg-type]
@@ -100,11 +102,14 @@ def test_bfloat16_between_c_ops_and_quantized_linears_changes_no_logit(
     handed_over = prompt_then_decode(model, attention)
     bfloat16_outs = [module for module in model.modules() if getattr(module, "bfloat16_out", False)]
     assert bool(bfloat16_outs) == (family != "olmo2")  # only layers that defer their residual add
+    fused_layers = [step for step in model.steps if isinstance(step, FusedLayer)]
+    assert len(fused_layers) == (len(model.layers) if family == "llama" else 0)
     for module in model.modules():
         if hasattr(module, "out_dtype"):
             module.out_dtype = None
         if hasattr(module, "bfloat16_out"):
             module.bfloat16_out = False
+    model.steps = list(model.layers)
     cast = prompt_then_decode(model, attention)
     for ours, reference in zip(handed_over, cast, strict=True):
         assert torch.equal(ours, reference)
