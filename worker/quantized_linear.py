@@ -13,6 +13,7 @@ GGUF file), those are kept as they are (see `worker/gguf_groups.py`); else they 
 float weights by Q4_1's own rule.
 """
 
+import functools
 import logging
 import warnings
 from abc import ABC, abstractmethod
@@ -82,20 +83,21 @@ class WeightOnlyLinear(nn.Module, ABC):
         """x -> x @ weight.T, in and out of bfloat16, the layer's tensors bound."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bound()(x)
+        return _weight_only_forward(self.bound_kernel(), self.bias, self.bfloat16_out, x)
 
     def bound(self) -> Linear:
         """`forward` with the layer's tensors and flags looked up now, not at every call: a
         FusedLayer calls it once per step at one stream, where each lookup is a visible share."""
-        kernel, bias, bfloat16_out = self.bound_kernel(), self.bias, self.bfloat16_out
+        return functools.partial(_weight_only_forward, self.bound_kernel(), self.bias, self.bfloat16_out)
 
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            y = kernel(x if x.dtype == _KERNEL_DTYPE else x.to(_KERNEL_DTYPE))
-            if bias is not None:
-                return y.float() + bias
-            return y if bfloat16_out else y.float()
 
-        return forward
+def _weight_only_forward(
+    kernel: Linear, bias: torch.Tensor | None, bfloat16_out: bool, x: torch.Tensor
+) -> torch.Tensor:
+    y = kernel(x if x.dtype == _KERNEL_DTYPE else x.to(_KERNEL_DTYPE))
+    if bias is not None:
+        return y.float() + bias
+    return y if bfloat16_out else y.float()
 
 
 class Int8Linear(WeightOnlyLinear):

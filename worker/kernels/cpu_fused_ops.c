@@ -54,11 +54,13 @@ static void write_floats(const float *src, int64_t n, int64_t is_bf16, void *row
 /* exp(x) in a form the compiler vectorizes (glibc's expf is a call per element, most of the
  * activation's time): x = n ln 2 + r with |r| <= ln 2 / 2 (ln 2 in two parts, Cody and Waite),
  * exp(r) by Cephes' degree-6 polynomial (within 2 ulp of expf), times 2^n through the exponent
- * bits. x is clamped where exp(x) leaves float32's normal range, which silu saturates anyway. */
+ * bits. x is clamped where exp(x) leaves float32's normal range, which silu saturates anyway; n
+ * is read from the rounded sum's low bits, so even a NaN (which comes out NaN) converts nothing. */
 static inline float vector_exp(float x) {
     const float shifter = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
     x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
-    const float n = (x * 1.44269504088896341f + shifter) - shifter;
+    const float shifted = x * 1.44269504088896341f + shifter;
+    const float n = shifted - shifter;
     const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
@@ -67,7 +69,9 @@ static inline float vector_exp(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
+    uint32_t bits;
+    memcpy(&bits, &shifted, sizeof bits); /* n + 2^22 in the low 23 bits */
+    bits = (bits - 0x4B400000u + 127u) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
     return p * scale;

@@ -16,8 +16,8 @@
  *                  of them when window > 0 (a sliding-window layer)
  * Scores are scaled by `scale` and, when softcap > 0, soft-capped as softcap * tanh(score / softcap).
  * Built with -ffast-math: sums are reassociated and exp is glibc's vector one, so results differ
- * from a scalar loop in rounding only (nothing here is infinite: a query always sees its own key,
- * so the running maximum starts from a real score). Prefetches may point past a block or the
+ * from a scalar loop in rounding only (nothing here is infinite: every partition holds at least one
+ * key, so its maximum is a real score). Prefetches may point past a block or the
  * cache; they are hints and never fault.
  * A sequence's keys are cut into partitions of PARTITION keys (counted from its first visible
  * key), each attended on its own (its maximum score, its sum of exponentials, its weighted sum of
@@ -149,8 +149,8 @@ int paged_decode_attention(const float *q, const float *k_new, const float *v_ne
 #pragma omp atomic write
         failed = 1;
     }
-    int64_t s = 0; /* the sequence of the item last taken: items come in increasing order per thread */
-#pragma omp for schedule(dynamic)
+    int64_t s = 0; /* the sequence of the item last taken: monotonic, a thread's items only increase */
+#pragma omp for schedule(monotonic : dynamic)
     for (int64_t item = 0; item < num_partitions * parts; ++item) {
         if (scores == NULL) continue;
         const int64_t partition = item / parts;
