@@ -71,7 +71,7 @@ class FusedLayer:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         ops, num_tokens = self.ops, hidden.shape[0]
         normed, hidden = ops.rms_norm(hidden, residual, self.attn_norm, self.attn_norm_dtype)
-        q, k, v = self.qkv(normed).split(self.sizes, dim=-1)
+        q, k, v = self.qkv(normed).split_with_sizes(self.sizes, dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         ops.rotary_(q, k.view(num_tokens, self.num_kv_heads, self.head_dim), rotation.cos, rotation.sin)
         attn = meta.forward(q, k, v, key_cache, value_cache, self.num_kv_heads, self.layer)
