@@ -9,8 +9,13 @@ kernel for the whole step, in place, on CUDA).
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from worker.fused_ops import FusedOps
+    from worker.model import Rotation
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +25,29 @@ class LayerAttention:
     scale: float
     window: int | None = None  # keys a query sees, itself included, as transformers counts it
     softcap: float | None = None  # scores through tanh
+
+
+@dataclass(slots=True, eq=False)
+class QkvLayer:
+    """A layer's q/k/v projection output as its attention takes it: [tokens, q | k | v], RoPE by
+    `ops`, the output in `out_dtype` (what the output projection takes)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    layer: LayerAttention
+    ops: "FusedOps"
+    out_dtype: torch.dtype
+    prepared: Any = None  # a backend's own form of the above, made on its first use
+
+    @property
+    def sizes(self) -> list[int]:
+        kv_size = self.num_kv_heads * self.head_dim
+        return [self.num_heads * self.head_dim, kv_size, kv_size]
+
+    @property
+    def rotary_address(self) -> int | None:
+        return self.ops.rotary_address
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +93,24 @@ class StepAttention(ABC):
         layer: LayerAttention,
     ) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
         """Store this step's K/V in the cache, then attend every query to its sequence's context."""
+
+    def attend_qkv(
+        self,
+        qkv: torch.Tensor,  # [num_tokens, q | k | v], float32 or bfloat16
+        rotation: "Rotation",
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        heads: QkvLayer,
+    ) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
+        """`forward` from the q/k/v projection's output, RoPE first (a backend may do all of it in
+        one call)."""
+        num_tokens = qkv.shape[0]
+        q, k, v = qkv.float().split_with_sizes(heads.sizes, dim=-1)
+        q = q.view(num_tokens, heads.num_heads, heads.head_dim)
+        heads.ops.rotary_(
+            q, k.view(num_tokens, heads.num_kv_heads, heads.head_dim), rotation.cos, rotation.sin
+        )
+        return self.forward(q, k, v, key_cache, value_cache, heads.num_kv_heads, heads.layer)
 
 
 class AttentionBackend(ABC):

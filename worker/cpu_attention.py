@@ -8,13 +8,17 @@ over everything before it. Soft-capped layers run eager (SDPA cannot put scores 
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from scheduler import RELEASED
-from worker.attention import AttentionBackend, LayerAttention, SequenceRows, StepAttention
-from worker.kernels import PagedDecodeKernel
+from worker.attention import AttentionBackend, LayerAttention, QkvLayer, SequenceRows, StepAttention
+from worker.kernels import DecodeStep, PagedDecodeKernel
+
+if TYPE_CHECKING:
+    from worker.model import Rotation
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +46,7 @@ class CpuStepAttention(StepAttention):
     decode_kernel: PagedDecodeKernel | None = None
     decode_block_tables: torch.Tensor | None = None  # [num_decodes, max_blocks] int64, padded
     block_size: int = 0
+    decode_step: DecodeStep | None = None  # every row a decode: the kernel's view of the step
     # Decodes through SDPA, over a gathered copy of their contexts:
     decode_slots: torch.Tensor | None = None  # [num_decodes, max_context] slots, padded
     decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_context] True where a key is visible
@@ -80,6 +85,22 @@ class CpuStepAttention(StepAttention):
                 *(t[rows].contiguous() for t in (q, k, v)), key_cache, value_cache, chunk, num_kv_heads, layer
             )
         return out.view(num_tokens, num_heads * head_dim)
+
+    def attend_qkv(
+        self,
+        qkv: torch.Tensor,
+        rotation: "Rotation",
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        heads: QkvLayer,
+    ) -> torch.Tensor:
+        """Every row a decode, with RoPE in C: the kernel does it all in one call."""
+        if self.decode_step is None or heads.rotary_address is None:
+            return StepAttention.attend_qkv(
+                self, qkv, rotation, key_cache, value_cache, heads
+            )  # slots: no super()
+        assert self.decode_kernel is not None
+        return self.decode_kernel.attend_layer(self.decode_step, heads, qkv, rotation, key_cache, value_cache)
 
     def _kernel_decodes(
         self,
@@ -160,11 +181,16 @@ class CpuAttention(AttentionBackend):
             rows.append(held + [0] * (max_blocks - len(held)))  # padding is never read
         table = self.tensor(rows)  # [num_decodes, max_blocks]
         if self.decode_kernel is not None:
+            lens = self.tensor(context_lens)
+            only_decodes = step.num_decodes == len(step.slot_mapping)
             return dataclasses.replace(
                 step,
                 decode_kernel=self.decode_kernel,
                 decode_block_tables=table,
-                decode_context_lens=self.tensor(context_lens),
+                decode_context_lens=lens,
+                decode_step=self.decode_kernel.step(step.slot_mapping, table, lens, self.block_size)
+                if only_decodes
+                else None,
             )
         max_context = max(context_lens)
         held = table.clamp(min=0)  # a released block is outside every window: masked, any block will do

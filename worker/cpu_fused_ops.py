@@ -26,6 +26,7 @@ class CpuFusedOps:
 
     def __init__(self, library: ctypes.CDLL):
         self._rotary = library.rotary_in_place
+        self.rotary_address: int | None = ctypes.cast(self._rotary, ctypes.c_void_p).value
         self._rotary.restype = None
         self._rotary.argtypes = [_P] * 4 + [_I64] * 8
         self._rms_norm = library.rms_norm

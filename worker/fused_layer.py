@@ -4,8 +4,10 @@ At one stream on a CPU a decode step is mostly Python: each nn.Module call and e
 parameter lookup costs microseconds, and a layer made some thirty of them around nine kernels. A
 FusedLayer runs the same kernels in the same order as `DecoderLayer.forward` with deferred
 residuals (the logits are bit for bit the same), with every module, weight and flag resolved when
-it is built. Layers with anything else (`DecoderLayer.fits_fused_layer`: q/k norms, clipping,
-a routed MLP) keep their modules.
+it is built. The attention takes the q/k/v projection's output as it comes (`attend_qkv`): in a
+step of decodes on a CPU, RoPE, the cache stores and the attention are one C call. Layers with
+anything else (`DecoderLayer.fits_fused_layer`: q/k norms, clipping, a routed MLP) keep their
+modules.
 """
 
 from typing import TYPE_CHECKING
@@ -13,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from worker.attention import LayerAttention, StepAttention
+from worker.attention import QkvLayer, StepAttention
 from worker.quantized_linear import Linear, WeightOnlyLinear
 
 if TYPE_CHECKING:
@@ -29,17 +31,13 @@ class FusedLayer:
         "attn_norm_dtype",
         "down",
         "gate_up",
-        "head_dim",
-        "layer",
+        "heads",
         "mlp_dtype",
         "mlp_norm",
         "mlp_norm_dtype",
-        "num_heads",
-        "num_kv_heads",
         "o_proj",
         "ops",
         "qkv",
-        "sizes",
     )
 
     def __init__(self, layer: "DecoderLayer", ops: "FusedOps"):
@@ -50,15 +48,21 @@ class FusedLayer:
         self.attn_norm_dtype = self.attn_norm.out_dtype
         self.mlp_norm_dtype = self.mlp_norm.out_dtype
         self.mlp_dtype: torch.dtype | None = mlp.out_dtype  # type: ignore[assignment]
-        self.qkv = _bound(attention.qkv_proj)
+        # q/k/v as the kernel gives them (a weight-only kernel's bfloat16 is converted exactly
+        # where they are read), the attention's output as o_proj takes it.
+        self.qkv = _bound(attention.qkv_proj, bfloat16_out=True)
         self.o_proj = _bound(attention.o_proj)
         self.gate_up = _bound(mlp.gate_up_proj)  # type: ignore[arg-type]
         self.down = _bound(mlp.down_proj)  # type: ignore[arg-type]
-        self.num_heads = attention.num_heads
-        self.num_kv_heads = attention.num_kv_heads
-        self.head_dim = attention.head_dim
-        self.sizes = [attention.q_size, attention.kv_size, attention.kv_size]
-        self.layer: LayerAttention = attention.layer
+        takes_bfloat16 = isinstance(attention.o_proj, WeightOnlyLinear)
+        self.heads = QkvLayer(
+            attention.num_heads,
+            attention.num_kv_heads,
+            attention.head_dim,
+            attention.layer,
+            ops,
+            torch.bfloat16 if takes_bfloat16 else torch.float32,
+        )
 
     def __call__(
         self,
@@ -69,16 +73,16 @@ class FusedLayer:
         value_cache: torch.Tensor,
         meta: StepAttention,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        ops, num_tokens = self.ops, hidden.shape[0]
+        ops = self.ops
         normed, hidden = ops.rms_norm(hidden, residual, self.attn_norm, self.attn_norm_dtype)
-        q, k, v = self.qkv(normed).split_with_sizes(self.sizes, dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        ops.rotary_(q, k.view(num_tokens, self.num_kv_heads, self.head_dim), rotation.cos, rotation.sin)
-        attn = meta.forward(q, k, v, key_cache, value_cache, self.num_kv_heads, self.layer)
+        attn = meta.attend_qkv(self.qkv(normed), rotation, key_cache, value_cache, self.heads)
         normed, hidden = ops.rms_norm(self.o_proj(attn), hidden, self.mlp_norm, self.mlp_norm_dtype)
         return self.down(ops.silu_and_mul(self.gate_up(normed), self.mlp_dtype)), hidden
 
 
-def _bound(linear: nn.Module) -> Linear:
-    """The linear's forward without nn.Module's __call__ (hooks, which the model never sets)."""
-    return linear.bound() if isinstance(linear, WeightOnlyLinear) else linear.forward
+def _bound(linear: nn.Module, bfloat16_out: bool = False) -> Linear:
+    """The linear's forward without nn.Module's __call__ (hooks, which the model never sets); a
+    weight-only one gives bfloat16 where `bfloat16_out` (or its own flag) says."""
+    if isinstance(linear, WeightOnlyLinear):
+        return linear.bound(bfloat16_out or linear.bfloat16_out)
+    return linear.forward

@@ -11,6 +11,10 @@ if TYPE_CHECKING:
 
 
 class FusedOps(Protocol):
+    # The address of a C function that does `rotary_` (on float32 pointers, as
+    # worker/kernels/cpu_fused_ops.c's rotary_in_place), for a C kernel to call; None elsewhere.
+    rotary_address: int | None
+
     def rms_norm(
         self,
         x: torch.Tensor,

@@ -85,10 +85,11 @@ class WeightOnlyLinear(nn.Module, ABC):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _weight_only_forward(self.bound_kernel(), self.bias, self.bfloat16_out, x)
 
-    def bound(self) -> Linear:
-        """`forward` with the layer's tensors and flags looked up now, not at every call: a
-        FusedLayer calls it once per step at one stream, where each lookup is a visible share."""
-        return functools.partial(_weight_only_forward, self.bound_kernel(), self.bias, self.bfloat16_out)
+    def bound(self, bfloat16_out: bool) -> Linear:
+        """`forward` with the layer's tensors looked up now, not at every call (a FusedLayer calls
+        it once per step at one stream, where each lookup is a visible share), giving bfloat16
+        where `bfloat16_out` says (and there is no bias)."""
+        return functools.partial(_weight_only_forward, self.bound_kernel(), self.bias, bfloat16_out)
 
 
 def _weight_only_forward(

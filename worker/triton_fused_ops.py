@@ -17,6 +17,8 @@ _SILU_BLOCK = 1024
 class TritonFusedOps:
     """Norms, RoPE and SiLU-and-multiply each as one kernel."""
 
+    rotary_address = None
+
     def rms_norm(
         self,
         x: torch.Tensor,

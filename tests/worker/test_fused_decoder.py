@@ -92,7 +92,9 @@ def test_bfloat16_between_c_ops_and_quantized_linears_changes_no_logit(
 ) -> None:
     """Quantized weights compute in bfloat16; the fused ops around them hand it over as it is
     rather than through torch's casts, and the logits stay bit for bit those of the casts; the
-    layers that fit run as FusedLayers, and give bit for bit what their modules give.
+    layers that fit run as FusedLayers, and give bit for bit what their modules give (in the decode
+    step, q/k/v go to the C kernel as bfloat16 and its output to o_proj as bfloat16, with RoPE,
+    the cache stores and the attention in one call).
     (OLMo 2's norms follow their sublayer and OLMoE routes its feed-forward: both keep float32
     where the next op needs it, and their modules.)"""
     attention, ops = fused("cpu")
@@ -104,6 +106,8 @@ def test_bfloat16_between_c_ops_and_quantized_linears_changes_no_logit(
     assert bool(bfloat16_outs) == (family != "olmo2")  # only layers that defer their residual add
     fused_layers = [step for step in model.steps if isinstance(step, FusedLayer)]
     assert len(fused_layers) == (len(model.layers) if family == "llama" else 0)
+    # the decode went through the kernel's one call a layer (RoPE, stores, attention)
+    assert all(layer.heads.prepared is not None for layer in fused_layers)
     for module in model.modules():
         if hasattr(module, "out_dtype"):
             module.out_dtype = None

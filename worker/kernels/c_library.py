@@ -1,8 +1,9 @@
 """The project's C kernels, compiled once per machine with the system C compiler.
 
-A kernel is built on first use (about a second) into a cache folder keyed by its source, its flags,
-the compiler and the CPU's flags, so `-march=native` never runs on the wrong CPU. Where there is no
-compiler, or the build fails, the caller gets None and keeps its torch path.
+A kernel is built on first use (about a second) into a cache folder keyed by its source (and the
+headers beside it), its flags, the compiler and the CPU's flags, so `-march=native` never runs on
+the wrong CPU. Where there is no compiler, or the build fails, the caller gets None and keeps its
+torch path.
 """
 
 import ctypes
@@ -38,7 +39,14 @@ def _cpu_flags() -> str:
 
 def _build(compiler: str, source: Path, flags: tuple[str, ...]) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, check=True).stdout
-    key_parts = [source.read_bytes(), " ".join(flags + _LINK).encode(), version, _cpu_flags().encode()]
+    headers = [header.read_bytes() for header in sorted(source.parent.glob("*.h"))]  # what it may include
+    key_parts = [
+        source.read_bytes(),
+        *headers,
+        " ".join(flags + _LINK).encode(),
+        version,
+        _cpu_flags().encode(),
+    ]
     key = hashlib.sha256(b"\0".join(key_parts)).hexdigest()[:16]
     library = _cache_dir() / f"{source.stem}-{key}.so"
     if not library.exists():

@@ -35,52 +35,102 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bfloat16.h"
+
 #define FLOATS_PER_LINE 16
-#define PREFETCH_ROWS 8
 #define PARTITION 64
 
 /* The first key a sequence of `end` keys sees (all, or the last `window`). */
 static int64_t visible_from(int64_t end, int64_t window) { return window > 0 && end > window ? end - window : 0; }
 
-/* One partition's keys [first, end) of one sequence, for heads [first_head, first_head + heads):
- * writes each head's (max score, sum of exp, unnormalized output[head_dim]) to partial. */
+/* Eight floats, a vector register on AVX2 and half of one on AVX-512; loads and stores go through
+ * memcpy (any alignment, no aliasing question) and compile to single moves. */
+typedef float vf8 __attribute__((vector_size(32)));
+typedef int32_t vi8 __attribute__((vector_size(32)));
+#define LANES 8
+
+static inline vf8 load8(const float *p) {
+    vf8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store8(float *p, vf8 v) { memcpy(p, &v, sizeof v); }
+
+/* Lane j of the result: the sum of a[j]'s lanes, in a fixed tree (the same for every key). */
+static inline vf8 sum_lanes8(const vf8 a[LANES]) {
+    const vi8 even = {0, 8, 2, 10, 4, 12, 6, 14}, odd = {1, 9, 3, 11, 5, 13, 7, 15};
+    const vi8 low = {0, 1, 8, 9, 4, 5, 12, 13}, high = {2, 3, 10, 11, 6, 7, 14, 15};
+    const vi8 front = {0, 1, 2, 3, 8, 9, 10, 11}, back = {4, 5, 6, 7, 12, 13, 14, 15};
+    vf8 pairs[LANES / 2], quads[LANES / 4];
+    for (int j = 0; j < LANES / 2; ++j)
+        pairs[j] = __builtin_shuffle(a[2 * j], a[2 * j + 1], even) + __builtin_shuffle(a[2 * j], a[2 * j + 1], odd);
+    for (int j = 0; j < LANES / 4; ++j)
+        quads[j] = __builtin_shuffle(pairs[2 * j], pairs[2 * j + 1], low) +
+                   __builtin_shuffle(pairs[2 * j], pairs[2 * j + 1], high);
+    return __builtin_shuffle(quads[0], quads[1], front) + __builtin_shuffle(quads[0], quads[1], back);
+}
+
+/* q . key for eight keys at once (rows[j] + offset: key j's head), eight independent sums. */
+static inline vf8 dot8(const float *q, const float *const rows[LANES], int64_t offset, int64_t head_dim) {
+    vf8 acc[LANES] = {0};
+    int64_t d = 0;
+    for (; d + LANES <= head_dim; d += LANES) {
+        const vf8 qv = load8(q + d);
+        for (int j = 0; j < LANES; ++j) acc[j] += qv * load8(rows[j] + offset + d);
+    }
+    vf8 dots = sum_lanes8(acc);
+    for (; d < head_dim; ++d)
+        for (int j = 0; j < LANES; ++j) dots[j] += q[d] * rows[j][offset + d];
+    return dots;
+}
+
+/* out[0, 8 * chunks) = sum over the len rows of p[t] * (rows[t] + offset)[...], the sums held in
+ * registers (at most 8 chunks: 64 floats; a constant where this is inlined for whole runs). */
+static inline void weighted_sum(const float *p, const float *const *rows, int64_t len, int64_t offset,
+                                int chunks, float *out) {
+    vf8 acc[LANES] = {0};
+    for (int64_t t = 0; t < len; ++t) {
+        const float *v = rows[t] + offset;
+        for (int c = 0; c < chunks; ++c) acc[c] += p[t] * load8(v + c * LANES);
+    }
+    for (int c = 0; c < chunks; ++c) store8(out + c * LANES, acc[c]);
+}
+
+/* One partition's keys [first, end) of one sequence (at most PARTITION), for heads
+ * [first_head, first_head + heads): writes each head's (max score, sum of exp, unnormalized
+ * output[head_dim]) to partial. Scores come eight keys at a time (the last group repeats its last
+ * key), each head on its own, so a head's arithmetic never depends on which others run with it. */
 static void attend_partition(const float *qs, const float *key_cache, const float *value_cache,
                              const int64_t *table, int64_t first, int64_t end, int64_t first_head,
                              int64_t heads, int64_t group, int64_t kv_stride, int64_t head_dim,
                              int64_t block_size, float scale, float softcap, float *scores, float *partial) {
     const int64_t len = end - first;
-    const int64_t row_offset = first_head / group * head_dim; /* of the first K/V column read */
-    const int64_t row_width = heads / group * head_dim;
-    /* Scores of every head against each key, a block's run at a time. */
-    for (int64_t pos = first; pos < end;) {
-        const int64_t offset = pos % block_size;
-        const int64_t n = end - pos < block_size - offset ? end - pos : block_size - offset;
-        const int64_t row0 = table[pos / block_size] * block_size + offset;
-        const float *keys = key_cache + row0 * kv_stride;
-        const float *values = value_cache + row0 * kv_stride;
-        for (int64_t t = 0; t < n; ++t) {
-            const float *key_row = keys + t * kv_stride;
-            /* A step streams every layer's weights through the caches, so the context comes from
-             * memory: ask early for the keys a few rows on and for this row's values. */
-            for (int64_t d = row_offset; d < row_offset + row_width; d += FLOATS_PER_LINE) {
-                __builtin_prefetch(key_row + PREFETCH_ROWS * kv_stride + d);
-                __builtin_prefetch(values + t * kv_stride + d);
-            }
-            for (int64_t h = 0; h < heads; ++h) {
-                const float *k = key_row + ((first_head + h) / group) * head_dim;
-                const float *qh = qs + h * head_dim;
-                float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * k[d];
-                dot *= scale;
-                if (softcap > 0.0f) dot = softcap * tanhf(dot / softcap);
-                scores[h * len + pos - first + t] = dot;
-            }
-        }
-        pos += n;
+    const float *key_rows[PARTITION + LANES], *value_rows[PARTITION];
+    for (int64_t t = 0; t < len; ++t) {
+        const int64_t pos = first + t;
+        const int64_t row = table[pos / block_size] * block_size + pos % block_size;
+        key_rows[t] = key_cache + row * kv_stride;
+        value_rows[t] = value_cache + row * kv_stride;
     }
+    for (int64_t t = len; t < PARTITION + LANES; ++t) key_rows[t] = key_rows[len - 1];
+    /* A step streams every layer's weights through the caches, so the context comes from memory:
+     * ask for it all now, the columns these heads read. */
+    const int64_t row_offset = first_head / group * head_dim;
+    const int64_t row_width = heads / group * head_dim;
+    for (int64_t t = 0; t < len; ++t)
+        for (int64_t d = row_offset; d < row_offset + row_width; d += FLOATS_PER_LINE) {
+            __builtin_prefetch(key_rows[t] + d);
+            __builtin_prefetch(value_rows[t] + d);
+        }
     for (int64_t h = 0; h < heads; ++h) {
+        const int64_t offset = (first_head + h) / group * head_dim;
         float *row = scores + h * len;
+        for (int64_t t = 0; t < len; t += LANES) {
+            const vf8 dots = dot8(qs + h * head_dim, key_rows + t, offset, head_dim) * scale;
+            for (int64_t j = 0; j < LANES && t + j < len; ++j)
+                row[t + j] = softcap > 0.0f ? softcap * tanhf(dots[j] / softcap) : dots[j];
+        }
         float max = row[0];
         for (int64_t t = 1; t < len; ++t) max = row[t] > max ? row[t] : max;
         float sum = 0.0f;
@@ -91,24 +141,18 @@ static void attend_partition(const float *qs, const float *key_cache, const floa
         float *head = partial + h * (head_dim + 2);
         head[0] = max;
         head[1] = sum;
-        for (int64_t d = 0; d < head_dim; ++d) head[2 + d] = 0.0f;
-    }
-    /* Weighted sum of values, the same runs. */
-    for (int64_t pos = first; pos < end;) {
-        const int64_t offset = pos % block_size;
-        const int64_t n = end - pos < block_size - offset ? end - pos : block_size - offset;
-        const float *values = value_cache + (table[pos / block_size] * block_size + offset) * kv_stride;
-        for (int64_t t = 0; t < n; ++t) {
-            const float *value_row = values + t * kv_stride;
-            for (int64_t h = 0; h < heads; ++h) {
-                const float *v = value_row + ((first_head + h) / group) * head_dim;
-                const float p = scores[h * len + pos - first + t];
-                float *a = partial + h * (head_dim + 2) + 2;
-#pragma omp simd
-                for (int64_t d = 0; d < head_dim; ++d) a[d] += p * v[d];
-            }
+        int64_t d = 0;
+        for (; d + LANES * LANES <= head_dim; d += LANES * LANES)
+            weighted_sum(row, value_rows, len, offset + d, LANES, head + 2 + d);
+        if (d + LANES <= head_dim) {
+            weighted_sum(row, value_rows, len, offset + d, (int)((head_dim - d) / LANES), head + 2 + d);
+            d += (head_dim - d) / LANES * LANES;
         }
-        pos += n;
+        for (; d < head_dim; ++d) {
+            float a = 0.0f;
+            for (int64_t t = 0; t < len; ++t) a += row[t] * value_rows[t][offset + d];
+            head[2 + d] = a;
+        }
     }
 }
 
@@ -192,4 +236,61 @@ int paged_decode_attention(const float *q, const float *k_new, const float *v_ne
     free(partials);
     free(first_partition);
     return failed;
+}
+
+/* RoPE as worker/kernels/cpu_fused_ops.c's rotary_in_place does it, passed in by address: that
+ * file rounds as torch does, which this one, built with -ffast-math, would not. */
+typedef void (*rotary_fn)(float *q, float *k, const float *cos, const float *sin, int64_t tokens,
+                          int64_t q_heads, int64_t k_heads, int64_t q_stride, int64_t k_stride,
+                          int64_t head_dim, int64_t rotary_dim, int64_t table_stride);
+
+/* What every layer of a step shares: its sequences, one new token each. */
+struct decode_step {
+    const int64_t *slots;
+    const int64_t *block_tables;
+    const int64_t *context_lens;
+    int64_t num_seqs, max_blocks, block_size;
+};
+
+/* What one layer keeps from step to step. */
+struct decode_layer {
+    rotary_fn rotary;
+    int64_t num_heads, num_kv_heads, head_dim, window;
+    int64_t qkv_bf16, out_bf16; /* q/k/v come in, and the output goes out, as bfloat16 */
+    float scale, softcap;
+};
+
+/* A layer's attention for a step of decodes straight from its q/k/v projection's output
+ * ([num_seqs, q | k | v], rows qkv_stride elements apart): RoPE on q and k (in place where they
+ * are float32, else on a float32 copy), the new keys and values stored, and the attention above,
+ * into out ([num_seqs, num_heads * head_dim]). One call where a layer made four, each a share of
+ * a one-stream step. */
+int decode_layer_attention(const struct decode_step *step, const struct decode_layer *layer, void *qkv,
+                           int64_t qkv_stride, const float *cos, const float *sin, int64_t rotary_dim,
+                           int64_t table_stride, float *key_cache, float *value_cache, void *out) {
+    const int64_t num_seqs = step->num_seqs, head_dim = layer->head_dim;
+    const int64_t q_size = layer->num_heads * head_dim, kv_size = layer->num_kv_heads * head_dim;
+    const int64_t width = q_size + 2 * kv_size;
+    float *rows = qkv, *scratch = NULL, *result = out;
+    int64_t stride = qkv_stride;
+    if (layer->qkv_bf16 || layer->out_bf16) {
+        scratch = malloc(sizeof(float) * (size_t)(num_seqs * (width + q_size)));
+        if (scratch == NULL) return 1;
+        if (layer->out_bf16) result = scratch + num_seqs * width;
+    }
+    if (layer->qkv_bf16) {
+        for (int64_t s = 0; s < num_seqs; ++s)
+            read_floats((const uint16_t *)qkv + s * qkv_stride, width, 1, scratch + s * width);
+        rows = scratch;
+        stride = width;
+    }
+    layer->rotary(rows, rows + q_size, cos, sin, num_seqs, layer->num_heads, layer->num_kv_heads, stride, stride,
+                  head_dim, rotary_dim, table_stride);
+    const int status = paged_decode_attention(
+        rows, rows + q_size, rows + q_size + kv_size, step->slots, key_cache, value_cache, step->block_tables,
+        step->context_lens, result, num_seqs, layer->num_heads, stride, stride, stride, layer->num_kv_heads,
+        head_dim, step->block_size, step->max_blocks, layer->window, layer->scale, layer->softcap);
+    if (status == 0 && layer->out_bf16) write_floats(result, num_seqs * q_size, 1, out);
+    free(scratch);
+    return status;
 }
