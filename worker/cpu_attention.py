@@ -32,6 +32,10 @@ class PrefillChunk:
         torch.Tensor | None
     )  # slots of positions [first_key_pos, start_pos + num_new); None when start_pos == 0
     first_key_pos: int = 0  # blocks before it were released behind the sliding window
+    # [num_new, context] True where a query sees a key (causal), and the same as SDPA adds it (0 or
+    # -inf; None where start_pos is 0): made once a step for every layer, not in each
+    visible: torch.Tensor | None = None
+    additive_mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +170,13 @@ class CpuAttention(AttentionBackend):
 
     def _prefill_chunk(self, seq: SequenceRows) -> PrefillChunk:
         slots, first_pos = self._context_slots(seq.block_ids, seq.context_len) if seq.start_pos else (None, 0)
-        return PrefillChunk(seq.row_start, seq.num_new, seq.start_pos, slots, first_pos)
+        query_pos = torch.arange(seq.start_pos, seq.context_len, device=self.device)[:, None]
+        key_pos = torch.arange(first_pos, seq.context_len, device=self.device)[None, :]
+        visible = key_pos <= query_pos
+        additive = None
+        if seq.start_pos:
+            additive = torch.zeros(visible.shape, device=self.device).masked_fill_(~visible, float("-inf"))
+        return PrefillChunk(seq.row_start, seq.num_new, seq.start_pos, slots, first_pos, visible, additive)
 
     def _with_decode_context(
         self, step: CpuStepAttention, decodes: list[tuple[list[int], int]]
@@ -250,12 +260,20 @@ def _prefill_attention(
         keys = key_cache.index_select(0, chunk.context_slots)
         values = value_cache.index_select(0, chunk.context_slots)
     mask = None
-    if chunk.context_slots is not None or layer.window is not None or layer.softcap is not None:
-        query_pos = torch.arange(chunk.start_pos, chunk.start_pos + chunk.num_new, device=q.device)[:, None]
-        key_pos = torch.arange(chunk.first_key_pos, chunk.start_pos + chunk.num_new, device=q.device)[None, :]
-        mask = key_pos <= query_pos  # [num_new, context]
+    if layer.window is not None or layer.softcap is not None:
+        assert chunk.visible is not None
+        mask = chunk.visible  # [num_new, context]
         if layer.window is not None:
+            query_pos = torch.arange(chunk.start_pos, chunk.start_pos + chunk.num_new, device=q.device)[
+                :, None
+            ]
+            key_pos = torch.arange(chunk.first_key_pos, chunk.start_pos + chunk.num_new, device=q.device)[
+                None, :
+            ]
             mask = mask & (key_pos > query_pos - layer.window)
+    elif chunk.context_slots is not None:  # float32: SDPA would turn a bool mask into this per call
+        assert chunk.additive_mask is not None and chunk.visible is not None
+        mask = chunk.additive_mask if chunk.additive_mask.dtype == q.dtype else chunk.visible
     out = _attend(
         q.transpose(0, 1).unsqueeze(0),  # [1, num_heads, num_new, head_dim]
         keys.view(1, -1, num_kv_heads, head_dim).transpose(1, 2),  # [1, num_kv_heads, context, head_dim]
@@ -270,7 +288,8 @@ def _attend(
     q: torch.Tensor,  # [batch, num_heads, num_queries, head_dim]
     k: torch.Tensor,  # [batch, num_kv_heads, num_keys, head_dim]
     v: torch.Tensor,
-    mask: torch.Tensor | None,  # broadcastable to [batch, num_heads, num_queries, num_keys]; None: causal
+    mask: torch.Tensor
+    | None,  # to [batch, num_heads, num_queries, num_keys]: bool, or added (SDPA); None: causal
     layer: LayerAttention,
 ) -> torch.Tensor:  # [batch, num_heads, num_queries, head_dim]
     """SDPA, or transformers' eager attention where scores are soft-capped."""
