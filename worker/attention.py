@@ -38,6 +38,9 @@ class QkvLayer:
     layer: LayerAttention
     ops: "FusedOps"
     out_dtype: torch.dtype
+    # q/k/v as RoPE and the cache take them where the projection hands over another dtype (a
+    # weight-only kernel's bfloat16 in a float32 model); None: as they come
+    qkv_dtype: torch.dtype | None = None
     prepared: Any = None  # a backend's own form of the above, made on its first use
 
     @property
@@ -105,7 +108,9 @@ class StepAttention(ABC):
         """`forward` from the q/k/v projection's output, RoPE first (a backend may do all of it in
         one call)."""
         num_tokens = qkv.shape[0]
-        q, k, v = qkv.float().split_with_sizes(heads.sizes, dim=-1)
+        if heads.qkv_dtype is not None:
+            qkv = qkv.to(heads.qkv_dtype)
+        q, k, v = qkv.split_with_sizes(heads.sizes, dim=-1)
         q = q.view(num_tokens, heads.num_heads, heads.head_dim)
         heads.ops.rotary_(
             q, k.view(num_tokens, heads.num_kv_heads, heads.head_dim), rotation.cos, rotation.sin

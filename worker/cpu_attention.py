@@ -32,10 +32,9 @@ class PrefillChunk:
         torch.Tensor | None
     )  # slots of positions [first_key_pos, start_pos + num_new); None when start_pos == 0
     first_key_pos: int = 0  # blocks before it were released behind the sliding window
-    # [num_new, context] True where a query sees a key (causal), and the same as SDPA adds it (0 or
-    # -inf; None where start_pos is 0): made once a step for every layer, not in each
-    visible: torch.Tensor | None = None
-    additive_mask: torch.Tensor | None = None
+    # Where start_pos > 0, the causal mask as SDPA adds it (0 or -inf, float32): made once a step
+    # for every layer, where SDPA would make it from a bool mask in each
+    causal_mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,11 +97,10 @@ class CpuStepAttention(StepAttention):
         value_cache: torch.Tensor,
         heads: QkvLayer,
     ) -> torch.Tensor:
-        """Every row a decode, with RoPE in C: the kernel does it all in one call."""
+        """Every row a decode, with RoPE in C: the kernel does it all in one call. (A slots
+        dataclass has no zero-argument super().)"""
         if self.decode_step is None or heads.rotary_address is None:
-            return StepAttention.attend_qkv(
-                self, qkv, rotation, key_cache, value_cache, heads
-            )  # slots: no super()
+            return StepAttention.attend_qkv(self, qkv, rotation, key_cache, value_cache, heads)
         assert self.decode_kernel is not None
         return self.decode_kernel.attend_layer(self.decode_step, heads, qkv, rotation, key_cache, value_cache)
 
@@ -169,14 +167,13 @@ class CpuAttention(AttentionBackend):
         ], first_pos
 
     def _prefill_chunk(self, seq: SequenceRows) -> PrefillChunk:
-        slots, first_pos = self._context_slots(seq.block_ids, seq.context_len) if seq.start_pos else (None, 0)
-        query_pos = torch.arange(seq.start_pos, seq.context_len, device=self.device)[:, None]
-        key_pos = torch.arange(first_pos, seq.context_len, device=self.device)[None, :]
-        visible = key_pos <= query_pos
-        additive = None
-        if seq.start_pos:
-            additive = torch.zeros(visible.shape, device=self.device).masked_fill_(~visible, float("-inf"))
-        return PrefillChunk(seq.row_start, seq.num_new, seq.start_pos, slots, first_pos, visible, additive)
+        if not seq.start_pos:
+            return PrefillChunk(seq.row_start, seq.num_new, 0, None)
+        slots, first_pos = self._context_slots(seq.block_ids, seq.context_len)
+        query_pos, key_pos = _positions(seq.start_pos, seq.num_new, first_pos, self.device)
+        causal = torch.zeros(seq.num_new, seq.context_len - first_pos, device=self.device)
+        causal.masked_fill_(key_pos > query_pos, float("-inf"))
+        return PrefillChunk(seq.row_start, seq.num_new, seq.start_pos, slots, first_pos, causal)
 
     def _with_decode_context(
         self, step: CpuStepAttention, decodes: list[tuple[list[int], int]]
@@ -260,20 +257,14 @@ def _prefill_attention(
         keys = key_cache.index_select(0, chunk.context_slots)
         values = value_cache.index_select(0, chunk.context_slots)
     mask = None
-    if layer.window is not None or layer.softcap is not None:
-        assert chunk.visible is not None
-        mask = chunk.visible  # [num_new, context]
+    plain = layer.window is None and layer.softcap is None
+    if plain and chunk.causal_mask is not None and chunk.causal_mask.dtype == q.dtype:
+        mask = chunk.causal_mask
+    elif chunk.context_slots is not None or not plain:
+        query_pos, key_pos = _positions(chunk.start_pos, chunk.num_new, chunk.first_key_pos, q.device)
+        mask = key_pos <= query_pos  # [num_new, context]
         if layer.window is not None:
-            query_pos = torch.arange(chunk.start_pos, chunk.start_pos + chunk.num_new, device=q.device)[
-                :, None
-            ]
-            key_pos = torch.arange(chunk.first_key_pos, chunk.start_pos + chunk.num_new, device=q.device)[
-                None, :
-            ]
             mask = mask & (key_pos > query_pos - layer.window)
-    elif chunk.context_slots is not None:  # float32: SDPA would turn a bool mask into this per call
-        assert chunk.additive_mask is not None and chunk.visible is not None
-        mask = chunk.additive_mask if chunk.additive_mask.dtype == q.dtype else chunk.visible
     out = _attend(
         q.transpose(0, 1).unsqueeze(0),  # [1, num_heads, num_new, head_dim]
         keys.view(1, -1, num_kv_heads, head_dim).transpose(1, 2),  # [1, num_kv_heads, context, head_dim]
@@ -284,12 +275,21 @@ def _prefill_attention(
     return out[0].transpose(0, 1)
 
 
+def _positions(
+    start_pos: int, num_new: int, first_key_pos: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk's query positions [num_new, 1] and the positions of the keys it reads [1, context]."""
+    end = start_pos + num_new
+    return torch.arange(start_pos, end, device=device)[:, None], torch.arange(
+        first_key_pos, end, device=device
+    )[None, :]
+
+
 def _attend(
     q: torch.Tensor,  # [batch, num_heads, num_queries, head_dim]
     k: torch.Tensor,  # [batch, num_kv_heads, num_keys, head_dim]
     v: torch.Tensor,
-    mask: torch.Tensor
-    | None,  # to [batch, num_heads, num_queries, num_keys]: bool, or added (SDPA); None: causal
+    mask: torch.Tensor | None,  # [.., num_queries, num_keys] bool, or added (SDPA only); None: causal
     layer: LayerAttention,
 ) -> torch.Tensor:  # [batch, num_heads, num_queries, head_dim]
     """SDPA, or transformers' eager attention where scores are soft-capped."""

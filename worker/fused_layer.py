@@ -48,20 +48,21 @@ class FusedLayer:
         self.attn_norm_dtype = self.attn_norm.out_dtype
         self.mlp_norm_dtype = self.mlp_norm.out_dtype
         self.mlp_dtype: torch.dtype | None = mlp.out_dtype  # type: ignore[assignment]
-        # q/k/v as the kernel gives them (a weight-only kernel's bfloat16 is converted exactly
-        # where they are read), the attention's output as o_proj takes it.
+        # q/k/v as a weight-only kernel gives them (bfloat16, converted exactly where they are
+        # read), the attention's output as o_proj takes it.
         self.qkv = _bound(attention.qkv_proj, bfloat16_out=True)
         self.o_proj = _bound(attention.o_proj)
         self.gate_up = _bound(mlp.gate_up_proj)  # type: ignore[arg-type]
         self.down = _bound(mlp.down_proj)  # type: ignore[arg-type]
-        takes_bfloat16 = isinstance(attention.o_proj, WeightOnlyLinear)
+        weight_only = isinstance(attention.qkv_proj, WeightOnlyLinear)
         self.heads = QkvLayer(
             attention.num_heads,
             attention.num_kv_heads,
             attention.head_dim,
             attention.layer,
             ops,
-            torch.bfloat16 if takes_bfloat16 else torch.float32,
+            torch.bfloat16 if isinstance(attention.o_proj, WeightOnlyLinear) else torch.float32,
+            torch.float32 if weight_only else None,
         )
 
     def __call__(

@@ -56,6 +56,7 @@ CASES = [
     # backend, dtype, tolerance
     ("cpu-kernel", torch.float32, 1e-5),
     ("cpu-sdpa", torch.float32, 1e-5),
+    ("cpu-sdpa", torch.bfloat16, 2e-2),  # chunks after cached tokens: a bool mask, not the float32 one
     ("triton", torch.float32, 1e-5),
     ("triton", torch.float16, 2e-3),
     *([("triton", torch.bfloat16, 2e-2)] if CUDA else []),
@@ -174,3 +175,44 @@ def test_triton_padding_rows_store_nothing_and_see_nothing() -> None:
     key_cache[29], value_cache[29] = k[0], v[0]
     expected = reference(q[:1].cpu(), key_cache.cpu(), value_cache.cpu(), [seq], 2, layer)
     torch.testing.assert_close(out[:1].cpu().double(), expected, atol=1e-5, rtol=1e-5)
+
+
+class _RecordingRotary:
+    """RoPE that only notes the dtype it was handed (this test is about the hand-over, not RoPE)."""
+
+    rotary_address = None
+
+    def __init__(self) -> None:
+        self.dtypes: list[torch.dtype] = []
+
+    def rotary_(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        self.dtypes += [q.dtype, k.dtype]
+
+
+@pytest.mark.parametrize(
+    ("given", "asked", "expected"),
+    [
+        (torch.bfloat16, None, torch.bfloat16),  # a 16-bit model: q/k/v stay as they come
+        (torch.bfloat16, torch.float32, torch.float32),  # a weight-only kernel's bfloat16, float32 model
+        (torch.float32, torch.float32, torch.float32),
+    ],
+)
+def test_attend_qkv_converts_q_k_v_only_where_asked(
+    given: torch.dtype, asked: torch.dtype | None, expected: torch.dtype
+) -> None:
+    """The seam's default `attend_qkv` (a prompt through the SDPA backend) splits the projection's
+    output and converts it only to the dtype the layer asks for."""
+    from worker.attention import QkvLayer
+    from worker.model import Rotation
+
+    num_heads, num_kv_heads, num_new = 4, 2, 5
+    width = (num_heads + 2 * num_kv_heads) * HEAD_DIM
+    plan = CpuAttention(BLOCK_SIZE, torch.device("cpu")).plan(
+        [SequenceRows([3, 7], 0, num_new, 0)], [3 * BLOCK_SIZE + i for i in range(num_new)]
+    )
+    ops = _RecordingRotary()
+    heads = QkvLayer(num_heads, num_kv_heads, HEAD_DIM, LayerAttention(0.3), ops, torch.float32, asked)  # type: ignore[arg-type]
+    cache = torch.zeros(NUM_BLOCKS * BLOCK_SIZE, num_kv_heads * HEAD_DIM, dtype=expected)
+    rotation = Rotation(torch.ones(num_new, HEAD_DIM), torch.zeros(num_new, HEAD_DIM), HEAD_DIM)
+    out = plan.attend_qkv(torch.randn(num_new, width).to(given), rotation, cache, cache.clone(), heads)
+    assert ops.dtypes == [expected, expected] and out.dtype == expected

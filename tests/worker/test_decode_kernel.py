@@ -6,9 +6,10 @@ import copy
 import pytest
 import torch
 
-from worker.attention import LayerAttention
+from worker.attention import LayerAttention, QkvLayer
 from worker.cpu_fused_ops import CpuFusedOps
 from worker.kernels import PagedDecodeKernel
+from worker.model import Rotation
 
 BLOCK_SIZE = 4
 
@@ -82,6 +83,48 @@ def test_a_sequence_gets_the_same_output_in_any_batch_and_on_any_threads(window:
         for num_threads in (1, 2):  # alone on two threads, a short context is split by KV head
             alone = batch.row(i).run(layer, num_threads)
             assert torch.equal(alone[0], together[i])
+
+
+@pytest.mark.parametrize("qkv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rotary_dim", [16, 8])  # whole heads, and partial rotary
+def test_one_call_from_qkv_is_rope_then_the_kernel(
+    qkv_dtype: torch.dtype, out_dtype: torch.dtype, rotary_dim: int
+) -> None:
+    """`attend_layer` from the q/k/v projection's output (as a weight-only kernel gives it, or in
+    float32) gives bit for bit what RoPE through CpuFusedOps and then the kernel give, and stores
+    the same keys and values."""
+    ops = CpuFusedOps.load()
+    if ops is None:
+        pytest.skip("no C compiler on this machine")
+    case = Case([150, 3, 70, 9], 9, 3, seed=3)
+    layer = LayerAttention(scale=0.3, window=None, softcap=None)
+    num_seqs, num_heads, head_dim = case.q.shape
+    qkv = torch.randn(num_seqs, (num_heads + 2 * case.num_kv_heads) * head_dim).to(qkv_dtype)
+    positions = case.context_lens - 1
+    angles = positions[:, None] * torch.rand(rotary_dim // 2)[None, :]
+    emb = torch.cat((angles, angles), dim=-1)
+    rotation = Rotation(emb.cos(), emb.sin(), rotary_dim)
+
+    expected_case = copy.copy(case)
+    expected_case.key_cache, expected_case.value_cache = case.key_cache.clone(), case.value_cache.clone()
+    q, k, v = (
+        qkv.float()
+        .clone()
+        .split_with_sizes([num_heads * head_dim, *[case.num_kv_heads * head_dim] * 2], dim=-1)
+    )
+    q = q.reshape(num_seqs, num_heads, head_dim)
+    k = k.contiguous()
+    ops.rotary_(q, k.view(num_seqs, case.num_kv_heads, head_dim), rotation.cos, rotation.sin)
+    expected_case.q, expected_case.k, expected_case.v = q, k, v
+    expected = expected_case.run(layer, 2).view(num_seqs, -1).to(out_dtype)
+
+    heads = QkvLayer(num_heads, case.num_kv_heads, head_dim, layer, ops, out_dtype)
+    step = case.kernel.step(case.slots, case.tables, case.context_lens, BLOCK_SIZE)
+    got = case.kernel.attend_layer(step, heads, qkv, rotation, case.key_cache, case.value_cache)
+    assert got.dtype == out_dtype and torch.equal(got, expected)
+    assert torch.equal(case.key_cache, expected_case.key_cache)
+    assert torch.equal(case.value_cache, expected_case.value_cache)
 
 
 class Case:
