@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from worker.kernels.c_library import load_c_library
+from worker.kernels.c_library import function_address, load_c_library
 
 if TYPE_CHECKING:
     from worker.model import RMSNorm
@@ -26,7 +26,7 @@ class CpuFusedOps:
 
     def __init__(self, library: ctypes.CDLL):
         self._rotary = library.rotary_in_place
-        self.rotary_address: int | None = ctypes.cast(self._rotary, ctypes.c_void_p).value
+        self.rotary_address: int | None = function_address(self._rotary)
         self._rotary.restype = None
         self._rotary.argtypes = [_P] * 4 + [_I64] * 8
         self._rms_norm = library.rms_norm
@@ -35,6 +35,9 @@ class CpuFusedOps:
         self._silu_and_mul = library.silu_and_mul
         self._silu_and_mul.restype = None
         self._silu_and_mul.argtypes = [_P, _I64, _P] + [_I64] * 4
+        # for a C caller that runs whole layers (worker/decode_layers.py)
+        self.rms_norm_address = function_address(self._rms_norm)
+        self.silu_and_mul_address = function_address(self._silu_and_mul)
 
     @classmethod
     def load(cls) -> "CpuFusedOps | None":

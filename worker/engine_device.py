@@ -9,6 +9,7 @@ import torch
 from worker.attention import AttentionBackend
 from worker.cpu_attention import CpuAttention
 from worker.cpu_fused_ops import CpuFusedOps
+from worker.decode_layers import DecodeLayers
 from worker.kernels import PagedDecodeKernel
 from worker.model import CausalLM
 from worker.model_config import CheckpointError, ModelConfig
@@ -82,6 +83,20 @@ def fused_ops(
         return None
     ops = CpuFusedOps.load()
     return None if ops is None else (ops, settings.quantization == "none")
+
+
+def decode_layers(
+    model: CausalLM, ops: "FusedOps | None", attention: AttentionBackend
+) -> DecodeLayers | None:
+    """Every layer of a decode step in one C call, where the model runs C's fused ops and kernel and
+    its layers fit (worker/decode_layers.py: quantized weight-only linears)."""
+    if (
+        not isinstance(ops, CpuFusedOps)
+        or not isinstance(attention, CpuAttention)
+        or attention.decode_kernel is None
+    ):
+        return None
+    return DecodeLayers.of(model, ops, attention.decode_kernel)
 
 
 def decode_graph_sizes(settings: EngineSettings, model: CausalLM, attention: AttentionBackend) -> list[int]:

@@ -14,6 +14,7 @@ from worker.cpu_kernels import keep_freed_memory, pack_linears
 from worker.engine_device import (
     attention_backend,
     decode_graph_sizes,
+    decode_layers,
     default_kv_cache_bytes,
     device_memory_in_use,
     fused_ops,
@@ -80,6 +81,7 @@ class GenerationCore:
         attention = attention_backend(settings, device, dtype)
         if (fused := fused_ops(settings, attention, dtype)) is not None:
             model.use_fused_ops(*fused)
+            model.decode_layers = decode_layers(model, fused[0], attention)
         graph_sizes = decode_graph_sizes(settings, model, attention)
         budget = settings.kv_cache_bytes or default_kv_cache_bytes(
             settings, model, config, attention, dtype, max_model_len, graph_sizes, used_before

@@ -23,6 +23,7 @@ from worker.moe import MixtureOfExperts
 from worker.quantized_linear import WeightOnlyLinear
 
 if TYPE_CHECKING:
+    from worker.decode_layers import DecodeLayers
     from worker.fused_ops import FusedOps
 
 # Our four norm slots around attention and feed-forward, and the checkpoint's name for each, by
@@ -274,6 +275,8 @@ class CausalLM(nn.Module):
         self.rotary = rotary_tables(config, max_positions)
         self.steps: list[DecoderLayer | FusedLayer] = list(self.layers)  # what `forward` runs, in order
         self.rope_keys = [layer.self_attn.rope_key for layer in self.layers]
+        # every layer in one C call for steps of decodes, where the model fits it (set by the engine)
+        self.decode_layers: DecodeLayers | None = None
 
     def use_fused_ops(self, ops: "FusedOps", rotary_only: bool = False) -> None:
         """RoPE through `ops` from now on and, unless `rotary_only` (ops that round otherwise than
@@ -342,11 +345,17 @@ class CausalLM(nn.Module):
             key: table.lookup(positions, prompt_lens, hidden.dtype) for key, table in self.rotary.items()
         }
         residual = None
-        layer_rotations = [rotations[key] for key in self.rope_keys]
-        for step, rotation, key_cache, value_cache in zip(
-            self.steps, layer_rotations, kv_cache.keys, kv_cache.values, strict=True
-        ):
-            hidden, residual = step(hidden, residual, rotation, key_cache, value_cache, meta)
+        stacked = (
+            None if self.decode_layers is None else self.decode_layers(hidden, rotations, kv_cache, meta)
+        )
+        if stacked is not None:
+            hidden, residual = stacked
+        else:
+            layer_rotations = [rotations[key] for key in self.rope_keys]
+            for step, rotation, key_cache, value_cache in zip(
+                self.steps, layer_rotations, kv_cache.keys, kv_cache.values, strict=True
+            ):
+                hidden, residual = step(hidden, residual, rotation, key_cache, value_cache, meta)
         if residual is None:
             normed = self.norm(hidden[logit_rows])
         else:

@@ -67,6 +67,27 @@ def _per_output_channel(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple
     return codes, scales
 
 
+@dataclass(frozen=True, slots=True)
+class KernelCall:
+    """A weight-only linear's torch op and its tensors: op(x, weight, scales), or
+    op(x, weight, group_size, scales) where there is a group size. Named as torch's dispatcher
+    knows it, so a C caller (worker/decode_layers.py) calls the very same kernel."""
+
+    op: str  # "aten::name"
+    weight: torch.Tensor
+    scales: torch.Tensor
+    in_features: int
+    group_size: int = 0  # 0: the op takes none
+
+    def bound(self) -> Linear:
+        """x -> x @ weight.T, in and out of bfloat16, through the op from Python."""
+        op = getattr(torch.ops.aten, self.op.removeprefix("aten::")).default
+        weight, scales, group_size = self.weight, self.scales, self.group_size
+        if group_size:
+            return lambda x: op(x, weight, group_size, scales)
+        return lambda x: op(x, weight, scales)
+
+
 class WeightOnlyLinear(nn.Module, ABC):
     """A linear whose kernel takes and gives bfloat16 in a float32 model: it takes either, and gives
     float32, or bfloat16 where `bfloat16_out` says the next op reads it (`CausalLM.use_fused_ops`:
@@ -79,17 +100,17 @@ class WeightOnlyLinear(nn.Module, ABC):
         self.bfloat16_out = False
 
     @abstractmethod
-    def bound_kernel(self) -> Linear:
-        """x -> x @ weight.T, in and out of bfloat16, the layer's tensors bound."""
+    def kernel_call(self) -> KernelCall:
+        """The layer's torch op and tensors (x -> x @ weight.T, in and out of bfloat16)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _weight_only_forward(self.bound_kernel(), self.bias, self.bfloat16_out, x)
+        return _weight_only_forward(self.kernel_call().bound(), self.bias, self.bfloat16_out, x)
 
     def bound(self, bfloat16_out: bool) -> Linear:
         """`forward` with the layer's tensors looked up now, not at every call (a FusedLayer calls
         it once per step at one stream, where each lookup is a visible share), giving bfloat16
         where `bfloat16_out` says (and there is no bias)."""
-        return functools.partial(_weight_only_forward, self.bound_kernel(), self.bias, bfloat16_out)
+        return functools.partial(_weight_only_forward, self.kernel_call().bound(), self.bias, bfloat16_out)
 
 
 def _weight_only_forward(
@@ -110,9 +131,8 @@ class Int8Linear(WeightOnlyLinear):
         self.register_buffer("weight", codes.contiguous())
         self.register_buffer("scales", scales.contiguous())
 
-    def bound_kernel(self) -> Linear:
-        op, weight, scales = torch.ops.aten._weight_int8pack_mm.default, self.weight, self.scales
-        return lambda x: op(x, weight, scales)
+    def kernel_call(self) -> KernelCall:
+        return KernelCall("aten::_weight_int8pack_mm", self.weight, self.scales, self.weight.shape[1])
 
 
 class DynamicInt8Linear(nn.Module):
@@ -185,7 +205,7 @@ class Int4Linear(WeightOnlyLinear):
 
     def __init__(self, groups: Int4Groups, bias: torch.Tensor | None):
         super().__init__(bias)
-        self.out_features = groups.codes.shape[0]
+        self.out_features, self.in_features = groups.codes.shape
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(groups.codes.to(torch.int32), 1)
         # The kernel computes (code - 8) * scale + zero, so zero is the minimum plus eight steps.
         zeros = groups.minimums + 8 * groups.scales
@@ -193,13 +213,14 @@ class Int4Linear(WeightOnlyLinear):
         self.register_buffer("packed", packed)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
 
-    def bound_kernel(self) -> Linear:
-        op, packed, scales_and_zeros = (
-            torch.ops.aten._weight_int4pack_mm_for_cpu.default,
+    def kernel_call(self) -> KernelCall:
+        return KernelCall(
+            "aten::_weight_int4pack_mm_for_cpu",
             self.packed,
             self.scales_and_zeros,
+            self.in_features,
+            GROUP_SIZE,
         )
-        return lambda x: op(x, packed, GROUP_SIZE, scales_and_zeros)
 
 
 def quantize_linears(model: nn.Module, mode: Quantization, groups: dict[str, Int4Groups]) -> dict[str, int]:

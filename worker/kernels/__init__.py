@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from worker.kernels.c_library import load_c_library
+from worker.kernels.c_library import function_address, load_c_library
 
 if TYPE_CHECKING:
     from worker.attention import LayerAttention, QkvLayer
@@ -122,6 +122,27 @@ class PagedDecodeKernel:
             block_size,
         )
 
+    @staticmethod
+    def layer(heads: "QkvLayer", qkv_bf16: bool) -> DecodeLayer:
+        """`heads` as `decode_layer_attention` reads them, q/k/v coming in bfloat16 or float32."""
+        assert heads.rotary_address is not None
+        return DecodeLayer(
+            heads.rotary_address,
+            heads.num_heads,
+            heads.num_kv_heads,
+            heads.head_dim,
+            heads.layer.window or 0,
+            qkv_bf16,
+            heads.out_dtype == torch.bfloat16,
+            heads.layer.scale,
+            heads.layer.softcap or 0.0,
+        )
+
+    @property
+    def layer_function_address(self) -> int:
+        """`decode_layer_attention`'s address, for a C caller (worker/decode_layers.py)."""
+        return function_address(self._layer_function)
+
     def attend_layer(
         self,
         step: DecodeStep,
@@ -135,17 +156,7 @@ class PagedDecodeKernel:
         assert heads.rotary_address is not None and qkv.stride(1) == 1
         layer = heads.prepared
         if layer is None:
-            layer = heads.prepared = DecodeLayer(
-                heads.rotary_address,
-                heads.num_heads,
-                heads.num_kv_heads,
-                heads.head_dim,
-                heads.layer.window or 0,
-                qkv.dtype == torch.bfloat16,
-                heads.out_dtype == torch.bfloat16,
-                heads.layer.scale,
-                heads.layer.softcap or 0.0,
-            )
+            layer = heads.prepared = self.layer(heads, qkv.dtype == torch.bfloat16)
         assert qkv.dtype == (torch.bfloat16 if layer.qkv_bf16 else torch.float32)
         cos = rotation.cos
         out = torch.empty(qkv.shape[0], heads.num_heads * heads.head_dim, dtype=heads.out_dtype)

@@ -77,3 +77,10 @@ def load_c_library(source: Path, fallback: str, extra_flags: tuple[str, ...] = (
     except (OSError, subprocess.CalledProcessError) as error:
         logger.warning("%s unavailable (%s): %s", source.stem, error, fallback)
         return None
+
+
+def function_address(function: "ctypes._CFuncPtr") -> int:
+    """Where a loaded C function is, for another C function to call it."""
+    address = ctypes.cast(function, ctypes.c_void_p).value
+    assert address is not None
+    return address

@@ -36,6 +36,7 @@
 #include <string.h>
 
 #include "bfloat16.h"
+#include "decode_step.h"
 
 #define FLOATS_PER_LINE 16
 #define PARTITION 64
@@ -237,28 +238,6 @@ int paged_decode_attention(const float *q, const float *k_new, const float *v_ne
     free(first_partition);
     return failed;
 }
-
-/* RoPE as worker/kernels/cpu_fused_ops.c's rotary_in_place does it, passed in by address: that
- * file rounds as torch does, which this one, built with -ffast-math, would not. */
-typedef void (*rotary_fn)(float *q, float *k, const float *cos, const float *sin, int64_t tokens,
-                          int64_t q_heads, int64_t k_heads, int64_t q_stride, int64_t k_stride,
-                          int64_t head_dim, int64_t rotary_dim, int64_t table_stride);
-
-/* What every layer of a step shares: its sequences, one new token each. */
-struct decode_step {
-    const int64_t *slots;
-    const int64_t *block_tables;
-    const int64_t *context_lens;
-    int64_t num_seqs, max_blocks, block_size;
-};
-
-/* What one layer keeps from step to step. */
-struct decode_layer {
-    rotary_fn rotary;
-    int64_t num_heads, num_kv_heads, head_dim, window;
-    int64_t qkv_bf16, out_bf16; /* q/k/v come in, and the output goes out, as bfloat16 */
-    float scale, softcap;
-};
 
 /* A layer's attention for a step of decodes straight from its q/k/v projection's output
  * ([num_seqs, q | k | v], rows qkv_stride elements apart): RoPE on q and k (in place where they
