@@ -83,6 +83,7 @@ FAMILIES: dict[str, Callable[[], PretrainedConfig]] = {
         }
     ),
     "llama-rope-longrope": _llama(_longrope(HEAD_DIM)),
+    "llama-wide-heads": lambda: LlamaConfig(**_COMMON, head_dim=4 * HEAD_DIM),  # heads wider than the MLP
     "mistral": lambda: MistralConfig(**_COMMON, sliding_window=WINDOW),
     "qwen2": lambda: Qwen2Config(**_COMMON),
     "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=HEAD_DIM),

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 _SOURCE = Path(__file__).with_name("kernels") / "cpu_fused_ops.c"
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
-_NORM_PLAIN, _NORM_GEMMA = 0, 1
+NORM_PLAIN, NORM_GEMMA = 0, 1  # rms_norm's modes
 
 
 class CpuFusedOps:
@@ -73,7 +73,7 @@ class CpuFusedOps:
             0 if residual is None else residual.stride(0),
             width,
             norm.eps,
-            _NORM_GEMMA if norm.gemma else _NORM_PLAIN,
+            NORM_GEMMA if norm.gemma else NORM_PLAIN,
         )
         return out, total
 

@@ -21,6 +21,7 @@ import torch
 
 from worker.attention import QkvLayer, StepAttention
 from worker.cpu_attention import CpuStepAttention
+from worker.cpu_fused_ops import NORM_GEMMA, NORM_PLAIN
 from worker.fused_layer import FusedLayer
 from worker.kernels import DecodeLayer, DecodeStep, PagedDecodeKernel
 from worker.kernels.c_library import function_address, load_c_library
@@ -43,9 +44,8 @@ _SHIM_FUNCTIONS = (
     ("data_ptr", "aoti_torch_get_data_ptr"),
     ("delete_tensor", "aoti_torch_delete_tensor_object"),
 )
-_DTYPE_NAMES = {torch.uint8: "uint8", torch.int8: "int8", torch.int32: "int32", torch.bfloat16: "bfloat16"}
-_NORM_PLAIN, _NORM_GEMMA = 0, 1
-_TORCH_FAILED = 2
+_DTYPE_NAMES = {torch.uint8: "uint8", torch.int8: "int8", torch.bfloat16: "bfloat16"}  # weights, scales
+_OUT_OF_MEMORY, _TORCH_FAILED = 1, 2  # decode_layers' statuses
 
 
 class _TorchShim(ctypes.Structure):
@@ -156,6 +156,7 @@ class DecodeLayers:
         library: ctypes.CDLL,
         torch_handles: _TensorHandles,
     ):
+        weakref.finalize(self, _TensorHandles.delete, torch_handles.library, torch_handles.handles)
         self._function = library.decode_layers
         self._function.restype = ctypes.c_int
         self._function.argtypes = [ctypes.POINTER(_Decoder), ctypes.POINTER(DecodeStep), _P, _P, _P, _P]
@@ -174,7 +175,7 @@ class DecodeLayers:
                 fused.mlp_norm.weight.data_ptr(),
                 fused.attn_norm.eps,
                 fused.mlp_norm.eps,
-                _NORM_GEMMA if fused.attn_norm.gemma else _NORM_PLAIN,
+                NORM_GEMMA if fused.attn_norm.gemma else NORM_PLAIN,
                 ctypes.pointer(self._attention[index]),
                 None,
                 None,
@@ -191,11 +192,8 @@ class DecodeLayers:
             model.config.hidden_size,
         )
         self._rotations = (_Rotation * len(self._rope_keys))()
-        self._cache: KVCache | None = None
-        weakref.finalize(self, _TensorHandles.delete, torch_handles.library, torch_handles.handles)
 
-    def _linear(self, handles: _TensorHandles, linear: object) -> _Linear:
-        assert isinstance(linear, WeightOnlyLinear)
+    def _linear(self, handles: _TensorHandles, linear: WeightOnlyLinear) -> _Linear:
         call: KernelCall = linear.kernel_call()
         self._kept += [call.weight, call.scales]
         return _Linear(
@@ -204,7 +202,7 @@ class DecodeLayers:
             handles.handle(call.scales),
             call.group_size,
             call.in_features,
-            call.weight.shape[0],
+            call.out_features,
         )
 
     @classmethod
@@ -220,7 +218,11 @@ class DecodeLayers:
         torch_handles = _TensorHandles.load()
         if library is None or torch_handles is None:
             return None
-        return cls(model, layers, ops, kernel, library, torch_handles)
+        try:
+            return cls(model, layers, ops, kernel, library, torch_handles)
+        except RuntimeError as error:  # a handle torch's shim would not make
+            logger.warning("%s: quantized decode layers run from Python", error)
+            return None
 
     def __call__(
         self,
@@ -234,10 +236,9 @@ class DecodeLayers:
         if not isinstance(meta, CpuStepAttention) or meta.decode_step is None:
             return None
         assert hidden.dtype == torch.float32 and hidden.is_contiguous()
-        if kv_cache is not self._cache:
-            for layer, keys, values in zip(self._layers, kv_cache.keys, kv_cache.values, strict=True):
-                layer.key_cache, layer.value_cache = keys.data_ptr(), values.data_ptr()
-            self._cache = kv_cache
+        assert hidden.shape[0] == meta.decode_step.num_seqs
+        for layer, keys, values in zip(self._layers, kv_cache.keys, kv_cache.values, strict=True):
+            layer.key_cache, layer.value_cache = keys.data_ptr(), values.data_ptr()  # as the layers read them
         for slot, key in zip(self._rotations, self._rope_keys, strict=True):
             cos = rotations[key].cos
             slot.cos, slot.sin = cos.data_ptr(), rotations[key].sin.data_ptr()
@@ -254,8 +255,9 @@ class DecodeLayers:
         )
         if status == _TORCH_FAILED:
             raise RuntimeError("a torch kernel failed in decode_layers (its error is logged above)")
-        if status != 0:
+        if status == _OUT_OF_MEMORY:
             raise MemoryError("decode_layers could not allocate its scratch space")
+        assert status == 0, status
         return out, residual
 
 
@@ -271,6 +273,8 @@ def _fits(layer: FusedLayer) -> bool:
 
 
 def _weight_only_bf16(attention: torch.nn.Module, mlp: torch.nn.Module) -> bool:
+    """Every linear weight-only without a bias, giving bfloat16 (q/k/v always does: FusedLayer binds
+    it so, for the attention kernel to read)."""
     linears = [
         attention.qkv_proj,
         attention.o_proj,

@@ -79,6 +79,10 @@ class KernelCall:
     in_features: int
     group_size: int = 0  # 0: the op takes none
 
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
     def bound(self) -> Linear:
         """x -> x @ weight.T, in and out of bfloat16, through the op from Python."""
         op = getattr(torch.ops.aten, self.op.removeprefix("aten::")).default

@@ -96,6 +96,8 @@ static int run_linear(const struct torch_shim *torch, const struct linear *linea
     } else {
         stack[2] = (stack_slot)(uintptr_t)scales;
     }
+    /* a call that fails before it takes the handles over (an op this torch lacks) leaks them, once:
+     * the step raises */
     if (torch->call_dispatcher(linear->op, "", stack)) return 2;
     *out = (tensor_handle)(uintptr_t)stack[0];
     if (torch->data_ptr(*out, data)) {
