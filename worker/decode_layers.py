@@ -1,6 +1,6 @@
 """DecodeLayers: a quantized model's step of decodes through every layer in one C call.
 
-At one stream on a CPU a FusedLayer's decode step is nine native calls (two norms, the attention,
+At one stream on a CPU a FusedLayer's decode step is eight native calls (two norms, the attention,
 the activation, four linears), and the Python between them (wrappers, argument conversion, fresh
 tensors) was about a quarter of the step. worker/kernels/decode_layers.c makes the same calls in
 the same order with the same dtypes, so the logits are bit for bit those of the FusedLayers: the
