@@ -197,7 +197,7 @@ class DecodeLayers:
         call: KernelCall = linear.kernel_call()
         self._kept += [call.weight, call.scales]
         return _Linear(
-            call.op.encode(),
+            call.op.name().encode(),  # "aten::...", the default overload
             handles.handle(call.weight),
             handles.handle(call.scales),
             call.group_size,
@@ -275,12 +275,7 @@ def _fits(layer: FusedLayer) -> bool:
 def _weight_only_bf16(attention: torch.nn.Module, mlp: torch.nn.Module) -> bool:
     """Every linear weight-only without a bias, giving bfloat16 (q/k/v always does: FusedLayer binds
     it so, for the attention kernel to read)."""
-    linears = [
-        attention.qkv_proj,
-        attention.o_proj,
-        getattr(mlp, "gate_up_proj", None),
-        getattr(mlp, "down_proj", None),
-    ]
+    linears = [attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj]
     return all(
         isinstance(linear, WeightOnlyLinear)
         and linear.bias is None

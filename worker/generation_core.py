@@ -113,14 +113,15 @@ class GenerationCore:
         )
         kv_cache = KVCache(config, num_blocks, settings.block_size, device, dtype)
         logger.info(
-            "engine ready: model=%s (%s) device=%s dtype=%s quantization=%s attention=%s max_model_len=%d "
-            "kv_blocks=%d (%.0f MiB)",
+            "engine ready: model=%s (%s) device=%s dtype=%s quantization=%s attention=%s decode_layers=%s "
+            "max_model_len=%d kv_blocks=%d (%.0f MiB)",
             settings.model,
             config.model_type,
             device,
             str(dtype).removeprefix("torch."),
             settings.quantization,
             attention.name,
+            "python" if model.decode_layers is None else "c",  # a decode step's layers: one C call?
             max_model_len,
             num_blocks,
             kv_cache.num_bytes / 2**20,

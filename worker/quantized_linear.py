@@ -70,10 +70,10 @@ def _per_output_channel(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple
 @dataclass(frozen=True, slots=True)
 class KernelCall:
     """A weight-only linear's torch op and its tensors: op(x, weight, scales), or
-    op(x, weight, group_size, scales) where there is a group size. Named as torch's dispatcher
-    knows it, so a C caller (worker/decode_layers.py) calls the very same kernel."""
+    op(x, weight, group_size, scales) where there is a group size. A C caller
+    (worker/decode_layers.py) calls the very same op by its name in torch's dispatcher."""
 
-    op: str  # "aten::name"
+    op: torch._ops.OpOverload
     weight: torch.Tensor
     scales: torch.Tensor
     in_features: int
@@ -85,8 +85,7 @@ class KernelCall:
 
     def bound(self) -> Linear:
         """x -> x @ weight.T, in and out of bfloat16, through the op from Python."""
-        op = getattr(torch.ops.aten, self.op.removeprefix("aten::")).default
-        weight, scales, group_size = self.weight, self.scales, self.group_size
+        op, weight, scales, group_size = self.op, self.weight, self.scales, self.group_size
         if group_size:
             return lambda x: op(x, weight, group_size, scales)
         return lambda x: op(x, weight, scales)
@@ -136,7 +135,9 @@ class Int8Linear(WeightOnlyLinear):
         self.register_buffer("scales", scales.contiguous())
 
     def kernel_call(self) -> KernelCall:
-        return KernelCall("aten::_weight_int8pack_mm", self.weight, self.scales, self.weight.shape[1])
+        return KernelCall(
+            torch.ops.aten._weight_int8pack_mm.default, self.weight, self.scales, self.weight.shape[1]
+        )
 
 
 class DynamicInt8Linear(nn.Module):
@@ -219,7 +220,7 @@ class Int4Linear(WeightOnlyLinear):
 
     def kernel_call(self) -> KernelCall:
         return KernelCall(
-            "aten::_weight_int4pack_mm_for_cpu",
+            torch.ops.aten._weight_int4pack_mm_for_cpu.default,
             self.packed,
             self.scales_and_zeros,
             self.in_features,

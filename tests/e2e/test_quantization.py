@@ -1,5 +1,7 @@
 """`conveyor serve --quantization`: each mode loads, reports itself in ListModels and answers
-through gateway + Redis + worker with the tokens the in-process engine gives in the same mode."""
+through gateway + Redis + worker with the tokens the in-process engine gives in the same mode. The
+weight-only modes' workers run a decode step's layers in one C call (worker/decode_layers.py), and
+answer with the tokens of the engine whose layers run from Python."""
 
 import signal
 from pathlib import Path
@@ -37,7 +39,11 @@ def test_conveyor_serve_answers_in_each_quantized_mode_as_the_engine_does(
         if serve.poll() is None:
             serve.kill()
     assert (info.dtype, info.quantization) == ("float32", quantization)
+    weight_only = quantization in ("int8", "int4")
+    assert f"decode_layers={'c' if weight_only else 'python'}" in log.read_text()
     llm = LLM(model=model_dir, kv_cache_bytes=64 << 20, quantization=quantization)
+    assert (llm.core.runner.model.decode_layers is not None) == weight_only
+    llm.core.runner.model.decode_layers = None  # the reference: every layer from Python
     prompts = [llm.tokenizer.encode(prompt) for prompt in PROMPTS]
     greedy = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True)
     assert served == [c.token_ids for c in llm.generate(prompts, greedy)]

@@ -13,6 +13,7 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "decode_step.h"
 
@@ -176,9 +177,8 @@ int decode_layers(const struct decoder *decoder, const struct decode_step *step,
         residual = layered;
     }
     if (status == 0) {
-        const uint16_t *last = x;
-        for (int64_t j = 0; j < rows * width; ++j) out_hidden[j] = last[j];
-        for (int64_t j = 0; j < rows * width; ++j) out_residual[j] = residual[j];
+        memcpy(out_hidden, x, sizeof(uint16_t) * (size_t)(rows * width));
+        memcpy(out_residual, residual, sizeof(float) * (size_t)(rows * width));
     }
     release(torch, &held);
     free(attended);
