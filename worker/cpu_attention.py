@@ -1,9 +1,10 @@
-"""The CPU attention backend: SDPA for prefill chunks, the C kernel (or SDPA over a gathered copy)
-for decodes.
+"""The CPU attention backend: C kernels reading the paged cache in place (or SDPA) for prefill
+chunks and for decodes.
 
 Sequences feeding one token this step (decodes, and each draft row after one) are batched into one
-call over the cache; sequences feeding a chunk run one SDPA call each, causal within the chunk and
-over everything before it. Soft-capped layers run eager (SDPA cannot put scores through tanh).
+call over the cache. Sequences feeding a chunk, causal within the chunk and over everything before
+it, run all in one call of the prefill kernel, or one SDPA call each over a gathered copy of their
+context. Without the kernels, soft-capped layers run eager (SDPA cannot put scores through tanh).
 """
 
 import dataclasses
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from scheduler import RELEASED
 from worker.attention import AttentionBackend, LayerAttention, QkvLayer, SequenceRows, StepAttention
 from worker.kernels import DecodeStep, PagedDecodeKernel
+from worker.kernels.prefill import PagedPrefillKernel, PrefillChunks
 
 if TYPE_CHECKING:
     from worker.model import Rotation
@@ -53,6 +55,9 @@ class CpuStepAttention(StepAttention):
     # Decodes through SDPA, over a gathered copy of their contexts:
     decode_slots: torch.Tensor | None = None  # [num_decodes, max_context] slots, padded
     decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_context] True where a key is visible
+    # Prefill chunks through the C kernel, all in one call (prefills is then empty):
+    prefill_kernel: PagedPrefillKernel | None = None
+    prefill_chunks: PrefillChunks | None = None
 
     def forward(
         self,
@@ -81,6 +86,11 @@ class CpuStepAttention(StepAttention):
         elif self.num_decodes:
             out[: self.num_decodes] = _decode_attention(
                 q[: self.num_decodes], key_cache, value_cache, self, num_kv_heads, layer
+            )
+        if self.prefill_chunks is not None:
+            assert self.prefill_kernel is not None
+            self.prefill_kernel(
+                q, key_cache, value_cache, self.prefill_chunks, out, num_kv_heads, self.block_size, layer
             )
         for chunk in self.prefills:  # SDPA's fast path wants whole rows (q/k/v may be views of one)
             rows = slice(chunk.row_start, chunk.row_start + chunk.num_new)
@@ -136,9 +146,16 @@ class CpuAttention(AttentionBackend):
 
     name = "cpu"
 
-    def __init__(self, block_size: int, device: torch.device, decode_kernel: PagedDecodeKernel | None = None):
+    def __init__(
+        self,
+        block_size: int,
+        device: torch.device,
+        decode_kernel: PagedDecodeKernel | None = None,
+        prefill_kernel: PagedPrefillKernel | None = None,
+    ):
         super().__init__(block_size, device)
         self.decode_kernel = decode_kernel
+        self.prefill_kernel = prefill_kernel
         self._offsets = torch.arange(block_size, device=device)
 
     def plan(self, seqs: list[SequenceRows], slot_mapping: list[int]) -> CpuStepAttention:
@@ -148,12 +165,28 @@ class CpuAttention(AttentionBackend):
             if seq.is_decode
             for pos in range(seq.start_pos, seq.context_len)
         ]
-        prefills = [self._prefill_chunk(seq) for seq in seqs if not seq.is_decode]
-        assert all(chunk.row_start >= len(decode_rows) for chunk in prefills), "decodes come first"
-        step = CpuStepAttention(
-            self.tensor(slot_mapping), len(decode_rows), prefills, block_size=self.block_size
-        )
+        chunk_seqs = [seq for seq in seqs if not seq.is_decode]
+        assert all(seq.row_start >= len(decode_rows) for seq in chunk_seqs), "decodes come first"
+        step = CpuStepAttention(self.tensor(slot_mapping), len(decode_rows), [], block_size=self.block_size)
+        if chunk_seqs and self.prefill_kernel is not None:
+            step = dataclasses.replace(
+                step, prefill_kernel=self.prefill_kernel, prefill_chunks=self._prefill_chunks(chunk_seqs)
+            )
+        elif chunk_seqs:
+            step = dataclasses.replace(step, prefills=[self._prefill_chunk(seq) for seq in chunk_seqs])
         return self._with_decode_context(step, decode_rows) if decode_rows else step
+
+    def _prefill_chunks(self, seqs: list[SequenceRows]) -> PrefillChunks:
+        """The chunks as the kernel reads them: each one's rows and first visible key, and its blocks
+        up to its context (a block released behind the window lies before that key: never read)."""
+        tables = [seq.block_ids[: -(-seq.context_len // self.block_size)] for seq in seqs]
+        chunks = []
+        for seq, table in zip(seqs, tables, strict=True):
+            first = next((i for i, block in enumerate(table) if block != RELEASED), len(table))
+            chunks.append([seq.row_start, seq.num_new, seq.start_pos, first * self.block_size])
+        width = max(len(table) for table in tables)
+        padded = [[max(block, 0) for block in table] + [0] * (width - len(table)) for table in tables]
+        return PrefillChunks(self.tensor(chunks), self.tensor(padded))
 
     def _context_slots(self, block_ids: list[int], context_len: int) -> tuple[torch.Tensor, int]:
         """Slots of the context from its first block still held (the ones before it were released

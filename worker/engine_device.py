@@ -11,6 +11,7 @@ from worker.cpu_attention import CpuAttention
 from worker.cpu_fused_ops import CpuFusedOps
 from worker.decode_layers import DecodeLayers
 from worker.kernels import PagedDecodeKernel
+from worker.kernels.prefill import PagedPrefillKernel
 from worker.model import CausalLM
 from worker.model_config import CheckpointError, ModelConfig
 from worker.settings import EngineSettings
@@ -61,12 +62,14 @@ def attention_backend(settings: EngineSettings, device: torch.device, dtype: tor
         from worker.triton_attention import TritonAttention
 
         return TritonAttention(settings.block_size, device)
-    kernel = None
-    if device.type == "cpu" and settings.cpu_decode_kernel and dtype != torch.float32:
-        logger.info("the C decode kernel is float32-only: %s decodes use gather + SDPA", settings.dtype)
-    elif device.type == "cpu" and settings.cpu_decode_kernel:
-        kernel = PagedDecodeKernel.load()
-    return CpuAttention(settings.block_size, device, kernel)
+    kernel, prefill_kernel = None, None
+    if device.type == "cpu" and dtype != torch.float32:
+        if settings.cpu_decode_kernel or settings.cpu_prefill_kernel:
+            logger.info("the C attention kernels are float32-only: %s attention uses SDPA", settings.dtype)
+    elif device.type == "cpu":
+        kernel = PagedDecodeKernel.load() if settings.cpu_decode_kernel else None
+        prefill_kernel = PagedPrefillKernel.load() if settings.cpu_prefill_kernel else None
+    return CpuAttention(settings.block_size, device, kernel, prefill_kernel)
 
 
 def fused_ops(

@@ -57,6 +57,9 @@ class EngineSettings(ModelSettings):
     """torch CPU threads; default: torch's choice."""
     cpu_decode_kernel: bool = True
     """Decode attention in the C kernel (else gather + SDPA)."""
+    cpu_prefill_kernel: bool = True
+    """Prompt chunks' attention in the C kernel, every chunk of a step in one call, each query
+    scoring only the keys it sees (else SDPA, one call a chunk, over a gathered copy)."""
     cpu_fused_ops: bool = True
     """On a CPU in float32, RoPE as one C call (it rounds as torch does) and, with quantized
     weights (not exact anyway), norms with their residual add and SiLU-and-multiply too."""

@@ -1,7 +1,7 @@
 """Every attention backend this machine has, against one eager reference over the same block tables:
 a step mixing decodes, a decode checking drafts, a whole prompt and chunks continuing cached
-prompts (one longer than a tile of queries), with grouped heads, sliding windows (blocks behind
-them released) and soft-capped scores.
+prompts (one longer than a tile of queries, one reading more keys than the prefill kernel scores
+at once), with grouped heads, sliding windows (blocks behind them released) and soft-capped scores.
 
 The Triton backend runs on CUDA where there is one, else in Triton's interpreter (float32 and
 float16 there: the interpreter cannot multiply bfloat16 tiles)."""
@@ -15,11 +15,13 @@ from scheduler import RELEASED
 from worker.attention import AttentionBackend, LayerAttention, SequenceRows
 from worker.cpu_attention import CpuAttention
 from worker.kernels import PagedDecodeKernel
+from worker.kernels.prefill import PagedPrefillKernel
 
 BLOCK_SIZE = 4
-NUM_BLOCKS = 64
+NUM_BLOCKS = 128
 HEAD_DIM = 24  # not a power of two: the kernels pad it
 WIDE_HEAD_DIM = 128  # in float32, a head of 512 bytes: the kernel's narrower tiles
+TILED_HEAD_DIM = 40  # the C prefill kernel: a tile of 32 dims and 8 one by one
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 # (start_pos, num_new, checks_drafts): decodes first, as the runner packs them
@@ -31,15 +33,17 @@ SEQUENCES = [
     (0, 7, False),
     (16, 9, False),
     (8, 70, False),  # more queries than one tile holds
+    (140, 20, False),  # keys past the C prefill kernel's first block of 128
 ]
 
 
-def _cpu(kernel: bool) -> Callable[[], AttentionBackend]:
+def _cpu(decode: bool, prefill: bool) -> Callable[[], AttentionBackend]:
     def make() -> AttentionBackend:
-        decode_kernel = PagedDecodeKernel.load() if kernel else None
-        if kernel and decode_kernel is None:
+        decode_kernel = PagedDecodeKernel.load() if decode else None
+        prefill_kernel = PagedPrefillKernel.load() if prefill else None
+        if (decode and decode_kernel is None) or (prefill and prefill_kernel is None):
             pytest.skip("no C compiler on this machine")
-        return CpuAttention(BLOCK_SIZE, torch.device("cpu"), decode_kernel)
+        return CpuAttention(BLOCK_SIZE, torch.device("cpu"), decode_kernel, prefill_kernel)
 
     return make
 
@@ -51,10 +55,16 @@ def _triton() -> AttentionBackend:
     return TritonAttention(BLOCK_SIZE, DEVICE)
 
 
-BACKENDS = {"cpu-kernel": _cpu(True), "cpu-sdpa": _cpu(False), "triton": _triton}
+BACKENDS = {
+    "cpu-kernels": _cpu(True, True),
+    "cpu-decode-kernel": _cpu(True, False),
+    "cpu-sdpa": _cpu(False, False),
+    "triton": _triton,
+}
 CASES = [
     # backend, dtype, tolerance
-    ("cpu-kernel", torch.float32, 1e-5),
+    ("cpu-kernels", torch.float32, 1e-5),
+    ("cpu-decode-kernel", torch.float32, 1e-5),
     ("cpu-sdpa", torch.float32, 1e-5),
     ("cpu-sdpa", torch.bfloat16, 2e-2),  # chunks after cached tokens: a bool mask, not the float32 one
     ("triton", torch.float32, 1e-5),
@@ -116,7 +126,9 @@ def _step(num_kv_heads: int, window: int | None, seed: int) -> tuple[list[Sequen
 
 @pytest.mark.parametrize(
     ("backend_name", "dtype", "tolerance", "head_dim"),
-    [(*case, HEAD_DIM) for case in CASES] + [("triton", torch.float32, 1e-5, WIDE_HEAD_DIM)],
+    [(*case, HEAD_DIM) for case in CASES]
+    + [("triton", torch.float32, 1e-5, WIDE_HEAD_DIM)]
+    + [("cpu-kernels", torch.float32, 1e-5, head_dim) for head_dim in (TILED_HEAD_DIM, WIDE_HEAD_DIM)],
 )
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(6, 2), (4, 4)])
 @pytest.mark.parametrize(("window", "softcap"), [(None, None), (6, None), (None, 3.0)])

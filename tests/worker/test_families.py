@@ -1,6 +1,6 @@
 """Every family we serve is token-identical to transformers `generate` in float32, on tiny random
-checkpoints (tests/tiny_checkpoints.py), under mixed batches, chunked prefill, preemption, the SDPA
-decode path and prefix-cache hits. Prompts are longer than the sliding windows."""
+checkpoints (tests/tiny_checkpoints.py), under mixed batches, chunked prefill, preemption, SDPA in
+place of the C attention kernels and prefix-cache hits. Prompts are longer than the sliding windows."""
 
 from pathlib import Path
 
@@ -56,7 +56,7 @@ ENGINE_ARGS = {
     # Steps of 128 tokens keep several prompts in flight, so even the families that give blocks
     # back behind their window run out of them and preempt.
     "preempted": {"blocks": 20, "max_model_len": 320, "max_num_batched_tokens": 128, "max_num_seqs": 16},
-    "sdpa-decode": {"cpu_decode_kernel": False},
+    "sdpa": {"cpu_decode_kernel": False, "cpu_prefill_kernel": False},
 }
 
 

@@ -50,7 +50,7 @@ def expected(hf_model: AutoModelForCausalLM, mixed_prompts: list[list[int]]) -> 
         pytest.param({}, id="one-batch"),
         pytest.param({"max_num_batched_tokens": 32, "max_num_seqs": 16}, id="every-prompt-chunked"),
         pytest.param({"kv_cache_bytes": 40 * 16 * 46080, "max_model_len": 512}, id="preempted"),
-        pytest.param({"cpu_decode_kernel": False}, id="sdpa-decode"),
+        pytest.param({"cpu_decode_kernel": False, "cpu_prefill_kernel": False}, id="sdpa"),
         pytest.param({"batching": "static", "max_num_seqs": 5}, id="static-batches"),
         pytest.param({"speculative": "ngram", "prompt_lookup_min": 1}, id="speculative"),
     ],

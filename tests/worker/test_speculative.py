@@ -34,7 +34,7 @@ def plain(model_dir: Path, repeat_prompts: list[list[int]]) -> list[list[int]]:
     [
         pytest.param({}, id="one-batch"),
         pytest.param({"kv_cache_bytes": 32 * 16 * 46080, "max_model_len": 384}, id="preempted"),
-        pytest.param({"cpu_decode_kernel": False}, id="sdpa-decode"),
+        pytest.param({"cpu_decode_kernel": False, "cpu_prefill_kernel": False}, id="sdpa"),
         pytest.param({"batching": "sequential", "num_speculative_tokens": 8}, id="one-at-a-time"),
     ],
 )
