@@ -127,6 +127,10 @@ class AttentionBackend(ABC):
         self.block_size = block_size
         self.device = device
 
+    def describe(self) -> str:
+        """The backend as the worker's engine-ready line names it."""
+        return self.name
+
     @abstractmethod
     def plan(self, seqs: list[SequenceRows], slot_mapping: list[int]) -> StepAttention:
         """`seqs` in row order, covering every row; `slot_mapping`: each row's cache slot."""

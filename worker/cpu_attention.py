@@ -158,6 +158,13 @@ class CpuAttention(AttentionBackend):
         self.prefill_kernel = prefill_kernel
         self._offsets = torch.arange(block_size, device=device)
 
+    def describe(self) -> str:
+        """Which attention runs in C: a kernel left out for want of a compiler or for the dtype shows
+        in the log of what users run, not only in tests."""
+        prefill = "sdpa" if self.prefill_kernel is None else "c"
+        decode = "sdpa" if self.decode_kernel is None else "c"
+        return f"{self.name}(prefill={prefill},decode={decode})"
+
     def plan(self, seqs: list[SequenceRows], slot_mapping: list[int]) -> CpuStepAttention:
         decode_rows = [
             (seq.block_ids, pos + 1)

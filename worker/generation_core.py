@@ -120,7 +120,7 @@ class GenerationCore:
             device,
             str(dtype).removeprefix("torch."),
             settings.quantization,
-            attention.name,
+            attention.describe(),
             "python" if model.decode_layers is None else "c",  # a decode step's layers: one C call?
             max_model_len,
             num_blocks,

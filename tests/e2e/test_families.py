@@ -124,6 +124,7 @@ def test_conveyor_serve_runs_a_family_in_bfloat16(model_dir: Path, tmp_path: Pat
             )
         assert (info.architecture, info.dtype) == ("qwen3", "bfloat16")
         assert len(completion.token_ids) == NUM_TOKENS
+        assert "attention=cpu(prefill=sdpa,decode=sdpa)" in log.read_text()  # the C kernels: float32 only
     finally:
         if serve.poll() is None:
             serve.kill()

@@ -41,6 +41,7 @@ def test_conveyor_serve_answers_in_each_quantized_mode_as_the_engine_does(
     assert (info.dtype, info.quantization) == ("float32", quantization)
     weight_only = quantization in ("int8", "int4")
     assert f"decode_layers={'c' if weight_only else 'python'}" in log.read_text()
+    assert "attention=cpu(prefill=c,decode=c)" in log.read_text()  # float32 attention: both C kernels
     llm = LLM(model=model_dir, kv_cache_bytes=64 << 20, quantization=quantization)
     assert (llm.core.runner.model.decode_layers is not None) == weight_only
     llm.core.runner.model.decode_layers = None  # the reference: every layer from Python
