@@ -186,20 +186,27 @@ class CpuAttention(AttentionBackend):
     def _prefill_chunks(self, seqs: list[SequenceRows]) -> PrefillChunks:
         """The chunks as the kernel reads them: each one's rows and first visible key, and its blocks
         up to its context (a block released behind the window lies before that key: never read)."""
-        tables = [seq.block_ids[: -(-seq.context_len // self.block_size)] for seq in seqs]
-        chunks = []
-        for seq, table in zip(seqs, tables, strict=True):
-            first = next((i for i, block in enumerate(table) if block != RELEASED), len(table))
-            chunks.append([seq.row_start, seq.num_new, seq.start_pos, first * self.block_size])
+        tables = [self._context_blocks(seq.block_ids, seq.context_len) for seq in seqs]
+        chunks = [
+            [seq.row_start, seq.num_new, seq.start_pos, _first_held(table) * self.block_size]
+            for seq, table in zip(seqs, tables, strict=True)
+        ]
+        return PrefillChunks(self.tensor(chunks), self._padded(tables))
+
+    def _context_blocks(self, block_ids: list[int], context_len: int) -> list[int]:
+        """The sequence's blocks up to its context's end."""
+        return block_ids[: -(-context_len // self.block_size)]
+
+    def _padded(self, tables: list[list[int]]) -> torch.Tensor:
+        """Block tables as one [num_seqs, max_blocks] tensor; the padding is never read."""
         width = max(len(table) for table in tables)
-        padded = [[max(block, 0) for block in table] + [0] * (width - len(table)) for table in tables]
-        return PrefillChunks(self.tensor(chunks), self.tensor(padded))
+        return self.tensor([table + [0] * (width - len(table)) for table in tables])
 
     def _context_slots(self, block_ids: list[int], context_len: int) -> tuple[torch.Tensor, int]:
         """Slots of the context from its first block still held (the ones before it were released
         behind the sliding window), and the position of the first of them."""
-        held = block_ids[: -(-context_len // self.block_size)]
-        first = next((i for i, block in enumerate(held) if block != RELEASED), len(held))
+        held = self._context_blocks(block_ids, context_len)
+        first = _first_held(held)
         blocks = self.tensor(held[first:])
         first_pos = first * self.block_size
         return (blocks[:, None] * self.block_size + self._offsets).view(-1)[
@@ -221,12 +228,9 @@ class CpuAttention(AttentionBackend):
         """Block tables and context lengths of the decode rows (a block table and the keys its
         query sees, each), for the kernel or for SDPA."""
         context_lens = [context_len for _, context_len in decodes]
-        max_blocks = -(-max(context_lens) // self.block_size)
-        rows = []
-        for block_ids, context_len in decodes:
-            held = block_ids[: -(-context_len // self.block_size)]
-            rows.append(held + [0] * (max_blocks - len(held)))  # padding is never read
-        table = self.tensor(rows)  # [num_decodes, max_blocks]
+        table = self._padded(
+            [self._context_blocks(block_ids, context_len) for block_ids, context_len in decodes]
+        )
         if self.decode_kernel is not None:
             lens = self.tensor(context_lens)
             only_decodes = step.num_decodes == len(step.slot_mapping)
@@ -344,3 +348,8 @@ def _attend(
     scores = torch.tanh(scores / layer.softcap) * layer.softcap
     scores = scores.masked_fill(~mask, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+def _first_held(blocks: list[int]) -> int:
+    """Index of the first block still held: the ones before it were released behind the window."""
+    return next((i for i, block in enumerate(blocks) if block != RELEASED), len(blocks))

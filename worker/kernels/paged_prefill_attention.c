@@ -22,7 +22,8 @@
  * for all of them). A task scores KEY_BLOCK keys at a time, query rows across the vector lanes
  * ([key][row] layout: the softmax runs down the keys lane by lane), and folds each block into its
  * running maximum, sum and output (flash attention's online softmax). The cut depends only on the
- * chunk, so a result never depends on the batch or the thread count.
+ * chunk, so a query's result never depends on the step's other chunks or the thread count. Blocks
+ * before a chunk's first_key_pos are never read (their table entries may be anything).
  * Built with -ffast-math (sums reassociated, glibc's vector expf): results differ from SDPA's in
  * rounding only. Masked scores are a large finite negative (MASKED) and their weights are set to
  * zero explicitly, so nothing is infinite.
