@@ -69,8 +69,9 @@ class JobCall:
         try:
             watch = JobWatch(queues, self.model.name, await queues.submit(self.model.name, self.job), policy)
             while not last_seen:
-                try:
-                    chunk = await asyncio.wait_for(queue.get(), policy.interval_s)
+                try:  # not asyncio.wait_for: Python 3.11's drops a cancel that comes with a chunk
+                    async with asyncio.timeout(policy.interval_s):
+                        chunk = await queue.get()
                 except TimeoutError:
                     await watch.check()
                     continue

@@ -113,8 +113,9 @@ async def until_deadline(events: AsyncIterator[str], deadline: float | None) -> 
     async with aclosing(events):  # type: ignore[type-var]
         while True:
             remaining = None if deadline is None else deadline - asyncio.get_running_loop().time()
-            try:
-                event = await asyncio.wait_for(anext(events), remaining)
+            try:  # not asyncio.wait_for, which in Python 3.11 can drop the client's leaving
+                async with asyncio.timeout(remaining):
+                    event = await anext(events)
             except StopAsyncIteration:
                 return
             except TimeoutError:

@@ -305,3 +305,36 @@ def test_a_refused_request_takes_no_lease_and_submits_nothing(
         assert root.name == "conveyor.generate" and not root.status.is_ok
 
     on_gateway(scenario)
+
+
+def test_a_cancel_in_the_same_turn_as_a_chunk_still_cancels_the_job(
+    on_gateway: Callable[[Scenario], None],
+) -> None:
+    """A chunk and the call's cancel land in one turn of the event loop: the cancel wins. (Python
+    3.11's asyncio.wait_for handed the chunk back and dropped the cancel, so a cancelled request
+    with n choices ran on to its last token.)"""
+
+    async def scenario(context: CallContext) -> None:
+        registered: list[asyncio.Queue[jobs_pb2.TokenChunk]] = []
+        register = context.queues.register
+
+        def remember(request_id: str) -> asyncio.Queue[jobs_pb2.TokenChunk]:
+            registered.append(register(request_id))
+            return registered[-1]
+
+        context.queues.register = remember  # type: ignore[method-assign]
+        generation = await Admission(context).generation(
+            generate_request(max_tokens=8), 30.0, CALLER, Context()
+        )
+        responses = generation.run()
+        reader = asyncio.ensure_future(anext(responses))
+        job = await next_job(context, GENERATOR)
+        await asyncio.sleep(0.05)  # the reader waits on its queue
+        registered[0].put_nowait(chunk(job, 0, [42]))
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        await responses.aclose()
+        assert await cancels(context) == [(job.request_id, False)]
+
+    on_gateway(scenario)
