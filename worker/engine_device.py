@@ -72,20 +72,16 @@ def attention_backend(settings: EngineSettings, device: torch.device, dtype: tor
     return CpuAttention(settings.block_size, device, kernel, prefill_kernel)
 
 
-def fused_ops(
-    settings: EngineSettings, attention: AttentionBackend, dtype: torch.dtype
-) -> "tuple[FusedOps, bool] | None":
-    """The fused kernels the decoder calls, and whether for RoPE only: Triton's for 16-bit CUDA
-    steps; C's on a CPU in float32 (`--cpu-fused-ops`), all of them where the weights are quantized,
-    else RoPE alone, the one that rounds as torch does."""
+def fused_ops(settings: EngineSettings, attention: AttentionBackend, dtype: torch.dtype) -> "FusedOps | None":
+    """The fused kernels the decoder calls: Triton's for 16-bit CUDA steps; C's on a CPU in float32
+    (`--cpu-fused-ops`), with float or quantized weights."""
     if attention.name == "triton" and dtype != torch.float32:
         from worker.triton_fused_ops import TritonFusedOps
 
-        return TritonFusedOps(), False
+        return TritonFusedOps()
     if attention.device.type != "cpu" or dtype != torch.float32 or not settings.cpu_fused_ops:
         return None
-    ops = CpuFusedOps.load()
-    return None if ops is None else (ops, settings.quantization == "none")
+    return CpuFusedOps.load()
 
 
 def decode_layers(

@@ -80,8 +80,8 @@ class GenerationCore:
             pack_linears(model, settings.max_num_seqs)
         attention = attention_backend(settings, device, dtype)
         if (fused := fused_ops(settings, attention, dtype)) is not None:
-            model.use_fused_ops(*fused)
-            model.decode_layers = decode_layers(model, fused[0], attention)
+            model.use_fused_ops(fused)
+            model.decode_layers = decode_layers(model, fused, attention)
         graph_sizes = decode_graph_sizes(settings, model, attention)
         budget = settings.kv_cache_bytes or default_kv_cache_bytes(
             settings, model, config, attention, dtype, max_model_len, graph_sizes, used_before

@@ -278,24 +278,18 @@ class CausalLM(nn.Module):
         # every layer in one C call for steps of decodes, where the model fits it (set by the engine)
         self.decode_layers: DecodeLayers | None = None
 
-    def use_fused_ops(self, ops: "FusedOps", rotary_only: bool = False) -> None:
-        """RoPE through `ops` from now on and, unless `rotary_only` (ops that round otherwise than
-        torch, where the output must stay exact), norms (with the residual add before them where
-        the family's norms come first) and SiLU-and-multiply (a routed MLP keeps its own). Layers
-        that fit run as FusedLayers, which hold the modules as they are now: call this last."""
+    def use_fused_ops(self, ops: "FusedOps") -> None:
+        """RoPE, norms (with the residual add before them where the family's norms come first)
+        and SiLU-and-multiply (a routed MLP keeps its own) through `ops` from now on. Layers that
+        fit run as FusedLayers, which hold the modules as they are now: call this last."""
         for module in self.modules():
-            if isinstance(module, Attention):
-                module.fused = ops
-            elif rotary_only:
-                continue
-            elif isinstance(module, RMSNorm) or (
+            if isinstance(module, Attention | RMSNorm) or (
                 isinstance(module, GatedMLP) and module.activation in ("silu", "swish")
             ):
                 module.fused = ops
         for layer in self.layers:
-            layer.defers_residual = layer.pre_norms and not rotary_only
-        if not rotary_only:
-            self._pass_bfloat16_to_quantized_linears()
+            layer.defers_residual = layer.pre_norms
+        self._pass_bfloat16_to_quantized_linears()
         self.steps = [FusedLayer(layer, ops) if layer.fits_fused_layer() else layer for layer in self.layers]
 
     def _pass_bfloat16_to_quantized_linears(self) -> None:

@@ -61,8 +61,9 @@ class EngineSettings(ModelSettings):
     """Prompt chunks' attention in the C kernel, every chunk of a step in one call, each query
     scoring only the keys it sees (else SDPA, one call a chunk, over a gathered copy)."""
     cpu_fused_ops: bool = True
-    """On a CPU in float32, RoPE as one C call (it rounds as torch does) and, with quantized
-    weights (not exact anyway), norms with their residual add and SiLU-and-multiply too."""
+    """On a CPU in float32, RoPE, each norm with its residual add and SiLU-and-multiply as one C
+    call each (the norm and the activation round otherwise than torch: token-exact as tested, not
+    bit for bit); off, the torch ops."""
     quantization: Quantization = "none"
     """CPU quantization of the linear layers: int8 = weights with one scale per output channel;
     int4 = weights in groups of 32 with a scale and a minimum (GGUF's Q4_1, the file's own groups

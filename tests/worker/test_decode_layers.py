@@ -14,6 +14,7 @@ from worker.cpu_attention import CpuAttention
 from worker.cpu_fused_ops import CpuFusedOps
 from worker.decode_layers import DecodeLayers
 from worker.engine_device import decode_layers
+from worker.fused_layer import FusedLayer
 from worker.kernels import PagedDecodeKernel
 from worker.kv_cache import KVCache
 from worker.model import CausalLM
@@ -134,9 +135,11 @@ def test_one_stream_many_streams_and_heads_wider_than_the_model(model_dir: Path,
 
 
 def test_a_float32_model_keeps_its_layers_in_python(model_dir: Path, tmp_path: Path) -> None:
-    """Unquantized, the norms and the activation are torch's (exact): no FusedLayers, no loop."""
+    """Unquantized, the FusedLayers' linears are float32 ones, which the loop does not call: no
+    loop."""
     attention, ops = c_parts()
     model, _, _ = load_model(build("llama", tmp_path, model_dir), CPU)
-    model.use_fused_ops(ops, rotary_only=True)
+    model.use_fused_ops(ops)
     assert attention.decode_kernel is not None
+    assert all(isinstance(step, FusedLayer) for step in model.steps)
     assert DecodeLayers.of(model, ops, attention.decode_kernel) is None
