@@ -5,8 +5,9 @@ transformers one N times and prints the median, with the minimum and maximum tok
 - conveyor: our engine in-process, every request submitted at once; then the same with every
   request constrained to a JSON schema, with prompt-lookup speculative decoding (`ngram`), and once
   for each `--quantization` mode (the agreement of each with the unquantized row printed below the
-  table). Each engine also serves three requests alone, one after the other: the one-stream line
-  (each request's mean inter-token latency);
+  table), and under `--against`'s engine settings, back to back with the default row in every
+  attempt (ratios printed below the table). Each engine also serves three requests alone, one
+  after the other: the one-stream line (each request's mean inter-token latency);
 - model forward only: the same run's output tokens over the time spent inside the model's forward
   alone (what the engine would reach with zero overhead around the model);
 - transformers sequential: Hugging Face `generate`, one request at a time, greedy, on the same prompts
@@ -401,25 +402,62 @@ class Attempt:
     drafts: dict[str, SpeculativeRuns]
 
 
+def _roofline(
+    args: argparse.Namespace, llm: "LLM", details: dict[str, Any], suffix: str = ""
+) -> dict[str, tuple[float, float, int]]:
+    """Each step kind's useful GFLOP/s beside torch's GEMM at its mean rows, measured now."""
+    if not _on_cpu_in_float32(args):
+        return {}
+    config = llm.core.runner.model.config
+    return {
+        kind + suffix: (
+            work.useful_gflops(config),
+            gemm_gflops(config, work.mean_rows, work.mean_sampled_rows),
+            work.mean_rows,
+        )
+        for kind, work in details["work"].items()
+        if work.num_steps
+    }
+
+
+def against_settings(assignments: list[str]) -> dict[str, str]:
+    """`--against`'s SETTING=VALUE pairs, each naming a field of the engine's settings."""
+    from worker.settings import EngineSettings
+
+    settings: dict[str, str] = {}
+    for assignment in assignments:
+        name, equals, value = assignment.partition("=")
+        if not equals or name not in EngineSettings.model_fields:
+            raise SystemExit(
+                f"--against {assignment!r}: give SETTING=VALUE, SETTING one of the engine's settings "
+                f"({', '.join(sorted(EngineSettings.model_fields))})"
+            )
+        settings[name] = value
+    return settings
+
+
 def _attempt(
-    args: argparse.Namespace, workload: list[dict[str, Any]], engine_args: dict[str, Any]
+    args: argparse.Namespace, workload: list[dict[str, Any]], engine_args: dict[str, Any], index: int
 ) -> Attempt:
+    label = " ".join(args.against)
+    against: tuple[Row, dict[str, Any], dict[str, tuple[float, float, int]]] | None = None
+
+    def run_against() -> tuple[Row, dict[str, Any], dict[str, tuple[float, float, int]]]:
+        llm = engine(args.model, {**engine_args, **against_settings(args.against)})
+        row, _, found = run_conveyor(llm, workload)
+        return (
+            dataclasses.replace(row, name=f"conveyor, {label}"),
+            found,
+            _roofline(args, llm, found, f", {label}"),
+        )
+
+    if args.against and index % 2:  # every other attempt runs it first, so drift favours neither
+        against = run_against()
     llm = engine(args.model, engine_args)
     ours, ceiling, details = run_conveyor(llm, workload)
-    config = llm.core.runner.model.config
-    roofline = (
-        {}
-        if not _on_cpu_in_float32(args)
-        else {
-            kind: (
-                work.useful_gflops(config),
-                gemm_gflops(config, work.mean_rows, work.mean_sampled_rows),
-                work.mean_rows,
-            )
-            for kind, work in details["work"].items()
-            if work.num_steps
-        }
-    )
+    if args.against and against is None:
+        against = run_against()
+    roofline = _roofline(args, llm, details)
     batching = batching_runs(llm, workload[: args.batching_requests]) if args.batching_requests else {}
     drafts = {}
     if args.speculative_workload:
@@ -433,6 +471,10 @@ def _attempt(
     drafted, _, speculative = run_conveyor(engine(args.model, {**engine_args, **speculative_args}), workload)
     rows.append(dataclasses.replace(drafted, name="conveyor, ngram drafts"))
     by_engine = {"none": details, "ngram": speculative}
+    if against is not None:
+        rows.append(against[0])
+        by_engine[label] = against[1]
+        roofline.update(against[2])
     for mode in args.quantization if _on_cpu_in_float32(args) else []:
         row, _, by_engine[mode] = run_conveyor(
             engine(args.model, {**engine_args, "quantization": mode}), workload
@@ -467,7 +509,8 @@ def run_bench(args: argparse.Namespace) -> int:
         raise SystemExit(f"--llamacpp runs the default model's GGUF file, not {args.model}")
     if not _on_cpu_in_float32(args) and (args.quantization or args.http_quantization):
         print("quantized rows skipped: --quantization runs on a CPU in float32 only")
-    attempts = [_attempt(args, workload, engine_args) for _ in range(args.repeat)]
+    against_settings(args.against)  # refused before anything runs
+    attempts = [_attempt(args, workload, engine_args, index) for index in range(args.repeat)]
     baseline = None
     others: dict[str, dict[str, list[int]]] = {}
     if args.baseline_requests != 0:
@@ -517,6 +560,8 @@ def run_bench(args: argparse.Namespace) -> int:
             f"{spread([f[1] for f in figures], '.1f')} GFLOP/s; share: "
             f"{spread([100 * f[0] / f[1] for f in figures], '.0f')}%"
         )
+    if args.against:
+        print(format_against(" ".join(args.against), attempts))
     print(
         f"one stream (each of {ONE_STREAM_REQUESTS} requests alone, every attempt), inter-token latency "
         "(a request's mean), p50 over requests: "
@@ -559,6 +604,27 @@ def run_bench(args: argparse.Namespace) -> int:
         }
         args.json.write_text(json.dumps(report, indent=1))
     return 0
+
+
+def format_against(label: str, attempts: list[Attempt]) -> str:
+    """`--against`'s figures as ratios to the default's, each from one attempt's back-to-back pair."""
+
+    def ratios(figure: Callable[[Row, dict[str, Any]], float]) -> str:
+        name = f"conveyor, {label}"
+        pairs = [
+            (a.rows[0], a.details["none"], next(r for r in a.rows if r.name == name), a.details[label])
+            for a in attempts
+        ]
+        values = [figure(row, found) / figure(base, details) for base, details, row, found in pairs]
+        return spread(values, ".3f") + "x"
+
+    return (
+        f"{label} against the default, each attempt running both back to back (in turn first), their "
+        f"ratio: tok/s {ratios(lambda row, _: row.tokens_per_s)}; TTFT p50 "
+        f"{ratios(lambda row, _: _percentile(row.ttft_s, 50))}; a step with prompt tokens "
+        f"{ratios(lambda _, found: found['mean_prefill_step_s'])}; a decode-only step "
+        f"{ratios(lambda _, found: found['mean_decode_step_s'])}"
+    )
 
 
 def _print_agreement(name: str, theirs: dict[str, list[int]], ours: dict[str, list[int]]) -> None:

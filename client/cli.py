@@ -330,6 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="the in-process engine's C norms, RoPE and activation on a CPU in float32 (off: torch's ops)",
     )
     bench.add_argument(
+        "--against",
+        nargs="+",
+        default=[],
+        metavar="SETTING=VALUE",
+        help="also run the in-process row with these engine settings (e.g. cpu_fused_ops=false "
+        "max_num_batched_tokens=2048), back to back with the default row in every attempt, and print "
+        "the ratios: on a noisy machine, the way to compare two settings",
+    )
+    bench.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
         default="float32",
