@@ -362,9 +362,11 @@ _COLUMNS = ("reqs", "out tok", "tok/s", "min-max", "vs seq", "TTFT p50", "TTFT p
 
 def format_table(attempts: list[list[Row]], baseline: Row | None) -> str:
     """A line a row: the figures of its median attempt by tok/s, the lowest and highest tok/s beside."""
-    header = f"{'':34}" + "".join(f"{name:>10}" for name in _COLUMNS)
+    by_row = _runs_by_row(attempts)
+    width = max([34] + [len(runs[0].name) + 2 for runs in by_row])
+    header = f"{'':{width}}" + "".join(f"{name:>10}" for name in _COLUMNS)
     lines = [header, "-" * len(header)]
-    for runs in _runs_by_row(attempts):
+    for runs in by_row:
         row = runs[len(runs) // 2]
         cells = [f"{row.num_requests}", f"{row.output_tokens}", f"{row.tokens_per_s:.1f}"]
         cells.append(f"{runs[0].tokens_per_s:.0f}-{runs[-1].tokens_per_s:.0f}" if len(runs) > 1 else "-")
@@ -376,7 +378,7 @@ def format_table(attempts: list[list[Row]], baseline: Row | None) -> str:
             cells += [f"{p50:.2f}s", f"{p99:.2f}s", f"{1000 * statistics.fmean(row.itl_s):.1f}"]
         else:
             cells += ["-", "-", "-"]
-        lines.append(f"{row.name:34}" + "".join(f"{cell:>10}" for cell in cells))
+        lines.append(f"{row.name:{width}}" + "".join(f"{cell:>10}" for cell in cells))
     return "\n".join(lines)
 
 

@@ -30,6 +30,8 @@ from worker.settings import EngineSettings, Quantization
 
 logger = logging.getLogger(__name__)
 
+_WARM_UP_PROMPT_TOKENS = 512
+
 
 @dataclass(slots=True)
 class StepStats:
@@ -146,11 +148,12 @@ class GenerationCore:
         return self.scheduler.config.max_model_len
 
     def warm_up(self) -> None:
-        """A few steps on made-up tokens before serving — one prefill of a whole step's budget and
-        a batch of decodes — so that the C kernel's build, torch's lazy setup and the allocator's
-        first pools are paid here, not by the first client. Leaves no sequence and no stats."""
+        """A few steps on made-up tokens before serving — one prefill of up to 512 tokens and a
+        batch of decodes — so that the C kernel's build, torch's lazy setup and the allocator's
+        first pools are paid here, not by the first client (a whole budget of 2048 would add
+        seconds to every start on a CPU). Leaves no sequence and no stats."""
         config = self.scheduler.config
-        long_prompt = min(config.max_num_batched_tokens, config.max_model_len - 2)
+        long_prompt = min(config.max_num_batched_tokens, _WARM_UP_PROMPT_TOKENS, config.max_model_len - 2)
         greedy = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
         for index in range(min(config.max_num_seqs, 8)):
             length = long_prompt if index == 0 else 8
