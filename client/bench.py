@@ -65,6 +65,7 @@ from worker.fetch_model import CHECKPOINT_NAME, download_gguf
 
 if TYPE_CHECKING:
     from worker.llm import LLM
+    from worker.model_config import ModelConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +117,7 @@ CONSTRAINED_SCHEMA = {"type": "object", "properties": {"answer": {"type": "strin
 
 
 ONE_STREAM_REQUESTS = 3
+MIXED_STEPS, DECODE_STEPS = "mixed steps (prompt tokens and decodes)", "decode-only steps"  # step kinds
 
 
 def engine(model: Path, engine_args: dict[str, Any]) -> "LLM":
@@ -151,10 +153,8 @@ def run_conveyor(
     prefill_tokens = stats.num_prefill_tokens - before.num_prefill_tokens
     prefill_rows = stats.num_prefill_sampled_rows - before.num_prefill_sampled_rows
     work = {
-        "mixed steps (prompt tokens and decodes)": StepWork(
-            num_prefill_steps, prefill_step_s, prefill_tokens, prefill_rows
-        ),
-        "decode-only steps": StepWork(
+        MIXED_STEPS: StepWork(num_prefill_steps, prefill_step_s, prefill_tokens, prefill_rows),
+        DECODE_STEPS: StepWork(
             num_steps - num_prefill_steps,
             step_s - prefill_step_s,
             stats.num_tokens - before.num_tokens - prefill_tokens,
@@ -405,12 +405,11 @@ class Attempt:
 
 
 def _roofline(
-    args: argparse.Namespace, llm: "LLM", details: dict[str, Any], suffix: str = ""
+    args: argparse.Namespace, config: "ModelConfig", details: dict[str, Any], suffix: str = ""
 ) -> dict[str, tuple[float, float, int]]:
     """Each step kind's useful GFLOP/s beside torch's GEMM at its mean rows, measured now."""
     if not _on_cpu_in_float32(args):
         return {}
-    config = llm.core.runner.model.config
     return {
         kind + suffix: (
             work.useful_gflops(config),
@@ -423,18 +422,26 @@ def _roofline(
 
 
 def against_settings(assignments: list[str]) -> dict[str, str]:
-    """`--against`'s SETTING=VALUE pairs, each naming a field of the engine's settings."""
+    """`--against`'s SETTING=VALUE pairs, each naming a field of the engine's settings (the model
+    is `--model`'s) and holding a value it takes."""
+    from pydantic import ValidationError
+
     from worker.settings import EngineSettings
 
+    names = sorted(set(EngineSettings.model_fields) - {"model"})
     settings: dict[str, str] = {}
     for assignment in assignments:
         name, equals, value = assignment.partition("=")
-        if not equals or name not in EngineSettings.model_fields:
+        if not equals or name not in names:
             raise SystemExit(
                 f"--against {assignment!r}: give SETTING=VALUE, SETTING one of the engine's settings "
-                f"({', '.join(sorted(EngineSettings.model_fields))})"
+                f"({', '.join(names)})"
             )
         settings[name] = value
+    try:
+        EngineSettings(**settings)  # type: ignore[arg-type]
+    except ValidationError as error:
+        raise SystemExit(f"--against: {error}") from None
     return settings
 
 
@@ -450,16 +457,19 @@ def _attempt(
         return (
             dataclasses.replace(row, name=f"conveyor, {label}"),
             found,
-            _roofline(args, llm, found, f", {label}"),
+            _roofline(args, llm.core.runner.model.config, found, f", {label}"),
         )
 
     if args.against and index % 2:  # every other attempt runs it first, so drift favours neither
         against = run_against()
     llm = engine(args.model, engine_args)
     ours, ceiling, details = run_conveyor(llm, workload)
+    config = llm.core.runner.model.config
     if args.against and against is None:
+        del llm  # one engine at a time: on a GPU the second would find the first's memory taken
         against = run_against()
-    roofline = _roofline(args, llm, details)
+        llm = engine(args.model, engine_args)
+    roofline = _roofline(args, config, details)
     batching = batching_runs(llm, workload[: args.batching_requests]) if args.batching_requests else {}
     drafts = {}
     if args.speculative_workload:
@@ -617,15 +627,21 @@ def format_against(label: str, attempts: list[Attempt]) -> str:
             (a.rows[0], a.details["none"], next(r for r in a.rows if r.name == name), a.details[label])
             for a in attempts
         ]
-        values = [figure(row, found) / figure(base, details) for base, details, row, found in pairs]
-        return spread(values, ".3f") + "x"
+        figures = [(figure(row, found), figure(base, details)) for base, details, row, found in pairs]
+        values = [theirs / ours for theirs, ours in figures if theirs > 0 and ours > 0]
+        median, _, extent = spread(values, ".3f").partition(" ")
+        return f"{median}x {extent}".rstrip() if values else "-"
+
+    def mean_step_s(found: dict[str, Any], kind: str) -> float:
+        work: StepWork = found["work"][kind]
+        return work.seconds / work.num_steps if work.num_steps else 0.0
 
     return (
         f"{label} against the default, each attempt running both back to back (in turn first), their "
         f"ratio: tok/s {ratios(lambda row, _: row.tokens_per_s)}; TTFT p50 "
         f"{ratios(lambda row, _: _percentile(row.ttft_s, 50))}; a step with prompt tokens "
-        f"{ratios(lambda _, found: found['mean_prefill_step_s'])}; a decode-only step "
-        f"{ratios(lambda _, found: found['mean_decode_step_s'])}"
+        f"{ratios(lambda _, found: mean_step_s(found, MIXED_STEPS))}; a decode-only step "
+        f"{ratios(lambda _, found: mean_step_s(found, DECODE_STEPS))}"
     )
 
 

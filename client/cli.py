@@ -335,8 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="SETTING=VALUE",
         help="also run the in-process row with these engine settings (e.g. cpu_fused_ops=false "
-        "max_num_batched_tokens=2048), back to back with the default row in every attempt, and print "
-        "the ratios: on a noisy machine, the way to compare two settings",
+        "max_num_batched_tokens=512), back to back with the default row in every attempt, each first in "
+        "turn (an even --repeat puts each first as often), and print the ratios: on a noisy machine, "
+        "the way to compare two settings",
     )
     bench.add_argument(
         "--dtype",

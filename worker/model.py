@@ -2,7 +2,8 @@
 
 Follows the Hugging Face implementations operation for operation (RMSNorm in float32, RoPE tables
 computed the same way, attention through the backend of worker/attention.py), so greedy float32
-output matches `generate`.
+output matches `generate`; a device's fused kernels (`use_fused_ops`) replace some of those
+operations, and the parity tests hold the output token-identical.
 """
 
 import math

@@ -57,7 +57,9 @@ def test_conveyor_bench_prints_every_row_and_compares_strategies_on_one_engine(
     assert len(figures["attempts"]) == 1 and len(figures["one_stream_itl_ms"]["none"]) == 1
 
 
-def test_conveyor_bench_refuses_a_setting_the_engine_does_not_have(model_dir: Path) -> None:
+def test_conveyor_bench_refuses_a_setting_the_engine_does_not_have_or_a_value_it_does_not_take(
+    model_dir: Path,
+) -> None:
     command = [sys.executable, "-m", "client", "bench", "--model", str(model_dir), "--baseline-requests", "0"]
     refused = subprocess.run(
         [*command, "--against", "no_such_setting=1"], cwd=ROOT, capture_output=True, text=True, timeout=120
@@ -65,3 +67,11 @@ def test_conveyor_bench_refuses_a_setting_the_engine_does_not_have(model_dir: Pa
     assert (
         refused.returncode != 0 and "no_such_setting" in refused.stderr and "cpu_fused_ops" in refused.stderr
     )
+    refused = subprocess.run(
+        [*command, "--against", "max_num_batched_tokens=lots"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode != 0 and "max_num_batched_tokens" in refused.stderr and "lots" in refused.stderr

@@ -2,7 +2,7 @@
 prompt and then a decode, on tiny checkpoints of families whose norms, RoPE and attention differ:
 the CUDA path (Triton attention and the fused norm, RoPE and SiLU kernels; on CUDA where there is
 one, else in Triton's interpreter), and the CPU's C kernels (decode attention, and every fused op,
-as quantized models use them)."""
+as float32 and quantized models use them)."""
 
 from pathlib import Path
 

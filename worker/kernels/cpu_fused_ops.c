@@ -3,9 +3,9 @@
  * Each of these is several torch operations in the decoder (RoPE nine per tensor, a norm seven, the
  * activation three); at one stream a layer's step is some seventy torch operations, whose dispatch
  * costs more than their arithmetic. Built with -ffp-contract=off: RoPE rounds each product
- * and then their sum exactly as torch does, so float32 output stays token-identical. The norm and
- * the activation sum and exponentiate in another order than torch, so only models that are not
- * exact anyway (quantized weights) use them.
+ * and then their sum exactly as torch does. The norm and the activation sum and exponentiate in
+ * another order than torch: float32 output is not torch's bit for bit, and the parity tests hold it
+ * token-identical to transformers, as they hold the C attention kernels.
  * The norm and the activation also read and write bfloat16 (the input and output of a weight-only
  * quantized linear), converting as torch does: exactly up, and down rounding to nearest even, so
  * that skipping torch's casts around those layers changes nothing.
