@@ -514,7 +514,7 @@ def _on_cpu_in_float32(args: argparse.Namespace) -> bool:
 
 def run_bench(args: argparse.Namespace) -> int:
     workload = load_workload(args.workload, args.num_requests)
-    engine_args: dict[str, Any] = {"dtype": args.dtype, "cpu_fused_ops": args.cpu_fused_ops}
+    engine_args: dict[str, Any] = {"dtype": args.dtype}
     if args.max_num_batched_tokens:
         engine_args["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.llamacpp and args.model.name != CHECKPOINT_NAME:

@@ -324,12 +324,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-num-batched-tokens", type=int, default=None, help="the engine's token budget per step"
     )
     bench.add_argument(
-        "--cpu-fused-ops",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="the in-process engine's C norms, RoPE and activation on a CPU in float32 (off: torch's ops)",
-    )
-    bench.add_argument(
         "--against",
         nargs="+",
         default=[],
